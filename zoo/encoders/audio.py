@@ -1,0 +1,69 @@
+"""An audio encoder: log-mel spectrogram (torchaudio), convolutional subsampling, transformer blocks."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from zoo.contracts import Encoder, FFNFactory, Tokens
+from zoo.layers.ffn import FeedForward
+from zoo.layers.position import sincos_1d
+from zoo.layers.transformer import TransformerBlock, padding_attn_mask
+
+
+class SpectrogramAudioEncoder(Encoder):
+    """``{"waveform": [B, S], "lengths": [B]} -> Tokens [B, T, dim]``, one token per ``4 * hop_length`` samples.
+
+    The waveform is mono at ``sample_rate`` Hz; ``lengths`` gives each clip's real length in samples (padding after
+    it is masked out). Two stride-2 convolutions subsample the log-mel frames by 4, as in Conformer/Whisper stems.
+
+    Args:
+        sample_rate: expected sample rate in Hz.
+        n_mels: mel bands.
+        hop_length: STFT hop in samples.
+        dim: token width.
+        depth: transformer blocks after the stem.
+        num_heads: attention heads.
+        ffn: FFN factory for the blocks.
+    """
+
+    def __init__(
+        self,
+        *,
+        sample_rate: int = 16000,
+        n_mels: int = 64,
+        hop_length: int = 160,
+        dim: int = 128,
+        depth: int = 2,
+        num_heads: int = 4,
+        ffn: FFNFactory = FeedForward,
+    ) -> None:
+        super().__init__()
+        import torchaudio
+
+        self.sample_rate, self.hop_length = sample_rate, hop_length
+        self.melspec = torchaudio.transforms.MelSpectrogram(
+            sample_rate=sample_rate, n_fft=4 * hop_length, hop_length=hop_length, n_mels=n_mels
+        )
+        self.stem = nn.Sequential(
+            nn.Conv1d(n_mels, dim, 3, stride=2, padding=1), nn.GELU(), nn.Conv1d(dim, dim, 3, stride=2, padding=1), nn.GELU()
+        )
+        self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, ffn=ffn) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.out_dim = dim
+
+    def forward(self, inputs: dict[str, Tensor]) -> Tokens:
+        waveform, lengths = inputs["waveform"], inputs["lengths"]
+        if waveform.dim() != 2:
+            raise ValueError(f"SpectrogramAudioEncoder: waveform must be [B, S], got {tuple(waveform.shape)}")
+        with torch.autocast(waveform.device.type, enabled=False):  # the STFT wants fp32
+            mel = (self.melspec(waveform.float()) + 1e-6).log()  # [B, n_mels, frames]
+        x = self.stem(mel).transpose(1, 2)  # [B, T, dim]
+        frames = torch.div(lengths, self.hop_length, rounding_mode="floor") + 1
+        valid = torch.div(frames + 3, 4, rounding_mode="floor").clamp(min=1, max=x.shape[1])
+        mask = torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None]
+        x = x + sincos_1d(torch.arange(x.shape[1], device=x.device), x.shape[-1]).to(x.dtype)
+        attn_mask = padding_attn_mask(mask)
+        for block in self.blocks:
+            x = block(x, attn_mask)
+        return Tokens(self.norm(x), mask)

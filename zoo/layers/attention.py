@@ -1,0 +1,42 @@
+"""Multi-head self-attention on ``scaled_dot_product_attention``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention: ``[B, T, dim] -> [B, T, dim]``.
+
+    Args:
+        dim: token width; must be divisible by ``num_heads``.
+        num_heads: attention heads.
+        dropout: dropout on the attention weights during training.
+
+    ``forward(x, attn_mask)`` takes an optional mask broadcastable to ``[B, num_heads, T, T]``: bool (``True`` =
+    may attend) or float (added to the logits, ``-inf`` blocks). The projections are named ``qkv`` and ``proj`` so
+    that quantization and tensor-parallel plans can address them by name.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"SelfAttention: dim={dim} must be divisible by num_heads={num_heads}")
+        self.dim, self.num_heads, self.dropout = dim, num_heads, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
+        B, T, _ = x.shape
+        # [B, T, 3, H, Dh] -> three [B, H, T, Dh]; the head count is read from the weight so that a tensor-parallel
+        # shard (which holds num_heads / world_size heads) runs the same code.
+        head_dim = self.dim // self.num_heads
+        q, k, v = self.qkv(x).view(B, T, 3, -1, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+        )
+        return self.proj(out.transpose(1, 2).reshape(B, T, -1))
