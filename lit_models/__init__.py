@@ -1,0 +1,5 @@
+"""Thin LightningModules that compose the zoo's parts into tasks."""
+
+from lit_models.vqa import VQA
+
+__all__ = ["VQA"]

@@ -1,0 +1,71 @@
+"""What every task of the zoo shares: optimizer and schedule from YAML, weight-decay groups, divergence checks."""
+
+from __future__ import annotations
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import OptimizerCallable
+from torch import Tensor, nn
+
+from zoo.errors import ZooUserError
+from zoo.optim import ScheduleFactory, WarmupCosine
+
+
+class TrainingDivergedError(ZooUserError, FloatingPointError):
+    """The loss became NaN or infinite."""
+
+
+class ZooTask(LightningModule):
+    """Base of the zoo's LightningModules.
+
+    Args:
+        optimizer: builds the optimizer from parameter groups (LightningCLI's ``OptimizerCallable``); AdamW by
+            default. Biases, norms, embeddings and other 1-D parameters get no weight
+            decay, as in timm.
+        scheduler: builds the per-step LR schedule from ``(optimizer, total_steps)``; warm-up + cosine by default,
+            ``None`` for a constant rate.
+    """
+
+    def __init__(
+        self, *, optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: ScheduleFactory | None = WarmupCosine
+    ) -> None:
+        super().__init__()
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+
+    def parameter_groups(self) -> list[dict]:
+        decay, no_decay = [], []
+        for name, param in self.named_parameters():
+            if not param.requires_grad:
+                continue
+            (no_decay if param.ndim <= 1 or name.endswith(".bias") or "embed" in name else decay).append(param)
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+    def configure_optimizers(self):
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.scheduler_factory is None:
+            return optimizer
+        scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def check_finite(self, loss: Tensor) -> None:
+        """Stop with a clear message when the loss is NaN or infinite, instead of training on garbage."""
+        if not torch.isfinite(loss):
+            raise TrainingDivergedError(
+                f"the training loss became {loss.item()} at epoch {self.current_epoch}, global step "
+                f"{self.global_step}; checkpoints written so far are intact: lower the learning rate, enable "
+                "gradient clipping (trainer.gradient_clip_val) or resume from the last checkpoint with --ckpt_path"
+            )
+
+    # -- DSA and quantization act on every layer of the task, wherever it sits ----------------------------------
+    def set_gate_threshold(self, threshold: float) -> int:
+        """Set the active fraction of every DSA FFN in the task; returns how many layers were set."""
+        from zoo.layers.dsa import set_gate_threshold
+
+        return set_gate_threshold(self, threshold)
+
+    def quantize(self, **quant_config) -> nn.Module:
+        """Prepare the task for quantization-aware training in place (see :func:`zoo.quant.quantize_`)."""
+        from zoo.quant import quantize_
+
+        return quantize_(self, **quant_config)

@@ -1,0 +1,112 @@
+"""``python -m zoo``: LightningCLI over every task and datamodule of the zoo.
+
+* ``python -m zoo fit|validate|test|predict --config vqa.yaml``: a bare config name that is not a local file is
+  looked up among the configs shipped in ``cli_configs/``.
+* ``python -m zoo components``: every pluggable class by kind, with its constructor arguments.
+* ``python -m zoo convert ...``: turn a QAT checkpoint into a real integer model (see ``zoo.quant.convert``).
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib import resources
+from pathlib import Path
+
+from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+from zoo.errors import ZooUserError
+
+
+class ZooCLI(LightningCLI):
+    """LightningCLI with any LightningModule as ``model`` and any LightningDataModule as ``data``.
+
+    The datamodule's ``num_classes`` and ``group_names`` are linked into the model at instantiation, and
+    ``--test_after_fit true`` runs ``test`` on the best checkpoint when ``fit`` ends.
+    """
+
+    def __init__(self, args: list[str] | None = None, **kwargs) -> None:
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        super().__init__(
+            LightningModule,
+            LightningDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            auto_configure_optimizers=False,
+            args=args,
+            **kwargs,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        parser.link_arguments("data.group_names", "model.init_args.group_names", apply_on="instantiate")
+        parser.add_argument(
+            "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint (fit only)."
+        )
+
+    def after_fit(self) -> None:
+        if not self.config.fit.get("test_after_fit"):
+            return
+        checkpoint = self.trainer.checkpoint_callback
+        best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
+        self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def packaged_config(name: str) -> Path | None:
+    """The path of a config shipped in ``cli_configs/`` (``name`` with or without ``.yaml``), or ``None``."""
+    folder = resources.files("cli_configs")
+    for candidate in (name, f"{name}.yaml"):
+        path = folder / candidate
+        if path.is_file():
+            return Path(str(path))
+    return None
+
+
+def resolve_config_args(argv: list[str]) -> list[str]:
+    """Replace ``--config NAME`` / ``-c NAME`` / ``--config=NAME`` by the packaged file when ``NAME`` is not a local
+    file but names a shipped config."""
+    out, i = [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg in ("--config", "-c") and i + 1 < len(argv):
+            out += [arg, _resolve(argv[i + 1])]
+            i += 2
+            continue
+        if arg.startswith("--config="):
+            arg = "--config=" + _resolve(arg.split("=", 1)[1])
+        out.append(arg)
+        i += 1
+    return out
+
+
+def _resolve(value: str) -> str:
+    if Path(value).exists() or value.lstrip().startswith("{"):
+        return value
+    shipped = packaged_config(value)
+    return str(shipped) if shipped is not None else value
+
+
+def _one_line(err: BaseException) -> str:
+    # Errors raised in DataLoader workers come back with the worker's traceback in their message: keep the last line.
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m zoo`` and of the ``zoo`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] == "components":
+            from zoo._components import main as components_main
+
+            components_main(argv[1:])
+            return
+        if argv and argv[0] == "convert":
+            from zoo.quant.convert import main as convert_main
+
+            convert_main(argv[1:])
+            return
+        ZooCLI(args=resolve_config_args(argv))
+    except (ZooUserError, FileNotFoundError) as err:
+        print(f"zoo: error: {_one_line(err)}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -1,0 +1,45 @@
+"""Learning-rate schedules that need the run's length, which LightningCLI's scheduler callables do not get."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR, LRScheduler
+
+
+class WarmupCosine(LambdaLR):
+    """Linear warm-up from 0 over ``warmup`` of the steps, then cosine decay to ``min_ratio`` of the base rate.
+
+    Args:
+        optimizer: the optimizer whose rates are scheduled.
+        total_steps: optimizer steps in the whole run (a task passes ``trainer.estimated_stepping_batches``).
+        warmup: fraction of ``total_steps`` spent warming up, in ``[0, 1)``.
+        min_ratio: final rate as a fraction of the base rate.
+    """
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, *, warmup: float = 0.05, min_ratio: float = 0.0) -> None:
+        if not 0 <= warmup < 1:
+            raise ValueError(f"WarmupCosine: warmup={warmup} must be in [0, 1)")
+        total = max(1, int(total_steps))
+        warm = int(warmup * total)
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            progress = min(1.0, (step - warm) / max(1, total - warm))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        super().__init__(optimizer, factor)
+
+
+class Constant(LambdaLR):
+    """A constant rate (the optimizer's own), with the same ``(optimizer, total_steps)`` signature."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int) -> None:
+        super().__init__(optimizer, lambda step: 1.0)
+
+
+#: ``schedule(optimizer, total_steps) -> LRScheduler``; from YAML: a class_path plus init_args other than those two.
+ScheduleFactory = Callable[[Optimizer, int], LRScheduler]
