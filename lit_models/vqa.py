@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_models._task import ZooTask
 from zoo.contracts import Encoder, Fusion
+from zoo.errors import ConfigError
 from zoo.model import MultimodalModel
 from zoo.optim import ScheduleFactory, WarmupCosine
 
@@ -57,11 +58,14 @@ class VQA(ZooTask):
         # rebuild the parts; outside it, modules are not hyper-parameters.
         self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["encoders", "fusion"])
         if num_classes < 2:
-            raise ValueError(f"VQA: num_classes={num_classes} must be at least 2")
+            raise ConfigError(f"VQA: num_classes={num_classes} must be at least 2")
         self.model = MultimodalModel(encoders, fusion)
         hidden = head_hidden or 2 * fusion.dim
         self.head = nn.Sequential(
-            nn.LayerNorm(fusion.dim), nn.Linear(fusion.dim, hidden), nn.GELU(), nn.Dropout(dropout),
+            nn.LayerNorm(fusion.dim),
+            nn.Linear(fusion.dim, hidden),
+            nn.GELU(),
+            nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
         self.label_smoothing = label_smoothing
@@ -75,9 +79,7 @@ class VQA(ZooTask):
         return self.head(self.model(batch).pooled)
 
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(
-            logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing
-        )
+        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch)

@@ -6,6 +6,7 @@ import argparse
 import importlib
 import inspect
 import pkgutil
+import sys
 from collections.abc import Iterator
 
 from lightning.pytorch import Callback, LightningDataModule, LightningModule
@@ -30,7 +31,10 @@ def _modules() -> Iterator[object]:
         for info in pkgutil.walk_packages(package.__path__, prefix=f"{package_name}."):
             if info.name.rsplit(".", 1)[-1].startswith("_") and not info.ispkg:
                 continue
-            yield importlib.import_module(info.name)
+            try:
+                yield importlib.import_module(info.name)
+            except ImportError as err:  # an optional dependency missing: list what can be listed, say what not
+                print(f"(skipped {info.name}: {err})", file=sys.stderr)
 
 
 def find_components() -> dict[str, list[type]]:
@@ -51,7 +55,9 @@ def find_components() -> dict[str, list[type]]:
 def _describe(param: inspect.Parameter) -> str:
     text = param.name
     if param.annotation is not inspect.Parameter.empty:
-        annotation = param.annotation if isinstance(param.annotation, str) else inspect.formatannotation(param.annotation)
+        annotation = (
+            param.annotation if isinstance(param.annotation, str) else inspect.formatannotation(param.annotation)
+        )
         text += f": {annotation}"
     if param.default is not inspect.Parameter.empty:
         default = param.default

@@ -92,6 +92,22 @@ def _one_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+def _user_error(err: BaseException, seen: set[int] | None = None) -> BaseException | None:
+    """The user error behind ``err``: itself, one it was raised from, or one grouped in it (jsonargparse wraps the
+    errors raised while it instantiates classes)."""
+    seen = seen if seen is not None else set()
+    if err is None or id(err) in seen:
+        return None
+    seen.add(id(err))
+    if isinstance(err, (ZooUserError, FileNotFoundError)):
+        return err
+    for inner in (*getattr(err, "exceptions", ()), err.__cause__, err.__context__):
+        found = _user_error(inner, seen) if inner is not None else None
+        if found is not None:
+            return found
+    return None
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m zoo`` and of the ``zoo`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -107,6 +123,9 @@ def main(argv: list[str] | None = None) -> None:
             convert_main(argv[1:])
             return
         ZooCLI(args=resolve_config_args(argv))
-    except (ZooUserError, FileNotFoundError) as err:
-        print(f"zoo: error: {_one_line(err)}", file=sys.stderr)
+    except Exception as err:
+        user_error = _user_error(err)
+        if user_error is None:
+            raise
+        print(f"zoo: error: {_one_line(user_error)}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from zoo.errors import ConfigError
+
 __all__ = ["FFN", "FFNFactory", "Encoder", "Fused", "Fusion", "Tokens"]
 
 
@@ -37,9 +39,9 @@ class Tokens:
 
     def __post_init__(self) -> None:
         if self.embeddings.dim() != 3:
-            raise ValueError(f"Tokens.embeddings must be [B, T, D], got shape {tuple(self.embeddings.shape)}")
+            raise ConfigError(f"Tokens.embeddings must be [B, T, D], got shape {tuple(self.embeddings.shape)}")
         if self.mask.shape != self.embeddings.shape[:2] or self.mask.dtype != torch.bool:
-            raise ValueError(
+            raise ConfigError(
                 f"Tokens.mask must be a bool tensor of shape {tuple(self.embeddings.shape[:2])}, "
                 f"got {self.mask.dtype} {tuple(self.mask.shape)}"
             )
@@ -102,7 +104,7 @@ class Fusion(nn.Module):
     def check_modalities(self, names: Sequence[str]) -> None:
         """Raise a ``ValueError`` naming the mismatch if ``names`` differ from the modalities this module fuses."""
         if set(names) != set(self.modalities):
-            raise ValueError(
+            raise ConfigError(
                 f"{type(self).__name__} fuses modalities {sorted(self.modalities)} but the encoders given are "
                 f"{sorted(names)}; set `modalities` of the fusion module or the keys of `encoders` to match"
             )
@@ -117,7 +119,7 @@ class FFN(nn.Module):
     def __init__(self, dim: int, hidden_dim: int) -> None:
         super().__init__()
         if dim <= 0 or hidden_dim <= 0:
-            raise ValueError(f"{type(self).__name__}: dim={dim} and hidden_dim={hidden_dim} must be positive")
+            raise ConfigError(f"{type(self).__name__}: dim={dim} and hidden_dim={hidden_dim} must be positive")
         self.dim = dim
         self.hidden_dim = hidden_dim
 

@@ -8,6 +8,7 @@ from typing import Any
 from torch import nn
 
 from zoo.contracts import Encoder, Fused, Fusion, Tokens
+from zoo.errors import ConfigError
 
 
 class MultimodalModel(nn.Module):
@@ -21,10 +22,10 @@ class MultimodalModel(nn.Module):
     def __init__(self, encoders: Mapping[str, Encoder], fusion: Fusion) -> None:
         super().__init__()
         if not encoders:
-            raise ValueError("MultimodalModel: `encoders` is empty; give at least one modality")
+            raise ConfigError("MultimodalModel: `encoders` is empty; give at least one modality")
         for name, encoder in encoders.items():
             if not isinstance(encoder, Encoder):
-                raise TypeError(f"encoders[{name!r}] is a {type(encoder).__name__}, not a zoo.contracts.Encoder")
+                raise ConfigError(f"encoders[{name!r}] is a {type(encoder).__name__}, not a zoo.contracts.Encoder")
         fusion.check_modalities(list(encoders))
         self.encoders = nn.ModuleDict(dict(encoders))
         self.adapters = nn.ModuleDict(

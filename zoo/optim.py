@@ -8,6 +8,8 @@ from collections.abc import Callable
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 
+from zoo.errors import ConfigError
+
 
 class WarmupCosine(LambdaLR):
     """Linear warm-up from 0 over ``warmup`` of the steps, then cosine decay to ``min_ratio`` of the base rate.
@@ -21,7 +23,7 @@ class WarmupCosine(LambdaLR):
 
     def __init__(self, optimizer: Optimizer, total_steps: int, *, warmup: float = 0.05, min_ratio: float = 0.0) -> None:
         if not 0 <= warmup < 1:
-            raise ValueError(f"WarmupCosine: warmup={warmup} must be in [0, 1)")
+            raise ConfigError(f"WarmupCosine: warmup={warmup} must be in [0, 1)")
         total = max(1, int(total_steps))
         warm = int(warmup * total)
 

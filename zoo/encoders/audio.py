@@ -6,6 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.contracts import Encoder, FFNFactory, Tokens
+from zoo.errors import ConfigError
 from zoo.layers.ffn import FeedForward
 from zoo.layers.position import sincos_1d
 from zoo.layers.transformer import TransformerBlock, padding_attn_mask
@@ -46,7 +47,10 @@ class SpectrogramAudioEncoder(Encoder):
             sample_rate=sample_rate, n_fft=4 * hop_length, hop_length=hop_length, n_mels=n_mels
         )
         self.stem = nn.Sequential(
-            nn.Conv1d(n_mels, dim, 3, stride=2, padding=1), nn.GELU(), nn.Conv1d(dim, dim, 3, stride=2, padding=1), nn.GELU()
+            nn.Conv1d(n_mels, dim, 3, stride=2, padding=1),
+            nn.GELU(),
+            nn.Conv1d(dim, dim, 3, stride=2, padding=1),
+            nn.GELU(),
         )
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, ffn=ffn) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
@@ -55,7 +59,7 @@ class SpectrogramAudioEncoder(Encoder):
     def forward(self, inputs: dict[str, Tensor]) -> Tokens:
         waveform, lengths = inputs["waveform"], inputs["lengths"]
         if waveform.dim() != 2:
-            raise ValueError(f"SpectrogramAudioEncoder: waveform must be [B, S], got {tuple(waveform.shape)}")
+            raise ConfigError(f"SpectrogramAudioEncoder: waveform must be [B, S], got {tuple(waveform.shape)}")
         with torch.autocast(waveform.device.type, enabled=False):  # the STFT wants fp32
             mel = (self.melspec(waveform.float()) + 1e-6).log()  # [B, n_mels, frames]
         x = self.stem(mel).transpose(1, 2)  # [B, T, dim]

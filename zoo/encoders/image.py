@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.contracts import Encoder, Tokens
+from zoo.errors import ConfigError
 from zoo.layers.position import sincos_2d
 
 
@@ -49,11 +50,15 @@ class TimmImageEncoder(Encoder):
         import timm
 
         if not timm.is_model(backbone):
-            raise ValueError(f"TimmImageEncoder: backbone={backbone!r} is not a timm model name (see timm.list_models)")
+            raise ConfigError(
+                f"TimmImageEncoder: backbone={backbone!r} is not a timm model name (see timm.list_models)"
+            )
         probe = timm.create_model(backbone, pretrained=False, features_only=True, in_chans=in_chans)
         levels = len(probe.feature_info)
         if not -levels <= feature_index < levels:
-            raise ValueError(f"TimmImageEncoder: feature_index={feature_index} out of range for {backbone} ({levels} levels)")
+            raise ConfigError(
+                f"TimmImageEncoder: feature_index={feature_index} out of range for {backbone} ({levels} levels)"
+            )
         index = feature_index % levels
         self.backbone = timm.create_model(
             backbone, pretrained=False, features_only=True, out_indices=(index,), in_chans=in_chans
@@ -78,7 +83,7 @@ class TimmImageEncoder(Encoder):
         own = self.backbone.state_dict()
         missing = [k for k in own if k not in state]
         if missing:
-            raise ValueError(f"TimmImageEncoder: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}")
+            raise ConfigError(f"TimmImageEncoder: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}")
         self.backbone.load_state_dict({k: state[k] for k in own})
 
     def forward(self, images: Tensor) -> Tokens:
@@ -101,7 +106,7 @@ class ConvImageEncoder(Encoder):
     def __init__(self, *, channels: tuple[int, ...] = (32, 64, 128), dim: int = 128, in_chans: int = 3) -> None:
         super().__init__()
         if not channels:
-            raise ValueError("ConvImageEncoder: channels must name at least one stage")
+            raise ConfigError("ConvImageEncoder: channels must name at least one stage")
         layers: list[nn.Module] = []
         previous = in_chans
         for c in channels:

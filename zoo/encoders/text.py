@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.contracts import Encoder, FFNFactory, Tokens
+from zoo.errors import ConfigError, DataError
 from zoo.layers.ffn import FeedForward
 from zoo.layers.position import sincos_1d
 from zoo.layers.transformer import TransformerBlock, padding_attn_mask
@@ -32,9 +33,9 @@ def _check_texts(texts: list[str] | tuple[str, ...], where: str) -> None:
         raise TypeError(f"{where}: expects a list of strings, got {type(texts).__name__}")
     for i, text in enumerate(texts):
         if not isinstance(text, str):
-            raise TypeError(f"{where}: text {i} is a {type(text).__name__}, not a string")
+            raise DataError(f"{where}: text {i} is a {type(text).__name__}, not a string")
         if not text.strip():
-            raise ValueError(f"{where}: text {i} is empty")
+            raise DataError(f"{where}: text {i} is empty")
 
 
 class TextTokenizer:
@@ -151,7 +152,7 @@ class TransformerTextEncoder(Encoder):
     ) -> None:
         super().__init__()
         if depth < 1:
-            raise ValueError(f"TransformerTextEncoder: depth={depth} must be at least 1")
+            raise ConfigError(f"TransformerTextEncoder: depth={depth} must be at least 1")
         self.tokenizer = TextTokenizer(max_length=max_length)
         self.out_dim = dim
         self.embed = nn.Embedding(self.tokenizer.vocab_size, dim)

@@ -7,9 +7,10 @@ import math
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from zoo.contracts import FFNFactory, Fused, Fusion, Tokens
+from zoo.errors import ConfigError
 from zoo.layers.ffn import FeedForward
 from zoo.layers.transformer import TransformerBlock
 
@@ -17,7 +18,8 @@ FusionSchedule = Literal["linear", "learned", "open"]
 
 
 class MIE(Fusion):
-    """Shared-transformer fusion: ``{modality: Tokens [B, T_m, dim]} -> Fused(pooled [B, dim], tokens [B, sum T_m, dim])``.
+    """Shared-transformer fusion: ``{modality: Tokens [B, T_m, dim]} -> Fused(pooled [B, dim], tokens [B, T, dim])``
+    with ``T = sum T_m``.
 
     Each modality's tokens get a learned modality embedding; a ``[CLS]`` token is prepended and all are run through
     ``depth`` shared pre-norm blocks. Attention between tokens of different groups (each modality is a group, and
@@ -60,11 +62,13 @@ class MIE(Fusion):
     ) -> None:
         super().__init__()
         if not 0 <= modality_fusion_layers <= depth:
-            raise ValueError(f"MIE: modality_fusion_layers={modality_fusion_layers} must be between 0 and depth={depth}")
+            raise ConfigError(
+                f"MIE: modality_fusion_layers={modality_fusion_layers} must be between 0 and depth={depth}"
+            )
         if fusion_schedule not in ("linear", "learned", "open"):
-            raise ValueError(f"MIE: fusion_schedule={fusion_schedule!r} must be 'linear', 'learned' or 'open'")
+            raise ConfigError(f"MIE: fusion_schedule={fusion_schedule!r} must be 'linear', 'learned' or 'open'")
         if len(set(modalities)) != len(modalities) or not modalities:
-            raise ValueError(f"MIE: modalities={list(modalities)} must be distinct and not empty")
+            raise ConfigError(f"MIE: modalities={list(modalities)} must be distinct and not empty")
         self.modalities = tuple(modalities)
         self.dim, self.depth, self.num_heads = dim, depth, num_heads
         self.modality_fusion_layers = modality_fusion_layers
@@ -83,7 +87,7 @@ class MIE(Fusion):
         if fusion_schedule == "learned":
             self.cross_modal_bias = nn.Parameter(bias)
         else:
-            self.register_buffer("cross_modal_bias", bias)
+            self.register_buffer("cross_modal_bias", bias, persistent=False)  # follows from the config
 
     @property
     def first_fused_layer(self) -> int:
@@ -109,7 +113,7 @@ class MIE(Fusion):
         for g, m in enumerate(self.modalities, start=1):
             tokens = inputs[m]
             if tokens.dim != self.dim:
-                raise ValueError(f"MIE: modality {m!r} has width {tokens.dim}, expected dim={self.dim}")
+                raise ConfigError(f"MIE: modality {m!r} has width {tokens.dim}, expected dim={self.dim}")
             xs.append(tokens.embeddings + self.modality_embed[m].to(tokens.embeddings.dtype))
             masks.append(tokens.mask)
             groups.append(torch.full((tokens.embeddings.shape[1],), g, dtype=torch.long, device=device))

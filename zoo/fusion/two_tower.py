@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from zoo.contracts import FFNFactory, Fused, Fusion, Tokens
+from zoo.errors import ConfigError
 from zoo.layers.ffn import FeedForward
 from zoo.layers.transformer import TransformerBlock, padding_attn_mask
 
@@ -40,7 +41,7 @@ class TwoTower(Fusion):
     ) -> None:
         super().__init__()
         if len(set(modalities)) != len(modalities) or not modalities:
-            raise ValueError(f"TwoTower: modalities={list(modalities)} must be distinct and not empty")
+            raise ConfigError(f"TwoTower: modalities={list(modalities)} must be distinct and not empty")
         self.modalities = tuple(modalities)
         self.dim = dim
         self.cls = nn.ParameterDict({m: nn.Parameter(torch.randn(1, 1, dim) * 0.02) for m in self.modalities})

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.errors import ConfigError
+
 
 class SelfAttention(nn.Module):
     """Multi-head self-attention: ``[B, T, dim] -> [B, T, dim]``.
@@ -23,7 +25,7 @@ class SelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
         super().__init__()
         if dim % num_heads:
-            raise ValueError(f"SelfAttention: dim={dim} must be divisible by num_heads={num_heads}")
+            raise ConfigError(f"SelfAttention: dim={dim} must be divisible by num_heads={num_heads}")
         self.dim, self.num_heads, self.dropout = dim, num_heads, dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)

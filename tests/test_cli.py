@@ -1,0 +1,176 @@
+"""``python -m zoo``: packaged configs from any directory, swapping parts by flag, clear errors for bad input."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from zoo.cli import main, packaged_config, resolve_config_args
+
+ROOT = Path(__file__).resolve().parents[1]
+# A tiny Sort-of-CLEVR and a small model: the same code path as the shipped config, sized for a CPU test.
+SMALL_DATA = [
+    "--data.init_args.num_images=24",
+    "--data.init_args.val_images=4",
+    "--data.init_args.test_images=4",
+    "--data.init_args.batch_size=8",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+SMALL = [
+    *SMALL_DATA,
+    "--model.init_args.fusion.init_args.depth=2",
+    "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+]
+
+
+@pytest.fixture()
+def elsewhere(tmp_path, monkeypatch):
+    """Run from an unrelated directory, with the data cache under it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+def test_bare_config_name_resolves_to_the_packaged_file(elsewhere):
+    assert packaged_config("vqa.yaml") == packaged_config("vqa")
+    args = resolve_config_args(["fit", "--config", "vqa.yaml", "-c=x"])
+    assert Path(args[2]).is_file() and Path(args[2]).name == "vqa.yaml"
+    (elsewhere / "vqa.yaml").write_text("seed_everything: 1\n")
+    assert resolve_config_args(["fit", "--config", "vqa.yaml"])[2] == "vqa.yaml", "a local file wins"
+
+
+def test_python_m_zoo_fit_fast_dev_run_from_another_directory(elsewhere):
+    env = dict(os.environ, PYTHONPATH=str(ROOT), ZOO_DATA_DIR=str(elsewhere / "data"))
+    result = subprocess.run(
+        [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--trainer.fast_dev_run=true", *SMALL],
+        cwd=elsewhere,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # test_after_fit ran the test loop and printed its metrics
+    assert "test/acc_relational" in result.stdout + result.stderr
+
+
+def test_fusion_swapped_by_one_flag(elsewhere, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "fit",
+                "--config",
+                "vqa.yaml",
+                "--model.init_args.fusion=zoo.fusion.TwoTower",
+                *SMALL_DATA,
+                "--print_config",
+            ]
+        )
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "zoo.fusion.TwoTower" in printed and "modality_fusion_layers" not in printed
+
+
+def test_image_backbone_swapped_by_one_flag(elsewhere, capsys):
+    with pytest.raises(SystemExit):
+        main(
+            [
+                "fit",
+                "--config",
+                "vqa.yaml",
+                "--model.init_args.encoders.image=zoo.encoders.TimmImageEncoder",
+                "--model.init_args.encoders.image.init_args.backbone=resnet18",
+                *SMALL_DATA,
+                "--print_config",
+            ]
+        )
+    printed = capsys.readouterr().out
+    assert "zoo.encoders.TimmImageEncoder" in printed and "backbone: resnet18" in printed
+
+
+def _error_of(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_unknown_yaml_key_names_the_key(elsewhere, capsys):
+    bad = elsewhere / "bad.yaml"
+    bad.write_text(Path(packaged_config("vqa.yaml")).read_text().replace("modality_fusion_layers:", "fusion_layerz:"))
+    err = _error_of(["fit", "--config", str(bad), "--trainer.fast_dev_run=true"], capsys)
+    assert "fusion_layerz" in err
+    assert "Traceback" not in err
+
+
+def test_unknown_class_names_the_class(elsewhere, capsys):
+    err = _error_of(["fit", "--config", "vqa.yaml", "--model.init_args.fusion=zoo.fusion.NoSuchFusion"], capsys)
+    assert "NoSuchFusion" in err and "Traceback" not in err
+
+
+def test_missing_data_folder_is_one_clear_line(elsewhere, capsys):
+    err = _error_of(
+        [
+            "fit",
+            "--config",
+            "vqa.yaml",
+            "--data=datamodules.vqa_folder.VQAFolderDataModule",
+            f"--data.init_args.data_dir={elsewhere / 'no_such_folder'}",
+            "--trainer.fast_dev_run=true",
+        ],
+        capsys,
+    )
+    assert err.startswith("zoo: error:") and "no_such_folder" in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bad_value_is_named(elsewhere, capsys):
+    err = _error_of(
+        [
+            "fit",
+            "--config",
+            "vqa.yaml",
+            "--model.init_args.fusion.init_args.modality_fusion_layers=9",
+            "--trainer.fast_dev_run=true",
+        ],
+        capsys,
+    )
+    assert "modality_fusion_layers=9" in err and "Traceback" not in err
+
+
+def test_nan_loss_stops_with_a_clear_error(elsewhere, capsys):
+    """A learning rate of 1e30 blows the loss up within a few steps: one line, no traceback."""
+    err = _error_of(
+        [
+            "fit",
+            "--config",
+            "vqa.yaml",
+            *SMALL,
+            "--trainer.max_steps=6",
+            "--trainer.limit_val_batches=0",
+            "--model.init_args.optimizer.init_args.lr=1e30",
+            "--model.init_args.scheduler=null",
+        ],
+        capsys,
+    )
+    assert err.startswith("zoo: error: the training loss became nan") and "Traceback" not in err
+
+
+def test_components_lists_every_kind(capsys):
+    main(["components"])
+    out = capsys.readouterr().out
+    for expected in (
+        "encoder:",
+        "zoo.fusion.mie.MIE",
+        "zoo.fusion.two_tower.TwoTower",
+        "lit_models.vqa.VQA",
+        "datamodules.sort_of_clevr.SortOfCLEVRDataModule",
+        "zoo.encoders.text.MiniLMTextEncoder",
+        "zoo.layers.ffn.FeedForward",
+    ):
+        assert expected in out, expected
