@@ -36,6 +36,8 @@ class SeededShuffleSampler(Sampler[int]):
 
     def __init__(self, data_source: Sized | int, seed: int = 0) -> None:
         self.num_samples = data_source if isinstance(data_source, int) else len(data_source)
+        # a dataset whose items depend on the epoch (random symmetries) follows the sampler's epoch
+        self._dataset_set_epoch = getattr(data_source, "set_epoch", None)
         if self.num_samples < 0:
             raise ConfigError(f"SeededShuffleSampler: data_source length {self.num_samples} must be >= 0")
         _check_seed("seed", seed)
@@ -47,6 +49,8 @@ class SeededShuffleSampler(Sampler[int]):
         if epoch < 0:
             raise ConfigError(f"SeededShuffleSampler: epoch={epoch} must be >= 0")
         self.epoch = int(epoch)
+        if self._dataset_set_epoch is not None:
+            self._dataset_set_epoch(self.epoch)
 
     def permutation(self) -> np.ndarray:
         """The indices of the current epoch, int64 ``[len]``."""
@@ -122,7 +126,8 @@ def make_loader(
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         collate_fn=collate,
-        persistent_workers=num_workers > 0,
+        # workers keep a copy of the dataset: an epoch-dependent dataset needs fresh workers each epoch
+        persistent_workers=num_workers > 0 and not hasattr(dataset, "set_epoch"),
     )
 
 

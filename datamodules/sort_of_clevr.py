@@ -220,7 +220,11 @@ class SortOfCLEVRDataset(Dataset):
     fetches a whole batch with one call of :meth:`__getitems__`, about ten times faster than item by item.
     """
 
-    def __init__(self, scenes: SortOfCLEVRScenes, image_indices: np.ndarray) -> None:
+    def __init__(
+        self, scenes: SortOfCLEVRScenes, image_indices: np.ndarray, *, symmetries: bool = False, seed: int = 0
+    ) -> None:
+        self.symmetries, self.seed, self.epoch = symmetries, seed, 0
+        self.centres = scenes.centres
         self.images = scenes.images
         self.labels = scenes.answers.astype(np.int64)
         self.groups = scenes.question_group.astype(np.int64)
@@ -231,17 +235,29 @@ class SortOfCLEVRDataset(Dataset):
     def __len__(self) -> int:
         return len(self.image_indices) * QUESTIONS_PER_IMAGE
 
+    def set_epoch(self, epoch: int) -> None:
+        """Select the symmetries drawn in epoch ``epoch`` (the training sampler calls this)."""
+        self.epoch = int(epoch)
+
+    def symmetry_of(self, index: np.ndarray) -> np.ndarray:
+        """The symmetry applied to each item, ``[n]`` in ``0..7``: bit 0 mirrors left-right, bit 1 top-bottom,
+        bit 2 transposes; a pure function of ``(seed, epoch, index)``, so a resumed run sees the same ones."""
+        if not self.symmetries:
+            return np.zeros(len(index), dtype=np.int64)
+        with np.errstate(over="ignore"):  # a splitmix64-style hash: wrap-around is the point
+            h = index.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+            h ^= np.uint64(self.epoch * 0xBF58476D + self.seed * 0x94D049BB + 1)
+            h ^= h >> np.uint64(31)
+            h *= np.uint64(0xBF58476D1CE4E5B9)
+            h ^= h >> np.uint64(29)
+        return (h % np.uint64(8)).astype(np.int64)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} questions")
-        image, q = int(self.image_indices[index // QUESTIONS_PER_IMAGE]), index % QUESTIONS_PER_IMAGE
-        group = int(self.groups[image, q])
-        return {
-            "image": normalize_image(self.images[image]),
-            "text": question_text(group, int(self.subtype[image, q]), int(self.colour[image, q])),
-            "label": torch.tensor(self.labels[image, q]),
-            "group": torch.tensor(group),
-        }
+        batch = self.__getitems__([index])
+        return {"image": batch["image"][0], "text": batch["text"][0], "label": batch["label"][0],
+                "group": batch["group"][0]}
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         """The batch of ``indices`` at once: equal to :func:`~datamodules._common.collate` of their items."""
@@ -250,12 +266,50 @@ class SortOfCLEVRDataset(Dataset):
             raise IndexError(f"indices {indices} out of range for {len(self)} questions")
         image, q = self.image_indices[index // QUESTIONS_PER_IMAGE], index % QUESTIONS_PER_IMAGE
         group, subtype, colour = self.groups[image, q], self.subtype[image, q], self.colour[image, q]
+        pixels, labels = self.images[image], self.labels[image, q]
+        symmetry = self.symmetry_of(index)
+        if symmetry.any():
+            pixels, labels = _apply_symmetries(pixels, labels, self.centres[image, colour], group, subtype, symmetry)
         return {
-            "image": normalize_image(self.images[image]),
+            "image": normalize_image(pixels),
             "text": [_TEXT[g][s][c] for g, s, c in zip(group.tolist(), subtype.tolist(), colour.tolist(), strict=True)],
-            "label": torch.from_numpy(self.labels[image, q]),
+            "label": torch.from_numpy(np.ascontiguousarray(labels)),
             "group": torch.from_numpy(group),
         }
+
+
+def _apply_symmetries(
+    images: np.ndarray,
+    labels: np.ndarray,
+    centres: np.ndarray,
+    group: np.ndarray,
+    subtype: np.ndarray,
+    symmetry: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Mirror and transpose each image ``[n, 75, 75, 3]`` by its ``symmetry`` and re-derive the answers that change.
+
+    The symmetries of the square preserve distances and the shapes (squares and circles are symmetric), so the
+    relational answers and the shape answers stay; left/right and top/bottom are recomputed from the moved centre
+    ``centres`` ``[n, 2]`` of the object each question is about. No centre lies on the middle row or column, so
+    every answer stays unambiguous.
+    """
+    images, labels = images.copy(), labels.copy()
+    x, y = centres[:, 0].astype(np.int64), centres[:, 1].astype(np.int64)
+    last = IMAGE_SIZE - 1
+    for i in np.flatnonzero(symmetry):
+        s = int(symmetry[i])
+        img = images[i]
+        if s & 4:
+            img, x[i], y[i] = img.transpose(1, 0, 2), y[i], x[i]
+        if s & 1:
+            img, x[i] = img[:, ::-1], last - x[i]
+        if s & 2:
+            img, y[i] = img[::-1, :], last - y[i]
+        images[i] = img
+    non_relational = group == 0
+    labels = np.where(non_relational & (subtype == 1), np.where(x < IMAGE_SIZE / 2, 2, 3), labels)
+    labels = np.where(non_relational & (subtype == 2), np.where(y < IMAGE_SIZE / 2, 4, 5), labels)
+    return images, labels
 
 
 class SortOfCLEVRDataModule(L.LightningDataModule):
@@ -275,6 +329,9 @@ class SortOfCLEVRDataModule(L.LightningDataModule):
         batch_size: questions per batch.
         num_workers: DataLoader worker processes.
         pin_memory: pin batches in page-locked memory; ``None`` pins when CUDA is available.
+        symmetries: augment training images with a random symmetry of the square (mirrors and transposition, 8 in
+            all), drawn per question from ``(seed, epoch, index)``, with the left/right and top/bottom answers
+            re-derived; the other answers are invariant. Validation and test images are never transformed.
 
     Attributes:
         num_classes: 12, the size of ``ANSWERS``.
@@ -294,9 +351,11 @@ class SortOfCLEVRDataModule(L.LightningDataModule):
         batch_size: int = 64,
         num_workers: int = 0,
         pin_memory: bool | None = None,
+        symmetries: bool = False,
     ) -> None:
         super().__init__()
         name = type(self).__name__
+        self.symmetries = symmetries
         for key, value in (("val_images", val_images), ("test_images", test_images)):
             if value < 0:
                 raise ConfigError(f"{name}: {key}={value} must be >= 0")
@@ -334,7 +393,9 @@ class SortOfCLEVRDataModule(L.LightningDataModule):
         val_end = test_end + self.val_images
         self.test_dataset = SortOfCLEVRDataset(scenes, np.arange(0, test_end))
         self.val_dataset = SortOfCLEVRDataset(scenes, np.arange(test_end, val_end))
-        self.train_dataset = SortOfCLEVRDataset(scenes, np.arange(val_end, self.num_images))
+        self.train_dataset = SortOfCLEVRDataset(
+            scenes, np.arange(val_end, self.num_images), symmetries=self.symmetries, seed=self.seed
+        )
 
     def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
         return make_loader(

@@ -271,3 +271,50 @@ def test_trainer_shuffles_each_epoch_by_seed_and_epoch(tmp_path):
         sampler.set_epoch(epoch)
         expected.append([dm.train_dataset[i]["text"] for i in list(sampler)[:4]])
     assert model.texts == expected and expected[0] != expected[1]
+
+
+def test_symmetries_keep_every_answer_true(tmp_path):
+    """A transformed training item's answer is recomputed from the transformed scene drawn again from scratch."""
+    from datamodules.sort_of_clevr import SortOfCLEVRDataset, _answers, _draw, generate_sort_of_clevr
+
+    scenes = generate_sort_of_clevr(12, seed=3)
+    dataset = SortOfCLEVRDataset(scenes, np.arange(12), symmetries=True, seed=5)
+    dataset.set_epoch(2)
+    index = np.arange(len(dataset))
+    symmetry = dataset.symmetry_of(index)
+    assert set(symmetry.tolist()) == set(range(8)), "all eight symmetries are drawn"
+    dataset.set_epoch(3)
+    assert not np.array_equal(dataset.symmetry_of(index), symmetry), "a new epoch draws new symmetries"
+    dataset.set_epoch(2)
+    batch = dataset.__getitems__(index.tolist())
+    last = 74
+    for i in index.tolist():
+        n, q = divmod(i, 20)
+        s = int(symmetry[i])
+        centres = scenes.centres[n].astype(np.int64).copy()
+        if s & 4:
+            centres = centres[:, ::-1].copy()
+        if s & 1:
+            centres[:, 0] = last - centres[:, 0]
+        if s & 2:
+            centres[:, 1] = last - centres[:, 1]
+        image = np.full((75, 75, 3), 255, dtype=np.uint8)
+        _draw(image, centres, scenes.shapes[n])
+        expected_image = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
+        assert torch.equal(batch["image"][i], expected_image), f"item {i}, symmetry {s}"
+        answer = _answers(
+            centres[None], scenes.shapes[n][None], scenes.question_colour[n][None, q : q + 1],
+            scenes.question_group[n][None, q : q + 1], scenes.question_subtype[n][None, q : q + 1],
+        )[0, 0]
+        assert batch["label"][i].item() == answer, f"item {i}, symmetry {s}"
+
+
+def test_symmetries_follow_the_sampler_epoch(tmp_path):
+    from datamodules.sort_of_clevr import SortOfCLEVRDataModule
+
+    dm = SortOfCLEVRDataModule(data_dir=str(tmp_path), num_images=12, val_images=2, test_images=2, symmetries=True)
+    dm.setup()
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(4)
+    assert dm.train_dataset.epoch == 4
+    assert not dm.test_dataset.symmetries and not dm.val_dataset.symmetries

@@ -1,0 +1,157 @@
+"""MIE against the two-tower baseline on Sort-of-CLEVR, trained on the same data with the same budget.
+
+Trains every run through the zoo's CLI configs (``cli_configs/vqa.yaml``, ``vqa_two_tower.yaml``) with GPU-sized
+trainer overrides, in parallel processes when asked (several small models share one H200 well), then prints per run:
+parameters, relational and non-relational test accuracy, wall time, beside the Relation Networks paper's figures
+(Santoro et al. 2017, Sort-of-CLEVR: CNN+RN 94% relational / 99% non-relational; CNN+MLP 63% / 94%).
+
+    python benchmarks/vqa_sort_of_clevr.py --epochs 30 --batch-size 128 --parallel     # H200
+    python benchmarks/vqa_sort_of_clevr.py --epochs 1 --limit-train-batches 20        # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _common import table, write_result  # noqa: E402
+
+PAPER = {
+    "CNN+RN (Santoro et al. 2017)": {"relational": 0.94, "non_relational": 0.99},
+    "CNN+MLP (Santoro et al. 2017)": {"relational": 0.63, "non_relational": 0.94},
+}
+# name -> (config, extra overrides)
+RUNS = {
+    "mie": ("vqa.yaml", []),
+    "two_tower": ("vqa_two_tower.yaml", []),
+}
+
+
+def run_one(config: str, overrides: list[str], out: Path) -> None:
+    """Fit and test one config in this process; write its figures to ``out``."""
+    import torch
+
+    from zoo.cli import ZooCLI, resolve_config_args
+
+    cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    fit_seconds = time.perf_counter() - start
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    metrics = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    result = {
+        "config": config,
+        "overrides": overrides,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "fusion_parameters": sum(p.numel() for p in model.model.fusion.parameters()),
+        "epochs_run": trainer.current_epoch,
+        "fit_seconds": round(fit_seconds, 1),
+        "best_checkpoint": best,
+        "test": {k: float(v) for k, v in metrics.items()},
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    out.write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="*", default=list(RUNS), help=f"which runs, of {list(RUNS)}")
+    parser.add_argument("--variant", action="append", default=[], metavar="NAME=CONFIG[:OVERRIDE,...]",
+                        help="an extra run: a config plus comma-separated CLI overrides")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--limit-train-batches", default="1.0")
+    parser.add_argument("--max-time", default=None, help="trainer.max_time guard, e.g. 00:00:09:00")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--parallel", action="store_true", help="run all at once, one process each")
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: <out-dir>/vqa_runs)")
+    parser.add_argument("--run-one", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
+    args, extra = parser.parse_known_args()
+    if args.run_one:
+        run_one(args.run_one[0], extra, Path(args.run_one[1]))
+        return
+
+    import torch
+
+    precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    common = [
+        f"--trainer.max_epochs={args.epochs}",
+        f"--trainer.limit_train_batches={args.limit_train_batches}",
+        "--trainer.val_check_interval=1.0",
+        f"--trainer.precision={precision}",
+        "--trainer.enable_progress_bar=false",
+        f"--data.init_args.batch_size={args.batch_size}",
+        f"--data.init_args.num_workers={args.num_workers}",
+        f"--model.init_args.optimizer.init_args.lr={args.lr}",
+    ]
+    if args.max_time:
+        common.append(f"--trainer.max_time={args.max_time}")
+    if args.data_dir:
+        common.append(f"--data.init_args.data_dir={args.data_dir}")
+    runs = {name: RUNS[name] for name in args.runs}
+    for spec in args.variant:
+        name, _, rest = spec.partition("=")
+        config, _, overrides = rest.partition(":")
+        runs[name] = (config, [o for o in overrides.split(",") if o])
+
+    work = Path(args.work_dir or Path(args.out_dir) / "vqa_runs")
+    work.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, (config, overrides) in runs.items():
+        out = work / f"{name}.json"
+        cmd = [sys.executable, __file__, "--run-one", config, str(out), *common, *overrides,
+               f"--trainer.default_root_dir={work / name}"]
+        log = open(work / f"{name}.log", "w")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log)
+        if not args.parallel:
+            procs[name][0].wait()
+    rows, results = [], {}
+    for name, (proc, out, log) in procs.items():
+        proc.wait()
+        log.close()
+        if proc.returncode != 0 or not out.is_file():
+            tail = (work / f"{name}.log").read_text()[-2000:]
+            print(f"run {name} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
+            continue
+        result = json.loads(out.read_text())
+        results[name] = result
+        test = result["test"]
+        rows.append({
+            "model": name,
+            "params": f"{result['parameters'] / 1e6:.2f}M",
+            "fusion params": f"{result['fusion_parameters'] / 1e6:.2f}M",
+            "relational": f"{100 * test.get('test/acc_relational', float('nan')):.1f}%",
+            "non-relational": f"{100 * test.get('test/acc_non_relational', float('nan')):.1f}%",
+            "overall": f"{100 * test.get('test/acc', float('nan')):.1f}%",
+            "epochs": result["epochs_run"],
+            "wall": f"{result['fit_seconds']:.0f}s",
+        })
+    for name, ref in PAPER.items():
+        rows.append({"model": name, "relational": f"{100 * ref['relational']:.0f}%",
+                     "non-relational": f"{100 * ref['non_relational']:.0f}%"})
+    columns = ["model", "params", "fusion params", "relational", "non-relational", "overall", "epochs", "wall"]
+    print(table(rows, columns))
+    if "mie" in results and "two_tower" in results:
+        gap = results["mie"]["test"]["test/acc_relational"] - results["two_tower"]["test"]["test/acc_relational"]
+        print(f"MIE - two-tower relational accuracy: {100 * gap:+.1f} points")
+    path = write_result("vqa_sort_of_clevr", {"settings": vars(args) | {"precision": precision, "common": common},
+                                              "runs": results, "paper": PAPER}, Path(args.out_dir))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
