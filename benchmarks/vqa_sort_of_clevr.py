@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -105,7 +106,7 @@ def main() -> None:
     for spec in args.variant:
         name, _, rest = spec.partition("=")
         config, _, overrides = rest.partition(":")
-        runs[name] = (config, [o for o in overrides.split(",") if o])
+        runs[name] = (config, [o for o in re.split(r",(?=--)", overrides) if o])
 
     work = Path(args.work_dir or Path(args.out_dir) / "vqa_runs")
     work.mkdir(parents=True, exist_ok=True)
