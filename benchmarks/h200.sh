@@ -9,7 +9,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=$PWD:$PWD/.carry/pkgs:/tmp/site:${PYTHONPATH:-}
-export ZOO_DATA_DIR=/tmp/zoo_data PYTHONUNBUFFERED=1
+export ZOO_DATA_DIR=/tmp/zoo_data PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2  # several runs share the 16 cores
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 what=$1; shift
 case "$what" in

@@ -16,10 +16,14 @@ from zoo.errors import ConfigError
 from zoo.layers.position import sincos_2d
 
 
-def _with_positions(features: Tensor, scale: Tensor | float) -> Tokens:
-    """``[B, C, h, w]`` feature map -> Tokens ``[B, h * w, C]`` with 2-D positions added."""
+def _with_positions(features: Tensor, norm: nn.Module, scale: Tensor | float) -> Tokens:
+    """``[B, C, h, w]`` feature map -> Tokens ``[B, h * w, C]``: LayerNorm-ed content plus 2-D positions.
+
+    The norm puts content and position on the same scale (unit variance each); without it a freshly initialised
+    backbone's features are an order of magnitude smaller than the position code and later layers barely see them.
+    """
     B, C, h, w = features.shape
-    tokens = features.flatten(2).transpose(1, 2)
+    tokens = norm(features.flatten(2).transpose(1, 2))
     return Tokens.dense(tokens + scale * sincos_2d(h, w, C, device=features.device).to(tokens.dtype))
 
 
@@ -68,6 +72,7 @@ class TimmImageEncoder(Encoder):
         channels = self.backbone.feature_info.channels()[-1]
         self.proj = nn.Conv2d(channels, dim, 1) if dim is not None else nn.Identity()
         self.out_dim = dim if dim is not None else channels
+        self.norm = nn.LayerNorm(self.out_dim)
         self.pos_scale = nn.Parameter(torch.ones(()))
 
     def _load_weights(self, path: Path) -> None:
@@ -88,7 +93,7 @@ class TimmImageEncoder(Encoder):
 
     def forward(self, images: Tensor) -> Tokens:
         features = self.proj(self.backbone(images)[-1])
-        return _with_positions(features, self.pos_scale)
+        return _with_positions(features, self.norm, self.pos_scale)
 
 
 class ConvImageEncoder(Encoder):
@@ -115,7 +120,8 @@ class ConvImageEncoder(Encoder):
         self.stages = nn.Sequential(*layers)
         self.proj = nn.Conv2d(previous, dim, 1)
         self.out_dim = dim
+        self.norm = nn.LayerNorm(dim)
         self.pos_scale = nn.Parameter(torch.ones(()))
 
     def forward(self, images: Tensor) -> Tokens:
-        return _with_positions(self.proj(self.stages(images)), self.pos_scale)
+        return _with_positions(self.proj(self.stages(images)), self.norm, self.pos_scale)

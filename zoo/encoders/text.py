@@ -7,8 +7,10 @@ are interchangeable under any datamodule that yields raw text.
 from __future__ import annotations
 
 import functools
+import itertools
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -69,13 +71,11 @@ class TextTokenizer:
 
     def __call__(self, texts: list[str], device: torch.device | None = None) -> tuple[Tensor, Tensor]:
         encoded = [self._encode(t) for t in texts]
-        length = max(len(e) for e in encoded)
-        ids = torch.full((len(encoded), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(encoded), length), dtype=torch.bool)
-        for i, e in enumerate(encoded):
-            ids[i, : len(e)] = torch.tensor(e)
-            mask[i, : len(e)] = True
-        return ids.to(device), mask.to(device)
+        lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+        mask = np.arange(lengths.max()) < lengths[:, None]
+        ids = np.full(mask.shape, self.pad_id, dtype=np.int64)
+        ids[mask] = np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int64, count=int(lengths.sum()))
+        return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
     def __getstate__(self) -> dict:  # the cache holds a bound method; rebuild it after unpickling
         state = self.__dict__.copy()
