@@ -37,20 +37,25 @@ class Routing(NamedTuple):
 
     Pair ``p = t * k + j`` is token ``t``'s ``j``-th choice. ``order[i]`` is the pair at position ``i`` of the
     block-sorted list. Tile ``i`` holds sorted positions ``tiles[i, 1] .. tiles[i, 1] + tiles[i, 2] - 1``, all of
-    block ``tiles[i, 0]`` (``-1``: an unused tile of the fixed-size grid). Only the pairs of one block share a tile,
-    so each tile multiplies by a single block's weights; a block wastes at most ``block_m - 1`` padded rows.
+    block ``tiles[i, 0]`` (``-1``, with ``0, 0``: an unused tile of the fixed-size grid). Only the pairs of one block
+    share a tile, so each tile multiplies by a single block's weights; a block wastes at most ``block_m - 1`` rows.
+
+    ``slot[p]`` is the row of pair ``p`` in the tile layout (tile ``i`` owns rows ``i * block_m ..``), where the
+    kernels keep per-pair rows.
 
     Attributes:
         order: ``[T * k]`` int32.
+        slot: ``[T * k]`` int32.
         tiles: ``[num_tiles, 3]`` int32, ``num_tiles = ceil(T * k / block_m) + num_blocks`` (an upper bound known
             without reading the counts back to the host).
-        counts: ``[num_blocks]`` int64, pairs per block.
+        counts: ``[num_blocks]`` int64, pairs per block (``None`` from the Triton version, which does not need it).
         block_m: rows per tile.
     """
 
     order: Tensor
+    slot: Tensor
     tiles: Tensor
-    counts: Tensor
+    counts: Tensor | None
     block_m: int
 
 
@@ -72,9 +77,14 @@ def route(idx: Tensor, num_blocks: int, *, block_m: int = 128) -> Routing:
     local = tile - tile_begin[b]
     first_row = row_begin[b] + local * block_m
     rows = (counts[b] - local * block_m).clamp(0, block_m)
-    block = torch.where(block < num_blocks, block, -1)
+    used = block < num_blocks
+    block, first_row, rows = torch.where(used, block, -1), torch.where(used, first_row, 0), torch.where(used, rows, 0)
     tiles = torch.stack([block, first_row, rows], 1).to(torch.int32).contiguous()
-    return Routing(order.to(torch.int32), tiles, counts, block_m)
+    sorted_block = flat[order]
+    position = torch.arange(pairs, device=idx.device)
+    slot = torch.empty_like(order)
+    slot[order] = tile_begin[sorted_block] * block_m + position - row_begin[sorted_block]
+    return Routing(order.to(torch.int32), slot.to(torch.int32), tiles, counts, block_m)
 
 
 def block_sparse_ffn_torch(
@@ -90,29 +100,39 @@ def block_sparse_ffn_torch(
 ) -> Tensor:
     """Block-sparse FFN in plain PyTorch: ``x [T, D]``, ``alpha``/``idx [T, k]`` -> ``[T, D]`` (see module doc).
 
-    ``w1 [H, D]``, ``b1 [H]``, ``w2 [D, H]``, ``b2 [D]`` are the dense FFN's ``fc1``/``fc2`` parameters.
+    ``w1 [H, D]``, ``b1 [H]``, ``w2 [D, H]``, ``b2 [D]`` are the dense FFN's ``fc1``/``fc2`` parameters. One gather
+    of the pairs' token rows in block order, one GEMM per block on its contiguous slice for each layer, then one
+    gather puts each token's ``k`` output rows side by side and a sum combines them: few, large operations (each
+    is a parallel region on the CPU) and no ``index_add_``, whose CPU kernel is a slow scatter.
     """
     T, k = idx.shape
     hb = w1.shape[0] // num_blocks
     flat = idx.reshape(-1)
     order = torch.sort(flat, stable=True).indices
     counts = torch.bincount(flat, minlength=num_blocks).tolist()
-    tokens = order // k
-    gates = alpha.reshape(-1)[order].to(x.dtype)
-    y = torch.zeros_like(x) if b2 is None else b2.to(x.dtype).expand_as(x).contiguous()
-    start = 0
-    for b, count in enumerate(counts):
-        if count == 0:
+    xs = x.index_select(0, order // k)  # [T * k, D]: each pair's token row, block-sorted
+    h = torch.empty(T * k, hb, dtype=x.dtype, device=x.device)
+    out = torch.empty_like(xs)
+    bounds = [0]
+    for count in counts:
+        bounds.append(bounds[-1] + count)
+    for b in range(num_blocks):  # one GEMM per block on its contiguous slice of rows
+        rows, cols = slice(bounds[b], bounds[b + 1]), slice(b * hb, (b + 1) * hb)
+        if rows.start == rows.stop:
             continue
-        rows = tokens[start : start + count]
-        cols = slice(b * hb, (b + 1) * hb)
-        h = x.index_select(0, rows) @ w1[cols].t()
-        if b1 is not None:
-            h += b1[cols]
-        h = F.gelu(h).mul_(gates[start : start + count, None])
-        y.index_add_(0, rows, h @ w2[:, cols].t())
-        start += count
-    return y
+        if b1 is None:
+            torch.mm(xs[rows], w1[cols].t(), out=h[rows])
+        else:
+            torch.addmm(b1[cols], xs[rows], w1[cols].t(), out=h[rows])
+    h = F.gelu(h).mul_(alpha.reshape(-1)[order, None].to(x.dtype))
+    for b in range(num_blocks):
+        rows, cols = slice(bounds[b], bounds[b + 1]), slice(b * hb, (b + 1) * hb)
+        if rows.start < rows.stop:
+            torch.mm(h[rows], w2[:, cols].t(), out=out[rows])
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    y = out.index_select(0, inverse).view(T, k, -1).sum(1)  # each token's k rows side by side, summed
+    return y if b2 is None else y.add_(b2)
 
 
 @functools.cache

@@ -1,0 +1,322 @@
+"""DSA: the gradient compensation, sparse == dense on one selection, the active fraction, threshold errors, the
+monitoring callback and exact resumption. Random inputs with fixed seeds throughout."""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import Logger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.flop_counter import FlopCounterMode
+
+from zoo.callbacks import DSAMonitor
+from zoo.kernels import block_sparse_ffn_torch
+from zoo.layers.dsa import DSAFeedForward, active_blocks, density_stats, set_gate_threshold
+from zoo.layers.transformer import TransformerBlock
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def dense_reference(x, alpha, idx, w1, b1, w2, b2, num_blocks):
+    """The block-sparse FFN written densely: every block computed, unselected ones multiplied by zero."""
+    T = x.shape[0]
+    h = F.gelu(x @ w1.t() + b1).view(T, num_blocks, -1)
+    weight = torch.zeros(T, num_blocks, dtype=x.dtype).scatter(1, idx, alpha)
+    return (h * weight[..., None]).reshape(T, -1) @ w2.t() + b2
+
+
+def capture_alpha(ffn: DSAFeedForward) -> dict:
+    """Keep the gate's output (alpha) of the next forward, with its .grad retained."""
+    seen = {}
+
+    def hook(module, inputs, output):
+        output.retain_grad()
+        seen["alpha"] = output
+
+    ffn.gate.register_forward_hook(hook)
+    return seen
+
+
+@pytest.mark.parametrize("compensation", [0.3, 0.0, -0.5])
+def test_gradient_reaching_alpha_equals_compensation_formula(compensation):
+    torch.manual_seed(0)
+    ffn = DSAFeedForward(16, 64, num_blocks=8, gate_threshold=0.25, compensation=compensation)
+    x = torch.randn(3, 5, 16)
+    target = torch.randn(3, 5, 16)
+    seen = capture_alpha(ffn)
+    F.mse_loss(ffn(x), target).backward()
+    alpha = seen["alpha"].detach()
+    idx = ffn.select(alpha)
+
+    # dL/dalpha without compensation, from an independent computation with alpha as a leaf: the output is
+    # sum over selected blocks of alpha_b * block_b(x) (+ fc2 bias).
+    leaf = alpha.clone().requires_grad_(True)
+    weight = torch.zeros_like(leaf).scatter(-1, idx, 1.0) * leaf
+    h = F.gelu(ffn.fc1(x)).unflatten(-1, (8, 8)) * weight.unsqueeze(-1)
+    F.mse_loss(ffn.fc2(h.flatten(-2)), target).backward()
+    n_tokens = 15
+    expected = leaf.grad + compensation / n_tokens * (1 - alpha) / alpha
+    # Same fp32 arithmetic in a different order: agreement to a few ulps of the largest entry.
+    torch.testing.assert_close(seen["alpha"].grad, expected, rtol=1e-5, atol=1e-7)
+    unselected = torch.ones_like(alpha).scatter(-1, idx, 0.0).bool()
+    assert torch.all(leaf.grad[unselected] == 0), "the loss alone gives unselected gates no gradient"
+    if compensation:
+        assert torch.all(seen["alpha"].grad[unselected] != 0), "compensation gives them one"
+
+
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.4, 0.25])
+def test_sparse_path_equals_dense_path_on_the_same_selection(fraction):
+    torch.manual_seed(1)
+    ffn = DSAFeedForward(32, 256, num_blocks=8, gate_threshold=fraction).eval()
+    nn.init.normal_(ffn.gate.proj.bias)  # unequal block loads
+    x = torch.randn(4, 37, 32)
+    with torch.no_grad():
+        sparse = ffn(x)
+        ffn.inference_path = "dense"
+        dense = ffn(x)
+    # fp32 both ways; only the summation order over hidden units differs.
+    torch.testing.assert_close(sparse, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_torch_kernel_matches_dense_reference_with_uneven_and_empty_blocks():
+    torch.manual_seed(2)
+    T, D, H, N, k = 40, 24, 96, 6, 2
+    x, w1, b1 = torch.randn(T, D), torch.randn(H, D), torch.randn(H)
+    w2, b2 = torch.randn(D, H), torch.randn(D)
+    alpha = torch.rand(T, k)
+    idx = torch.stack([torch.tensor([0, 1 + i % 3]) for i in range(T)])  # blocks 4 and 5 never chosen
+    out = block_sparse_ffn_torch(x, alpha, idx, w1, b1, w2, b2, num_blocks=N)
+    ref = dense_reference(x, alpha, idx, w1, b1, w2, b2, N)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
+
+
+def test_triton_kernels_match_dense_reference_under_the_interpreter():
+    """The fused kernels' routing, gather, tiling, scatter and combine, run by Triton's CPU interpreter (fp32)."""
+    script = textwrap.dedent(
+        """
+        import torch, torch.nn.functional as F
+        from zoo.kernels._block_ffn_triton import block_sparse_ffn_triton, gate_topk_triton, route_triton
+        from zoo.kernels import route
+        torch.manual_seed(3)
+        def ref(x, alpha, idx, w1, b1, w2, b2, N):
+            h = F.gelu(x @ w1.t() + b1).view(x.shape[0], N, -1)
+            w = torch.zeros(x.shape[0], N).scatter(1, idx, alpha)
+            return (h * w[..., None]).reshape(x.shape[0], -1) @ w2.t() + b2
+        for T, D, H, N, k, skew in [(50, 32, 128, 4, 2, 0), (37, 16, 64, 4, 1, 3), (20, 32, 64, 2, 2, 0),
+                                    (45, 16, 128, 8, 3, 4)]:
+            x, w1, b1 = torch.randn(T, D), torch.randn(H, D) / D**.5, torch.randn(H)
+            w2, b2 = torch.randn(D, H) / H**.5, torch.randn(D)
+            logits = torch.randn(T, N); logits[:, :N // 2] += skew  # skew: some blocks empty, others over a tile
+            alpha = logits.sigmoid(); sel, idx = alpha.topk(k, dim=1)
+            r = ref(x, sel, idx, w1, b1, w2, b2, N)
+            for tma in (False, True):
+                for sorted_out in (False, True):
+                    y = block_sparse_ffn_triton(x, sel, idx, w1, b1, w2, b2, num_blocks=N, use_tma=tma,
+                                                sorted_out=sorted_out)
+                    err = ((y - r).norm() / r.norm()).item()
+                    assert err < 1e-5, (T, D, H, N, k, tma, sorted_out, err)
+            routing = route(idx, N, block_m=16)
+            assert int(routing.tiles[:, 2].sum()) == T * k
+            fused = route_triton(idx, N, block_m=16)  # the counting sort is stable: the same order as torch.sort
+            for name in ("order", "slot", "tiles"):
+                assert torch.equal(getattr(fused, name), getattr(routing, name)), name
+            wg, bg = torch.randn(N, D) / D**.5, torch.randn(N)
+            a, i = gate_topk_triton(x, wg, bg, k)
+            a_ref, i_ref = (x @ wg.t() + bg).sigmoid().topk(k, dim=1)
+            assert torch.equal(i, i_ref) and torch.allclose(a, a_ref, atol=1e-6), "fused gate + top-k"
+        from zoo.layers.dsa import DSAFeedForward
+        ffn = DSAFeedForward(32, 128, num_blocks=4, gate_threshold=0.5, inference_path="triton").eval()
+        x = torch.randn(3, 11, 32)
+        with torch.no_grad():
+            y = ffn(x)
+            ffn.inference_path = "dense"
+            r = ffn(x)
+        assert ((y - r).norm() / r.norm()).item() < 1e-5, "layer: fused path == dense path"
+        print("ok")
+        """
+    )
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("num_blocks", [8, 10])
+@pytest.mark.parametrize("fraction", [1.0, 0.5, 0.4, 0.25, 0.05])
+def test_active_fraction_matches_gate_threshold(num_blocks, fraction):
+    torch.manual_seed(4)
+    ffn = DSAFeedForward(16, 8 * num_blocks, num_blocks=num_blocks, gate_threshold=fraction)
+    ffn(torch.randn(6, 9, 16))
+    stats = ffn.pop_density()
+    k = active_blocks(fraction, num_blocks)
+    assert stats["density"] == pytest.approx(k / num_blocks) and stats["density_std"] == pytest.approx(0, abs=1e-6)
+    # round(fraction * N) blocks, at least one: within half a block of the threshold, exact when it is a multiple.
+    assert abs(k / num_blocks - fraction) <= 0.5 / num_blocks or k == 1
+    if float(fraction * num_blocks).is_integer():
+        assert k / num_blocks == fraction
+
+
+def test_sparse_path_really_skips_the_unselected_blocks():
+    """Count the matrix-multiply FLOPs: at 25% the sparse path does a quarter of the dense FFN's, plus the gate."""
+    torch.manual_seed(5)
+    T, D, H = 256, 64, 256
+    ffn = DSAFeedForward(D, H, num_blocks=8, gate_threshold=0.25).eval()
+    x = torch.randn(T, D)
+    flops = {}
+    for path in ("torch", "dense"):
+        ffn.inference_path = path
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            ffn(x)
+        flops[path] = counter.get_total_flops()
+    gate = 2 * T * D * 8
+    ffn_dense = 4 * T * D * H
+    assert flops["dense"] == gate + ffn_dense
+    assert flops["torch"] == gate + ffn_dense // 4
+
+
+@pytest.mark.parametrize("bad", [0, 0.0, -0.1, 1.5, float("nan"), True, "0.4"])
+def test_set_gate_threshold_rejects_values_outside_unit_interval(bad):
+    model = nn.Sequential(TransformerBlock(16, 2, ffn=DSAFeedForward), TransformerBlock(16, 2, ffn=DSAFeedForward))
+    with pytest.raises(ValueError, match=rf"gate_threshold={bad!r}".replace("(", r"\(").replace(".", r"\.")):
+        set_gate_threshold(model, bad)
+    assert all(b.ffn.gate_threshold == 0.5 for b in model), "nothing changed"
+    with pytest.raises(ValueError, match="gate_threshold"):
+        DSAFeedForward(16, 64, gate_threshold=bad)
+
+
+def test_set_gate_threshold_walks_any_module_and_counts_layers():
+    model = nn.ModuleDict(
+        {
+            "a": TransformerBlock(16, 2, ffn=functools.partial(DSAFeedForward, num_blocks=4)),
+            "b": TransformerBlock(16, 2),  # dense FFN: untouched
+            "c": nn.Sequential(TransformerBlock(16, 2, ffn=DSAFeedForward)),
+        }
+    )
+    assert set_gate_threshold(model, 0.25) == 2
+    assert model["a"].ffn.active_blocks == 1 and model["c"][0].ffn.active_blocks == 2
+    assert set_gate_threshold(nn.Linear(2, 2), 0.3) == 0
+
+
+def test_num_blocks_must_divide_hidden_dim():
+    with pytest.raises(ValueError, match="num_blocks=3 must be positive and divide hidden_dim=64"):
+        DSAFeedForward(16, 64, num_blocks=3)
+
+
+def test_gate_threshold_travels_in_the_state_dict():
+    torch.manual_seed(6)
+    a = DSAFeedForward(16, 64, gate_threshold=0.5)
+    a.set_gate_threshold(0.25)
+    b = DSAFeedForward(16, 64, gate_threshold=1.0)
+    b.load_state_dict(a.state_dict())
+    assert b.gate_threshold == 0.25
+    x = torch.randn(2, 3, 16)
+    torch.testing.assert_close(a.eval()(x), b.eval()(x), rtol=0, atol=0)
+
+
+def test_annealing_schedule():
+    linear = DSAMonitor(anneal_from=1.0, anneal_to=0.4, anneal_start=0.2, anneal_end=0.6)
+    assert [linear.threshold_at(p) for p in (0.0, 0.2, 0.4, 0.6, 1.0)] == pytest.approx([1.0, 1.0, 0.7, 0.4, 0.4])
+    cosine = DSAMonitor(anneal_from=1.0, anneal_to=0.4, anneal_start=0.0, anneal_end=1.0, schedule="cosine")
+    assert cosine.threshold_at(0.5) == pytest.approx(0.7) and cosine.threshold_at(0.25) > 0.7
+    with pytest.raises(ValueError, match="anneal_to=0"):
+        DSAMonitor(anneal_to=0)
+    with pytest.raises(ValueError, match="anneal_start=0.7 and anneal_end=0.5"):
+        DSAMonitor(anneal_to=0.5, anneal_start=0.7, anneal_end=0.5)
+
+
+# -- Lightning: logging through the trainer's logger, annealing, exact resumption --------------------------------
+class _Recorder(Logger):
+    def __init__(self):
+        super().__init__()
+        self.records: list[tuple[int, dict]] = []
+
+    name = "recorder"
+    version = 0
+
+    def log_metrics(self, metrics, step=None):
+        self.records.append((step, dict(metrics)))
+
+    def log_hyperparams(self, params, *args, **kwargs):
+        pass
+
+
+class _TinyTask(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        ffn = functools.partial(DSAFeedForward, num_blocks=4, gate_threshold=1.0)
+        self.blocks = nn.Sequential(TransformerBlock(16, 2, ffn=ffn), TransformerBlock(16, 2, ffn=ffn))
+        self.head = nn.Linear(16, 3)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.head(self.blocks(x).mean(1)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW(self.parameters(), lr=1e-2)
+
+
+def _fit(tmp_path, *, ckpt_path=None, logger=None, checkpoints=False):
+    torch.manual_seed(7)
+    data = TensorDataset(torch.randn(12, 5, 16), torch.randint(0, 3, (12,)))
+    task = _TinyTask()
+    callbacks = [DSAMonitor(log_every_n_steps=2, anneal_from=1.0, anneal_to=0.25, anneal_end=0.8)]
+    if checkpoints:
+        callbacks.append(ModelCheckpoint(dirpath=tmp_path, filename="{epoch}", save_top_k=-1, every_n_epochs=1))
+    trainer = pl.Trainer(
+        max_epochs=2,
+        accelerator="cpu",
+        logger=logger or False,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=checkpoints,
+        default_root_dir=tmp_path,
+    )
+    trainer.fit(task, DataLoader(data, batch_size=4), ckpt_path=ckpt_path)
+    return task
+
+
+def test_monitor_logs_density_per_layer_and_anneals_then_checkpoint_resumes_exactly(tmp_path):
+    logger = _Recorder()
+    straight = _fit(tmp_path, logger=logger, checkpoints=True)  # 6 steps, checkpoint after epoch 0 (step 3)
+    logged = {step: m for step, m in logger.records if any(key.startswith("dsa/") for key in m)}
+    assert sorted(logged) == [2, 4, 6]
+    first = logged[2]
+    assert set(first) >= {"dsa/blocks.0.ffn/density", "dsa/blocks.1.ffn/load_max", "dsa/density"}
+    # annealed 1.0 -> 0.25 over the first 80% of 6 steps; thresholds 1, .84, .69, .53, .375, .25 at steps 0..5
+    # run 4, 3, 3, 2, 2, 1 of 4 blocks; each log averages the two steps before it.
+    densities = [logged[s]["dsa/density"] for s in (2, 4, 6)]
+    assert densities == pytest.approx([7 / 8, 5 / 8, 3 / 8])
+    assert logged[6]["dsa/blocks.1.ffn/gate_threshold"] == 0.25
+    assert all(b.ffn.gate_threshold == 0.25 for b in straight.blocks)
+
+    resumed = _fit(tmp_path / "resumed", ckpt_path=tmp_path / "epoch=0.ckpt")
+    for (name, p), q in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
+        if isinstance(p, torch.Tensor):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=name)
+        else:
+            assert p == q, name
+
+
+def test_bf16_autocast_sparse_path_runs_on_cpu():
+    torch.manual_seed(8)
+    ffn = DSAFeedForward(32, 128, num_blocks=4, gate_threshold=0.5).eval()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ffn(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    with torch.no_grad():
+        ref = ffn(x)
+    assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2  # bf16 operands: ~1e-2 relative
+    assert not math.isnan(density_stats(ffn).get("x", {}).get("density", 0.0))

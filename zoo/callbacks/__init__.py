@@ -1,0 +1,5 @@
+"""Lightning callbacks of the zoo."""
+
+from zoo.callbacks.dsa import DSAMonitor
+
+__all__ = ["DSAMonitor"]

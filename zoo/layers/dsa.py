@@ -1,0 +1,362 @@
+"""DSA, Dynamic Sparse Activation: an FFN whose hidden units are split into blocks that each token runs or skips.
+
+A drop-in for :class:`zoo.layers.ffn.FeedForward` in any :class:`zoo.layers.transformer.TransformerBlock`; in YAML::
+
+    ffn:
+      class_path: zoo.layers.dsa.DSAFeedForward
+      init_args: {num_blocks: 8, gate_threshold: 0.4, compensation: 0.3}
+
+How it computes, for a token ``x`` (``[D]``) and ``N = num_blocks`` blocks of ``Hb = hidden_dim / N`` units:
+
+* **Gate.** :class:`DynamicGate` gives ``alpha = sigmoid(W_g x + b_g)`` (``[N]``), each block's activation
+  probability.
+* **Selection (the hard choice).** The token runs the ``k = max(1, round(gate_threshold * N))`` blocks of largest
+  ``alpha`` (top-``k``). The active fraction is therefore exactly ``k / N`` for every
+  token: the compute is predictable, and ``gate_threshold`` is met to within ``1 / (2N)`` (exactly when
+  ``gate_threshold * N`` is an integer). The choice is a non-differentiable function of ``alpha``.
+* **Output (hard choice and soft gate combined).** ``y = b2 + sum over selected b of alpha_b * W2_b gelu(W1_b x +
+  b1_b)``: the selected blocks' outputs weighted by their gate value, in training and in inference alike. The loss
+  therefore reaches ``alpha_b`` of a selected block through its weight, ``dL/dalpha_b = <dL/dy, W2_b gelu(...)>``,
+  and reaches an unselected block's ``alpha_b`` not at all (``dL/dalpha_b = 0``), which is what the compensation
+  below is for.
+* **Gradient compensation.** The gradient that reaches ``alpha`` (the gate's sigmoid output) is, for every token and
+  every block, selected or not,
+
+      g = dL/dalpha + (lambda / n) * (1 - alpha) * d(log alpha)/dalpha = dL/dalpha + (lambda / n) * (1 - alpha) / alpha
+
+  with ``lambda = compensation`` and ``n`` the number of tokens in the call: the term ``lambda * (1 - alpha) * grad
+  log alpha`` of the design, averaged over the tokens as a mean loss averages its per-token terms, so that its weight
+  does not grow with the batch. It is added by :class:`GateCompensation`, an autograd function that is the identity
+  forward; the tests check ``g`` against this formula. Through the sigmoid the term becomes ``(lambda / n) (1 -
+  alpha)^2`` on the gate logit: bounded, largest for gates near zero, vanishing for confident gates. Unselected gates
+  thus keep a gradient; with ``lambda > 0`` gradient descent lowers ``log alpha`` (a pull towards sparser, sharper
+  gates that the loss gradient of the selected blocks balances); a negative ``lambda`` reverses its sign.
+
+Two forward paths give the same output for the same selection (tested): the **dense** path (training, and whenever
+gradients are needed) computes every block and multiplies the unselected ones by zero; the **sparse** path (eval mode
+with gradients off) never computes the unselected blocks: fused Triton kernels on CUDA, ``index_select`` / ``mm`` /
+``index_add_`` per block on the CPU (:mod:`zoo.kernels.block_ffn`).
+
+Names: ``fc1``, ``act``, ``fc2`` as in the dense FFN (block ``b`` is rows ``b*Hb:(b+1)*Hb`` of ``fc1`` and the same
+columns of ``fc2``), so quantization patterns such as ``*.ffn.fc1`` match; the gate is ``gate.proj``. When ``fc1`` or
+``fc2`` has been replaced by something other than a plain ``nn.Linear`` (a fake-quantized layer, say), the layer uses
+the dense path, which calls them as modules.
+
+``gate_threshold`` is saved in the state dict (as extra state), so a checkpoint taken after it was changed or annealed
+resumes with the value it had.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from zoo.contracts import FFN
+from zoo.errors import ConfigError
+from zoo.kernels.block_ffn import block_sparse_ffn, triton_available, triton_supports
+
+InferencePath = Literal["auto", "triton", "torch", "dense"]
+
+__all__ = [
+    "DSAFeedForward",
+    "DynamicGate",
+    "GateCompensation",
+    "active_blocks",
+    "check_gate_threshold",
+    "density_stats",
+    "dsa_layers",
+    "set_gate_threshold",
+]
+
+
+def check_gate_threshold(value: Any, *, name: str = "gate_threshold") -> float:
+    """``value`` as a float if it is in ``(0, 1]``, else a :class:`zoo.errors.ConfigError` (a ``ValueError``)."""
+    if isinstance(value, bool) or not isinstance(value, Real) or not 0.0 < float(value) <= 1.0:
+        raise ConfigError(
+            f"{name}={value!r} must be a number in (0, 1]: the fraction of FFN blocks each token runs "
+            "(1.0 runs all of them)"
+        )
+    return float(value)
+
+
+def active_blocks(gate_threshold: float, num_blocks: int) -> int:
+    """Blocks each token runs: ``max(1, round(gate_threshold * num_blocks))``, halves rounded up."""
+    return max(1, min(num_blocks, math.floor(gate_threshold * num_blocks + 0.5)))
+
+
+class GateCompensation(torch.autograd.Function):
+    """Identity forward; backward adds ``scale * (1 - alpha) / alpha`` to the gradient reaching ``alpha``.
+
+    ``(1 - alpha) / alpha`` is ``(1 - alpha) * d(log alpha)/d(alpha)``; :class:`DSAFeedForward` calls this with
+    ``scale = compensation / tokens``. ``alpha`` is clamped at the smallest normal number of its dtype in the
+    division so that a gate saturated at 0 gives a large finite gradient, not ``inf``.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor, scale: float) -> Tensor:
+        ctx.save_for_backward(alpha)
+        ctx.scale = scale
+        return alpha.clone()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
+        (alpha,) = ctx.saved_tensors
+        a = alpha.float()
+        term = ctx.scale * (1.0 - a) / a.clamp_min(torch.finfo(alpha.dtype).tiny)
+        return (grad.float() + term).to(grad.dtype), None
+
+
+class DynamicGate(nn.Module):
+    """Per-token, per-block activation probability: ``[..., dim] -> alpha [..., num_blocks]`` in ``(0, 1)``.
+
+    ``alpha = sigmoid(proj(x))`` with ``proj`` an ``nn.Linear(dim, num_blocks)``; the bias starts at zero, so every
+    block starts at ``alpha`` close to 0.5 and the selection is decided by the (small, random) weights.
+    """
+
+    def __init__(self, dim: int, num_blocks: int) -> None:
+        super().__init__()
+        if dim <= 0 or num_blocks <= 0:
+            raise ValueError(f"DynamicGate: dim={dim} and num_blocks={num_blocks} must be positive")
+        self.proj = nn.Linear(dim, num_blocks)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.sigmoid(self.proj(x))
+
+
+class DSAFeedForward(FFN):
+    """Block-sparse FFN with a learned per-token choice of blocks: ``[..., dim] -> [..., dim]`` (module doc).
+
+    Args:
+        dim: token width.
+        hidden_dim: hidden units in all, split into ``num_blocks`` equal blocks.
+        num_blocks: blocks ``N``; must divide ``hidden_dim``. Fewer, wider blocks run faster on a GPU (each block is
+            one grouped GEMM operand); more blocks give a finer choice of ``gate_threshold``.
+        gate_threshold: fraction of the blocks each token runs, in ``(0, 1]``; ``round(gate_threshold * N)`` blocks
+            (at least 1). Change it later with :meth:`set_gate_threshold` or :func:`set_gate_threshold`.
+        compensation: ``lambda`` of the gradient compensation (0 turns it off).
+        dropout: dropout on the hidden units (dense path, training only).
+        inference_path: ``"auto"`` (fused Triton kernels on CUDA, PyTorch per-block GEMMs elsewhere), ``"triton"``,
+            ``"torch"``, or ``"dense"`` (never skip compute: the reference).
+        track_density: accumulate density statistics in training mode (read by :func:`density_stats`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        hidden_dim: int,
+        *,
+        num_blocks: int = 8,
+        gate_threshold: float = 0.5,
+        compensation: float = 0.3,
+        dropout: float = 0.0,
+        inference_path: InferencePath = "auto",
+        track_density: bool = True,
+    ) -> None:
+        super().__init__(dim, hidden_dim)
+        if num_blocks <= 0 or hidden_dim % num_blocks:
+            raise ConfigError(
+                f"DSAFeedForward: num_blocks={num_blocks} must be positive and divide hidden_dim={hidden_dim}"
+            )
+        if not math.isfinite(compensation):
+            raise ConfigError(f"DSAFeedForward: compensation={compensation!r} must be a finite number")
+        if inference_path not in ("auto", "triton", "torch", "dense"):
+            raise ConfigError(
+                f"DSAFeedForward: inference_path={inference_path!r} must be 'auto', 'triton', 'torch' or 'dense'"
+            )
+        self.num_blocks = num_blocks
+        self.block_dim = hidden_dim // num_blocks
+        self.compensation = float(compensation)
+        self.inference_path = inference_path
+        self.track_density = track_density
+        self.gate = DynamicGate(dim, num_blocks)
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.drop = nn.Dropout(dropout)
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self._gate_threshold = check_gate_threshold(gate_threshold, name="DSAFeedForward: gate_threshold")
+        self._density_sums: Tensor | None = None
+
+    # -- the fraction of blocks run ----------------------------------------------------------------------------
+    @property
+    def gate_threshold(self) -> float:
+        return self._gate_threshold
+
+    def set_gate_threshold(self, value: float) -> None:
+        """Run ``round(value * num_blocks)`` blocks per token from now on; ``value`` in ``(0, 1]``."""
+        self._gate_threshold = check_gate_threshold(value)
+
+    @property
+    def active_blocks(self) -> int:
+        """Blocks each token runs at the current ``gate_threshold``."""
+        return active_blocks(self._gate_threshold, self.num_blocks)
+
+    def get_extra_state(self) -> dict[str, float]:
+        return {"gate_threshold": self._gate_threshold}
+
+    def set_extra_state(self, state: dict[str, float]) -> None:
+        self.set_gate_threshold(state["gate_threshold"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_blocks={self.num_blocks}, block_dim={self.block_dim}, gate_threshold={self._gate_threshold}, "
+            f"active_blocks={self.active_blocks}, compensation={self.compensation}"
+        )
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def select(self, alpha: Tensor) -> Tensor:
+        """Indices ``[..., k]`` of the blocks each token runs: top-``k`` of ``alpha`` (no gradient)."""
+        return alpha.detach().topk(self.active_blocks, dim=-1, sorted=False).indices
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self._use_sparse():
+            return self._forward_sparse(x)
+        alpha = self.gate(x)  # [..., N]
+        idx = self.select(alpha)  # [..., k]
+        if self.training and self.track_density:
+            self._accumulate_density(alpha.detach(), idx)
+        return self._forward_dense(x, alpha, idx)
+
+    def _use_sparse(self) -> bool:
+        return (
+            self.inference_path != "dense"
+            and not self.training
+            and not torch.is_grad_enabled()
+            and type(self.fc1) is nn.Linear
+            and type(self.fc2) is nn.Linear
+        )
+
+    def _forward_dense(self, x: Tensor, alpha: Tensor, idx: Tensor) -> Tensor:
+        if self.compensation and torch.is_grad_enabled() and alpha.requires_grad:
+            tokens = max(1, alpha.numel() // self.num_blocks)
+            alpha = GateCompensation.apply(alpha, self.compensation / tokens)
+        mask = torch.zeros_like(alpha).scatter_(-1, idx, 1.0)
+        weight = alpha * mask  # alpha on the selected blocks, 0 elsewhere
+        h = self.act(self.fc1(x))
+        h = (h.unflatten(-1, (self.num_blocks, self.block_dim)) * weight.unsqueeze(-1).to(h.dtype)).flatten(-2)
+        return self.fc2(self.drop(h))
+
+    def _forward_sparse(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if torch.is_autocast_enabled(x.device.type):  # run the kernels in the autocast dtype, as nn.Linear would
+            x2 = x2.to(torch.get_autocast_dtype(x.device.type))
+        impl = self.inference_path
+        if (
+            impl != "torch"
+            and x2.is_cuda
+            and triton_available()
+            and triton_supports(x2, self.fc1.weight, self.num_blocks)
+        ):
+            impl = "triton"
+        if impl == "triton":  # gate, sigmoid and top-k in one pass over x (fp32 logits; ties to the lower block)
+            from zoo.kernels._block_ffn_triton import gate_topk_triton
+
+            proj = self.gate.proj
+            bias = None if proj.bias is None else proj.bias.to(x2.dtype)
+            alpha_sel, idx = gate_topk_triton(x2, proj.weight.to(x2.dtype), bias, self.active_blocks)
+        else:
+            alpha = self.gate(x2)
+            idx = self.select(alpha)
+            alpha_sel = alpha.gather(1, idx)
+        y = block_sparse_ffn(
+            x2,
+            alpha_sel,
+            idx,
+            self.fc1.weight,
+            self.fc1.bias,
+            self.fc2.weight,
+            self.fc2.bias,
+            num_blocks=self.num_blocks,
+            impl="torch" if impl == "auto" else impl,
+        )
+        return y.reshape(*shape[:-1], shape[-1])
+
+    # -- density statistics --------------------------------------------------------------------------------------
+    def _accumulate_density(self, alpha: Tensor, idx: Tensor) -> None:
+        # Sums kept on the device (no sync per step): tokens, active fraction and its square, alpha and its
+        # square, then the tokens that chose each block.
+        alpha = alpha.reshape(-1, self.num_blocks).double()
+        chosen = torch.zeros_like(alpha).scatter_(1, idx.reshape(-1, idx.shape[-1]), 1.0)
+        active = chosen.mean(1)
+        sums = torch.cat(
+            [
+                torch.stack(
+                    [
+                        active.new_tensor(float(alpha.shape[0])),
+                        active.sum(),
+                        active.square().sum(),
+                        alpha.mean(1).sum(),
+                        alpha.square().mean(1).sum(),
+                    ]
+                ),
+                chosen.sum(0),
+            ]
+        )
+        if self._density_sums is None or self._density_sums.device != sums.device:
+            self._density_sums = torch.zeros_like(sums)
+        self._density_sums += sums
+
+    def pop_density(self) -> dict[str, float] | None:
+        """Density statistics since the last call, then reset (``None`` if no training step ran since).
+
+        Keys: ``density`` (mean fraction of blocks active per token), ``density_std`` (its spread across tokens:
+        0 under top-``k`` by construction), ``gate_mean`` and ``gate_std`` (``alpha`` over tokens and blocks),
+        ``load_max`` (the busiest block's share of the selections over the mean share; 1 means balanced),
+        ``gate_threshold``.
+        """
+        if self._density_sums is None:
+            return None
+        n, act, act2, g, g2, *load = self._density_sums.tolist()
+        self._density_sums = None
+        if n == 0:
+            return None
+        density = act / n
+        gate_mean = g / n
+        mean_load = sum(load) / len(load)
+        return {
+            "density": density,
+            "density_std": math.sqrt(max(act2 / n - density**2, 0.0)),
+            "gate_mean": gate_mean,
+            "gate_std": math.sqrt(max(g2 / n - gate_mean**2, 0.0)),
+            "load_max": max(load) / mean_load if mean_load else 0.0,
+            "gate_threshold": self._gate_threshold,
+        }
+
+
+def dsa_layers(module: nn.Module) -> dict[str, DSAFeedForward]:
+    """Every :class:`DSAFeedForward` inside ``module`` (itself included), by qualified name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, DSAFeedForward)}
+
+
+def set_gate_threshold(module: nn.Module, value: float) -> int:
+    """Set ``gate_threshold`` of every DSA FFN inside ``module`` (any ``nn.Module``, a LightningModule too).
+
+    Returns how many layers were set (0 for a model without DSA layers). Raises :class:`zoo.errors.ConfigError`
+    (a ``ValueError``) naming ``value`` if it is not in ``(0, 1]``, before touching any layer.
+    """
+    value = check_gate_threshold(value)
+    layers = dsa_layers(module)
+    for layer in layers.values():
+        layer.set_gate_threshold(value)
+    return len(layers)
+
+
+def density_stats(module: nn.Module, *, reset: bool = True) -> dict[str, dict[str, float]]:
+    """Density statistics of every DSA FFN inside ``module`` that ran in training mode since the last reset.
+
+    ``{layer name: stats}`` with the keys of :meth:`DSAFeedForward.pop_density`. ``reset=False`` leaves the sums.
+    """
+    out = {}
+    for name, layer in dsa_layers(module).items():
+        saved = layer._density_sums
+        stats = layer.pop_density()
+        if not reset:
+            layer._density_sums = saved
+        if stats is not None:
+            out[name] = stats
+    return out
