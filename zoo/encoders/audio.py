@@ -52,6 +52,7 @@ class SpectrogramAudioEncoder(Encoder):
             nn.Conv1d(dim, dim, 3, stride=2, padding=1),
             nn.GELU(),
         )
+        self.stem_norm = nn.LayerNorm(dim)
         self.blocks = nn.ModuleList(TransformerBlock(dim, num_heads, ffn=ffn) for _ in range(depth))
         self.norm = nn.LayerNorm(dim)
         self.out_dim = dim
@@ -62,7 +63,7 @@ class SpectrogramAudioEncoder(Encoder):
             raise ConfigError(f"SpectrogramAudioEncoder: waveform must be [B, S], got {tuple(waveform.shape)}")
         with torch.autocast(waveform.device.type, enabled=False):  # the STFT wants fp32
             mel = (self.melspec(waveform.float()) + 1e-6).log()  # [B, n_mels, frames]
-        x = self.stem(mel).transpose(1, 2)  # [B, T, dim]
+        x = self.stem_norm(self.stem(mel).transpose(1, 2))  # [B, T, dim], unit scale like the position code
         frames = torch.div(lengths, self.hop_length, rounding_mode="floor") + 1
         valid = torch.div(frames + 3, 4, rounding_mode="floor").clamp(min=1, max=x.shape[1])
         mask = torch.arange(x.shape[1], device=x.device)[None, :] < valid[:, None]

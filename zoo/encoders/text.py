@@ -155,8 +155,9 @@ class TransformerTextEncoder(Encoder):
             raise ConfigError(f"TransformerTextEncoder: depth={depth} must be at least 1")
         self.tokenizer = TextTokenizer(max_length=max_length)
         self.out_dim = dim
+        # N(0, 1) (PyTorch's default): word identity must not be drowned by the fixed position code, whose entries
+        # are of order 1; with BERT's 0.02 the encoder sees little but positions for thousands of steps.
         self.embed = nn.Embedding(self.tokenizer.vocab_size, dim)
-        nn.init.normal_(self.embed.weight, std=0.02)
         self.register_buffer("pos", sincos_1d(torch.arange(max_length), dim), persistent=False)
         self.blocks = nn.ModuleList(
             TransformerBlock(dim, num_heads, mlp_ratio=mlp_ratio, ffn=ffn, dropout=dropout) for _ in range(depth)
