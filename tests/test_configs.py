@@ -1,0 +1,45 @@
+"""Every config shipped in cli_configs/ instantiates and runs one batch of fit (and test) through the CLI."""
+
+from __future__ import annotations
+
+from importlib import resources
+
+import pytest
+
+from zoo.cli import main
+
+CONFIGS = sorted(p.name for p in resources.files("cli_configs").iterdir() if p.name.endswith(".yaml"))
+
+# Small data for each datamodule the configs use: the same code paths, sized for a CPU test.
+SMALL_DATA = {
+    "datamodules.sort_of_clevr.SortOfCLEVRDataModule": [
+        "--data.init_args.num_images=24",
+        "--data.init_args.val_images=4",
+        "--data.init_args.test_images=4",
+        "--data.init_args.batch_size=8",
+    ],
+    "datamodules.wordnet_supersense.WordNetSupersenseDataModule": [
+        "--data.init_args.max_train_per_class=6",
+        "--data.init_args.val_per_class=2",
+        "--data.init_args.test_per_class=2",
+        "--data.init_args.batch_size=8",
+    ],
+}
+
+
+def test_every_config_is_covered():
+    assert {"vqa.yaml", "vqa_two_tower.yaml"} <= set(CONFIGS)
+    for name in CONFIGS:
+        text = resources.files("cli_configs").joinpath(name).read_text()
+        assert text.startswith("#"), f"{name} must say in a comment what it trains and how long it takes"
+        assert any(cls in text for cls in SMALL_DATA), f"{name}: add its datamodule's small settings to SMALL_DATA"
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_runs_fast_dev_run(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
+    text = resources.files("cli_configs").joinpath(name).read_text()
+    data_args = next(args for cls, args in SMALL_DATA.items() if cls in text)
+    main(["fit", "--config", name, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
+          *data_args])
