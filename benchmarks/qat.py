@@ -1,0 +1,511 @@
+"""Quantization of the VQA model (MIE, ``cli_configs/vqa.yaml``): accuracy, size on disk and latency of float,
+post-training-quantized and quantization-aware-trained variants, each integer model against the float one in the
+same run.
+
+``--mode latency`` (any machine, a fresh model or ``--ckpt``): converted integer models against the float model,
+timed side by side (rounds interleaved, medians and the median of per-round ratios), on the CPU against fp32 and on
+a GPU against bf16 autocast, eager and ``torch.compile``d; sizes on disk; and the layer-level 768 -> 3072 -> 768 FFN
+on 2048 tokens. Writes ``benchmarks/results/qat_latency_<device>_<date>.json``::
+
+    python benchmarks/qat.py --mode latency                       # CPU here (about 10 minutes on 2 busy cores)
+    python benchmarks/qat.py --mode latency --device cuda         # H200: bf16 baseline
+
+``--mode accuracy`` (GPU): trains each variant through the zoo CLI (``ZooCLI`` on vqa.yaml / vqa_qat.yaml, one
+subprocess per run, in parallel with ``--parallel``), tests the final model fake-quantized and converted, and times
+float against integer inference on the test batches. Variants: ``float``; ``ptq_mixed``/``ptq_w4`` (the float run
+quantized after training: mixed W8 attention/W4 FFN-A8, and W4A8 everywhere); ``qat_fixed4`` (W4A8 everywhere,
+schedule [4]); ``qat_progressive`` (W4A8 everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 ->
+4, the shipped vqa_qat.yaml). Writes ``qat_accuracy_<device>_<date>.json``::
+
+    python benchmarks/qat.py --mode accuracy --epochs 30 --batch-size 128 --parallel      # H200, bf16-mixed
+    python benchmarks/qat.py --mode accuracy --epochs 1 --limit-train-batches 30          # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+import torch  # noqa: E402
+from _common import table, write_result  # noqa: E402
+from torch import nn  # noqa: E402
+
+from zoo.contracts import Tokens  # noqa: E402
+from zoo.fusion import MIE  # noqa: E402
+from zoo.quant import DEFAULT_OVERRIDES, convert_, quantize_, save_converted, state_dict_bytes  # noqa: E402
+
+#: the integer variants, as quantize_ arguments: "mixed" is vqa_qat.yaml's policy (attention 8, FFN 4, the rest 8)
+POLICIES = {
+    "int8": {"weight_bit": 8, "activation_bit": 8, "overrides": {}},
+    "mixed": {"weight_bit": 8, "activation_bit": 8, "overrides": dict(DEFAULT_OVERRIDES)},
+    "w4": {"weight_bit": 4, "activation_bit": 8, "overrides": {}},
+}
+#: accuracy variants: config, QAT schedule and quantize_ arguments (None: the float run), PTQ policies of the float run
+TRAINED = {
+    "float": ("vqa.yaml", None, None),
+    "qat_fixed4": ("vqa_qat.yaml", [4], POLICIES["w4"]),
+    "qat_progressive": ("vqa_qat.yaml", [8, 6, 4], POLICIES["w4"]),
+    "qat_mixed": ("vqa_qat.yaml", [8, 6, 4], POLICIES["mixed"]),
+}
+PTQ = {"ptq_mixed": POLICIES["mixed"], "ptq_w4": POLICIES["w4"]}
+
+
+# -- timing ------------------------------------------------------------------------------------------------------------
+def side_by_side(fns: dict[str, Callable[[], Any]], *, reps: int, device: str, base: str) -> dict[str, dict]:
+    """Time every function in interleaved rounds (so that load from other processes hits all alike): per function the
+    median milliseconds, the ratio of medians against ``base`` and the median of the per-round ratios."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():  # warm-up (and compilation)
+            fn(), fn()
+        sync()
+        for _ in range(reps):
+            for name, fn in fns.items():
+                sync()
+                start = time.perf_counter()
+                fn()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, ts in times.items():
+        ratios = [b / t for b, t in zip(times[base], ts, strict=True)]
+        out[name] = {
+            "median_ms": round(1e3 * statistics.median(ts), 3),
+            "speedup_vs_" + base: round(statistics.median(times[base]) / statistics.median(ts), 3),
+            "median_round_speedup": round(statistics.median(ratios), 3),
+        }
+    return out
+
+
+def _compiled(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose fusion transformer blocks (where most quantized layers and most of the compute are)
+    are ``torch.compile``d; a module without them is compiled whole. The rest stays eager: compiling the whole VQA
+    model trips an inductor C++ code-generation error on MIE's boolean mask arithmetic, and the text encoder's block
+    (boolean padding mask) compiles into an attention three times slower than eager SDPA (torch 2.11)."""
+    from zoo.layers import TransformerBlock
+
+    # every block shares one code object; each model, mask kind and thread count adds a graph to its cache
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
+    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
+    model = copy.deepcopy(model)
+    fusion = [m for m in model.modules() if isinstance(m, MIE)]
+    blocks = [b for f in fusion for b in f.modules() if isinstance(b, TransformerBlock)]
+    # static shapes: the text encoder's and MIE's blocks see different lengths, and automatic dynamic shapes after
+    # that recompile made the fp32 blocks several times slower on the CPU
+    if not blocks:
+        return torch.compile(model, dynamic=False)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return model
+
+
+# -- latency mode ------------------------------------------------------------------------------------------------------
+def _vqa_model(args) -> nn.Module:
+    if args.ckpt:
+        from zoo.quant.convert import instantiate_from_hparams
+        from zoo.quant.qat import restore_qat_layers
+
+        checkpoint = torch.load(args.ckpt, map_location="cpu", weights_only=True)
+        model = instantiate_from_hparams(checkpoint.get("hyper_parameters"), source=args.ckpt)
+        if restore_qat_layers(model, checkpoint["state_dict"]):
+            raise SystemExit("--ckpt: give a float checkpoint (the benchmark quantizes it with each policy)")
+        model.load_state_dict(checkpoint["state_dict"])
+        return model.eval()
+    from zoo.cli import ZooCLI, resolve_config_args
+
+    cli = ZooCLI(args=resolve_config_args(["--config", args.config, "--trainer.logger=false"]), run=False)
+    return cli.model.eval()
+
+
+def _questions(batch: int) -> list[str]:
+    from datamodules.sort_of_clevr import question_text
+
+    return [question_text(i % 2, (i // 2) % 3, (i // 6) % 6) for i in range(batch)]
+
+
+def _integer_models(model: nn.Module, out_dir: Path) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+    models, sizes = {}, {}
+    float_bytes = state_dict_bytes(model)
+    sizes["float"] = {"bytes": float_bytes, "fraction_of_float": 1.0}
+    for name in ("int8", "mixed"):
+        converted = convert_(quantize_(copy.deepcopy(model), **POLICIES[name]))
+        path = out_dir / f"qat_bench_{name}.pt"
+        size = save_converted(converted, path)
+        path.unlink()
+        sizes[name] = {"bytes": size, "fraction_of_float": round(size / float_bytes, 4)}
+        models[name] = converted
+    return models, sizes
+
+
+def _linear_weight_bytes(model: nn.Module) -> dict[str, int]:
+    """Bytes of the Linear layers' weights alone (float32), the part quantization shrinks most."""
+    return {"linear_weights_fp32": sum(4 * m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))}
+
+
+def _ffn_layer(device: str, reps: int, compile_: bool) -> dict:
+    """The layer-level claim: a 768 -> 3072 -> 768 FFN on 2048 tokens, float against int8 (W8A8 per token)."""
+    torch.manual_seed(0)
+    ffn = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).to(device).eval()
+    x = torch.randn(2048, 768, device=device)
+    int8 = convert_(quantize_(copy.deepcopy(ffn), weight_bit=8, activation_bit=8, overrides={}))
+    a, h = (torch.randint(-127, 128, shape, dtype=torch.int8, device=device) for shape in ((2048, 768), (2048, 3072)))
+    w1, w2 = (torch.randint(-127, 128, shape, dtype=torch.int8, device=device) for shape in ((768, 3072), (3072, 768)))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    base = "bf16" if device == "cuda" else "fp32"
+    af, hf, w1f, w2f = (t.to(dtype) for t in (a, h, w1, w2))
+    modules = {base: ffn, "int8": int8}
+    if compile_:
+        modules |= {f"{base}_compiled": _compiled(ffn), "int8_compiled": _compiled(int8)}
+    fns = {name: _call(m, x, dtype if device == "cuda" else None, device) for name, m in modules.items()}
+    fns |= {
+        f"{base} GEMMs alone": lambda: (af @ w1f, hf @ w2f),
+        "int8 GEMMs alone (torch._int_mm)": lambda: (torch._int_mm(a, w1), torch._int_mm(h, w2)),
+    }
+    return {"shape": "768 -> 3072 -> 768 FFN, 2048 tokens", **side_by_side(fns, reps=reps, device=device, base=base)}
+
+
+def _call(module: nn.Module, inputs: Any, autocast_dtype: torch.dtype | None, device: str) -> Callable[[], Any]:
+    def call():
+        with torch.autocast(device, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            return module(inputs)
+
+    return call
+
+
+def latency_mode(args) -> None:
+    device = args.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU here")
+    base = "bf16" if device == "cuda" else "fp32"
+    float_dtype = torch.bfloat16 if device == "cuda" else None  # the GPU baseline runs under bf16 autocast
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model = _vqa_model(args)
+    int_models, sizes = _integer_models(model, out_dir)
+    sizes |= _linear_weight_bytes(model)
+    batch = args.batch_size or (256 if device == "cuda" else 64)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"image": torch.randn(batch, 3, 75, 75, generator=g).to(device), "text": _questions(batch)}
+    model = model.to(device)
+    int_models = {k: m.to(device) for k, m in int_models.items()}
+    with torch.inference_mode():  # the fusion transformer alone is timed on the tokens the encoders give
+        tokens = model.model.encode(inputs)
+    # name -> (task module, autocast dtype or None); the "mie" scope runs its .model.fusion
+    variants: dict[str, tuple[nn.Module, torch.dtype | None]] = {
+        base: (model, float_dtype),
+        "int8": (int_models["int8"], float_dtype),
+        "mixed": (int_models["mixed"], float_dtype),
+    }
+    if device == "cpu":
+        variants["bf16 autocast, float model (reference)"] = (model, torch.bfloat16)
+    if args.compile:
+        compiled_int8 = _compiled(int_models["int8"])
+        variants |= {f"{base}_compiled": (_compiled(model), float_dtype), "int8_compiled": (compiled_int8, float_dtype)}
+        if device == "cpu":
+            variants["int8_compiled, float ops in bf16 autocast"] = (compiled_int8, torch.bfloat16)
+    # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
+    # speed-up grows when the GEMMs, not the float operations around them, dominate
+    torch.manual_seed(0)
+    wide = MIE(modalities=("image", "text"), dim=768, depth=2, num_heads=12, modality_fusion_layers=1).to(device).eval()
+    wide_int8 = convert_(quantize_(copy.deepcopy(wide), **POLICIES["int8"]))
+    wide_batch = max(1, batch // 4)
+    wide_tokens = {
+        m: Tokens.dense(torch.randn(wide_batch, t.embeddings.shape[1], 768, device=device)) for m, t in tokens.items()
+    }
+    wide_variants = {base: wide, "int8": wide_int8}
+    if args.compile:
+        wide_variants |= {f"{base}_compiled": _compiled(wide), "int8_compiled": _compiled(wide_int8)}
+    results: dict[str, Any] = {}
+    for threads in args.threads or [torch.get_num_threads()]:
+        torch.set_num_threads(threads)
+        key = f"threads={threads}"
+        results[key] = {}
+        for scope in ("vqa", "mie"):
+            fns = {
+                name: _call(
+                    m.model.fusion if scope == "mie" else m, tokens if scope == "mie" else inputs, dtype, device
+                )
+                for name, (m, dtype) in variants.items()
+            }
+            print(f"timing {scope} with {threads} threads: {list(fns)}", file=sys.stderr)
+            results[key][scope] = side_by_side(fns, reps=args.reps, device=device, base=base)
+        fns = {name: _call(m, wide_tokens, float_dtype, device) for name, m in wide_variants.items()}
+        results[key]["mie_d768"] = side_by_side(fns, reps=args.reps, device=device, base=base)
+        results[key]["ffn_layer"] = _ffn_layer(device, args.reps, args.compile)
+    payload = {
+        "mode": "latency",
+        "device": device,
+        "cpu_model": _cpu_model(),
+        "batch_size": batch,
+        "tokens_per_example": sum(t.embeddings.shape[1] for t in tokens.values()) + 1,
+        "scopes": {
+            "vqa": "the whole VQA task forward (tokenizer, conv image encoder, text encoder, MIE, head)",
+            "mie": "MIE alone (dim 128, 6 blocks) on the encoders' tokens",
+            "mie_d768": f"MIE at dim 768 (FFN 3072, 12 heads, 2 blocks, fresh weights), batch {wide_batch}",
+            "ffn_layer": "768 -> 3072 -> 768 FFN on 2048 tokens",
+        },
+        "model": args.ckpt or f"{args.config} (freshly initialised)",
+        "policies": {k: v for k, v in POLICIES.items() if k in ("int8", "mixed")},
+        "compile": "torch.compile(dynamic=False) of MIE's TransformerBlocks (see _compiled); the rest eager",
+        "sizes": sizes,
+        "latency": results,
+        "method": "rounds interleaved across variants; median ms, ratio of medians, median of per-round ratios",
+        "load_average_at_end": os.getloadavg(),
+    }
+    path = write_result("qat_latency", payload, out_dir)
+    _print_latency(payload)
+    print(f"wrote {path}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return (
+                    line.split(":", 1)[1].strip()
+                    + f", {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+                )
+    except OSError:
+        pass
+    return "unknown"
+
+
+def _print_latency(payload: dict) -> None:
+    base = "bf16" if payload["device"] == "cuda" else "fp32"
+    for threads, scopes in payload["latency"].items():
+        for scope, rows in scopes.items():
+            print(f"\n{scope} ({payload['device']}, {threads}, batch {payload['batch_size']}):")
+            print(table([{"variant": k, **v} for k, v in rows.items() if isinstance(v, dict)],
+                        ["variant", "median_ms", f"speedup_vs_{base}", "median_round_speedup"]))  # fmt: skip
+    print("\nsizes on disk:")
+    print(table([{"variant": k, **v} for k, v in payload["sizes"].items() if isinstance(v, dict)],
+                ["variant", "bytes", "fraction_of_float"]))  # fmt: skip
+
+
+# -- accuracy mode -----------------------------------------------------------------------------------------------------
+def _test(trainer, model: nn.Module, data) -> dict[str, float]:
+    metrics = trainer.test(model, datamodule=data, verbose=False)[0]
+    return {k: round(float(v), 5) for k, v in metrics.items() if k.startswith("test/acc")}
+
+
+def _time_inference(float_model: nn.Module, int_model: nn.Module, data, reps: int) -> dict[str, Any]:
+    """Float against integer inference on the first test batch, on the GPU (bf16 autocast) and the CPU (fp32)."""
+    batch = next(iter(data.test_dataloader()))
+    out = {}
+    for device in ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]:
+        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        base = "bf16" if device == "cuda" else "fp32"
+        moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+        models = {base: copy.deepcopy(float_model).to(device).eval(), "int": copy.deepcopy(int_model).to(device)}
+
+        def call(m, moved=moved, device=device, dtype=dtype):
+            with torch.autocast(device, dtype=dtype, enabled=dtype != torch.float32):
+                return m(moved)
+
+        fns = {name: (lambda m=m: call(m)) for name, m in models.items()}
+        out[device] = side_by_side(fns, reps=reps, device=device, base=base)
+    return out
+
+
+def run_one(name: str, overrides: list[str], out: Path, reps: int) -> None:
+    """Fit one trained variant in this process, test it (and its integer conversions), write figures to ``out``."""
+    from zoo.callbacks import QATScheduleCallback
+    from zoo.cli import ZooCLI, resolve_config_args
+
+    config, schedule, quant = TRAINED[name]
+    cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    if schedule is not None:
+        (callback,) = [c for c in trainer.callbacks if isinstance(c, QATScheduleCallback)]
+        callback.schedule, callback.quant = list(schedule), dict(quant)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    result: dict[str, Any] = {"variant": name, "config": config, "schedule": schedule, "quant": quant,
+                              "overrides": overrides, "fit_seconds": round(time.perf_counter() - start, 1),
+                              "epochs_run": trainer.current_epoch, "global_steps": trainer.global_step}  # fmt: skip
+    # the final weights (the last stage of a schedule), tested as trained: fake-quantized for QAT runs
+    model.eval()
+    result["test_trained"] = _test(trainer, model, data)
+    if schedule is None:
+        float_model, runs = model, {p: quantize_(copy.deepcopy(model), **PTQ[p]) for p in PTQ}
+    else:  # a float model of the same architecture: the size and latency baseline
+        float_model, runs = _float_twin(model), {name: model}
+    result["float_bytes"] = state_dict_bytes(float_model)
+    work = out.parent
+    result["integer"] = {}
+    for variant, qmodel in runs.items():
+        converted = convert_(copy.deepcopy(qmodel).cpu())
+        size = save_converted(converted, work / f"{variant}.pt")
+        converted = converted.to(model.device)
+        entry = {"bytes": size, "fraction_of_float": round(size / result["float_bytes"], 4)}
+        if variant in PTQ:
+            entry["test_fake_quant"] = _test(trainer, qmodel, data)
+        entry["test_converted"] = _test(trainer, converted, data)
+        entry["latency"] = _time_inference(float_model, converted, data, reps)
+        result["integer"][variant] = entry
+    result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    out.write_text(json.dumps(result, indent=2))
+
+
+def _qat_named(model: nn.Module):
+    from zoo.quant import qat_layers
+
+    return qat_layers(model)
+
+
+def _float_twin(model: nn.Module) -> nn.Module:
+    """A float copy of a QAT model: every fake-quantized layer back to ``nn.Linear`` / ``nn.Embedding``."""
+    from zoo.quant import QATEmbedding
+    from zoo.quant.qat import _replace
+
+    twin = copy.deepcopy(model)
+    for name, layer in list(_qat_named(twin)):
+        if isinstance(layer, QATEmbedding):
+            plain: nn.Module = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx)
+        else:
+            plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+            plain.bias = layer.bias
+        plain.weight = layer.weight
+        _replace(twin, name, plain)
+    return twin
+
+
+def accuracy_mode(args, extra: list[str]) -> None:
+    precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    common = [
+        f"--trainer.max_epochs={args.epochs}",
+        f"--trainer.limit_train_batches={args.limit_train_batches}",
+        "--trainer.val_check_interval=1.0",
+        f"--trainer.precision={precision}",
+        "--trainer.enable_progress_bar=false",
+        "--test_after_fit=false",
+        f"--data.init_args.batch_size={args.batch_size}",
+        f"--data.init_args.num_workers={args.num_workers}",
+        f"--model.init_args.optimizer.init_args.lr={args.lr}",
+        *extra,
+    ]
+    if args.data_dir:
+        common.append(f"--data.init_args.data_dir={args.data_dir}")
+    if args.max_time:
+        common.append(f"--trainer.max_time={args.max_time}")
+    work = Path(args.work_dir) if args.work_dir else Path(args.out_dir) / "qat_runs"
+    work.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name in args.variants:
+        out = work / f"{name}.json"
+        cmd = [sys.executable, __file__, "--run-one", name, str(out), "--reps", str(args.reps), *common,
+               f"--trainer.default_root_dir={work / name}"]  # fmt: skip
+        log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed when the run ends
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log)
+        if not args.parallel:
+            procs[name][0].wait()
+    results = {}
+    for name, (proc, out, log) in procs.items():
+        proc.wait()
+        log.close()
+        if proc.returncode != 0 or not out.is_file():
+            print(f"run {name} failed ({proc.returncode}):\n{(work / f'{name}.log').read_text()[-3000:]}")
+            continue
+        results[name] = json.loads(out.read_text())
+    rows = _accuracy_rows(results)
+    columns = ["variant", "bits", "test acc", "fake-quant acc", "relational", "non-relational", "vs float", "size",
+               "of float", "GPU vs bf16", "CPU vs fp32"]  # fmt: skip
+    print(table(rows, columns))
+    path = write_result("qat_accuracy", {"settings": vars(args) | {"common": common}, "runs": results, "rows": rows},
+                        Path(args.out_dir))  # fmt: skip
+    print(f"wrote {path}")
+
+
+def _accuracy_rows(results: dict[str, dict]) -> list[dict]:
+    def pct(metrics: dict, key: str = "test/acc") -> str:
+        return f"{100 * metrics[key]:.2f}%" if key in metrics else ""
+
+    float_acc = results.get("float", {}).get("test_trained", {}).get("test/acc")
+    bits = {"float": "fp32/bf16", "ptq_mixed": "W8 attn/W4 FFN-A8", "ptq_w4": "W4A8", "qat_fixed4": "W4A8 [4]",
+            "qat_progressive": "W4A8 [8,6,4]", "qat_mixed": "W8 attn/W4 FFN-A8 [8,6,4]"}  # fmt: skip
+    rows = []
+    for name, result in results.items():
+        entries = {name: result["test_trained"]} if name == "float" else {}
+        for variant, entry in result.get("integer", {}).items():
+            entries[variant] = entry["test_converted"]
+        for variant, metrics in entries.items():
+            entry = result.get("integer", {}).get(variant, {})
+            latency = entry.get("latency", {})
+            acc = metrics.get("test/acc")
+            fake = entry.get("test_fake_quant") or (result["test_trained"] if variant == name != "float" else {})
+            rows.append({
+                "variant": variant + (" (converted)" if variant != "float" else ""),
+                "bits": bits.get(variant, ""),
+                "test acc": pct(metrics),
+                "fake-quant acc": pct(fake),
+                "relational": pct(metrics, "test/acc_relational"),
+                "non-relational": pct(metrics, "test/acc_non_relational"),
+                "vs float": f"{100 * (acc - float_acc):+.2f}" if acc is not None and float_acc is not None else "",
+                "size": f"{entry.get('bytes', result.get('float_bytes', 0)) / 1e6:.2f} MB",
+                "of float": f"{entry.get('fraction_of_float', 1.0):.1%}",
+                "GPU vs bf16": _speed(latency.get("cuda"), "bf16"),
+                "CPU vs fp32": _speed(latency.get("cpu"), "fp32"),
+            })  # fmt: skip
+    return rows
+
+
+def _speed(timing: dict | None, base: str) -> str:
+    if not timing or "int" not in timing:
+        return ""
+    return f"{timing['int']['speedup_vs_' + base]:.2f}x"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mode", choices=["latency", "accuracy"], default="latency")
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--reps", type=int, default=15, help="timed rounds per variant")
+    # latency mode
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--config", default="vqa.yaml", help="model of a fresh run (latency mode)")
+    parser.add_argument("--ckpt", default=None, help="a float checkpoint instead of a fresh model (latency mode)")
+    parser.add_argument("--batch-size", type=int, default=None, help="latency: 64 on the CPU, 256 on a GPU")
+    parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--threads", type=int, nargs="*", default=None,
+                        help="latency: thread counts to time with, e.g. 1 2 (default: torch's)")  # fmt: skip
+    # accuracy mode
+    parser.add_argument("--variants", nargs="*", default=list(TRAINED), help=f"trained runs, of {list(TRAINED)}")
+    parser.add_argument("--epochs", type=int, default=30)
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--limit-train-batches", default="1.0")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--max-time", default=None, help="accuracy: trainer.max_time guard per run, e.g. 00:00:09:00")
+    parser.add_argument("--parallel", action="store_true", help="accuracy: all runs at once, one process each")
+    parser.add_argument("--work-dir", default=None, help="accuracy: checkpoints, logs (default: <out-dir>/qat_runs)")
+    parser.add_argument("--run-one", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
+    args, extra = parser.parse_known_args()
+    if args.run_one:
+        run_one(args.run_one[0], extra, Path(args.run_one[1]), args.reps)
+    elif args.mode == "latency":
+        if extra:
+            parser.error(f"unknown arguments {extra}")
+        latency_mode(args)
+    else:
+        if args.batch_size is None:
+            args.batch_size = 128
+        accuracy_mode(args, extra)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,241 @@
+"""QATScheduleCallback: bit widths switch at the configured steps, a resumed run continues in its stage, observers and
+batch norm freeze, bits and errors are logged; and a QAT checkpoint converts through ``python -m zoo convert``."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning.pytorch as pl
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from zoo.callbacks import QATScheduleCallback
+from zoo.errors import ConfigError
+from zoo.layers import TransformerBlock
+from zoo.quant import QuantizedLinear, load_converted
+from zoo.quant.convert import main as convert_main
+
+DIM, TOKENS, CLASSES = 16, 6, 3
+# attention 8-bit, FFN 4-bit (the default overrides); the head at 8
+QUANT = {"weight_bit": 8, "activation_bit": 8}
+
+
+class TinyTask(pl.LightningModule):
+    """A transformer block, batch norm and a head over random token sequences."""
+
+    def __init__(self, dim: int = DIM) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.block = TransformerBlock(dim, 2)
+        self.norm = nn.BatchNorm1d(dim)
+        self.head = nn.Linear(dim, CLASSES)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.block(x).mean(1)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class BitsProbe(pl.Callback):
+    """Records (global step, fc1 weight bits, qkv weight bits) at the start of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, int, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        block = pl_module.block
+        self.seen.append((trainer.global_step, block.ffn.fc1.weight_quant.bits, block.attn.qkv.weight_quant.bits))
+
+
+def _loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.randn(64, TOKENS, DIM, generator=g), torch.randint(0, CLASSES, (64,), generator=g))
+    return DataLoader(data, batch_size=8)
+
+
+def _trainer(tmp_path, max_steps: int, *callbacks: pl.Callback, **kwargs) -> pl.Trainer:
+    return pl.Trainer(
+        default_root_dir=tmp_path,
+        max_steps=max_steps,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=list(callbacks),
+        log_every_n_steps=1,
+        **kwargs,
+    )
+
+
+def test_bits_switch_at_the_configured_steps_and_respect_layer_targets(tmp_path):
+    torch.manual_seed(0)
+    probe = BitsProbe()
+    schedule = QATScheduleCallback([8, 6, 4], [2, 4], unit="step", quant=QUANT)
+    _trainer(tmp_path, 6, schedule, probe).fit(TinyTask(), _loader())
+    # FFN (target 4) follows the schedule down; attention (target 8) stays at 8
+    assert probe.seen == [(0, 8, 8), (1, 8, 8), (2, 6, 8), (3, 6, 8), (4, 4, 8), (5, 4, 8)]
+    assert schedule.transitions == [(0, 8), (2, 6), (4, 4)]
+
+
+class StopAt(pl.Callback):
+    """Interrupts training after ``step`` optimizer steps, as a crash or a time limit would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def test_resumed_run_continues_in_its_stage_on_the_saved_boundaries(tmp_path):
+    torch.manual_seed(0)
+    # fractions of a 6-step run: stages begin at steps 2 and 4; the run is interrupted after step 3
+    first = QATScheduleCallback([8, 6, 4], [0.34, 0.67], unit="step", quant=QUANT)
+    trainer = _trainer(tmp_path, 6, first, StopAt(3))
+    model = TinyTask()
+    trainer.fit(model, _loader())
+    assert trainer.global_step == 3 and first.stage == 1 and model.block.ffn.fc1.weight_quant.bits == 6
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    # As a fresh process would: a new model (float, quantized by the callback at setup) and callback. The run is
+    # now 12 steps long, which would move fractional boundaries to 4 and 8; the resumed run keeps its own, 2 and 4.
+    probe = BitsProbe()
+    resumed = QATScheduleCallback([8, 6, 4], [0.34, 0.67], unit="step", quant=QUANT)
+    _trainer(tmp_path, 12, resumed, probe, StopAt(6)).fit(TinyTask(), _loader(), ckpt_path=ckpt)
+    assert probe.seen[:2] == [(3, 6, 8), (4, 4, 8)], "continues in stage 1 at step 3, enters stage 2 at step 4"
+    assert resumed.transitions == [(0, 8), (2, 6), (4, 4)]
+
+
+def test_observers_and_batch_norm_freeze_and_logs_name_layers(tmp_path):
+    torch.manual_seed(0)
+    schedule = QATScheduleCallback([8, 4], [1], unit="step", freeze_observers_at=2, freeze_bn_at=2, quant=QUANT)
+
+    class Snapshot(pl.Callback):
+        def __init__(self):
+            self.stats = {}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            self.stats[trainer.global_step] = (
+                pl_module.norm.running_mean.clone(),
+                pl_module.block.ffn.fc1.weight_quant.max_val.clone(),
+            )
+
+    snapshot = Snapshot()
+    trainer = _trainer(tmp_path, 5, schedule, snapshot)
+    model = TinyTask()
+    trainer.fit(model, _loader())
+    assert schedule.observers_frozen and schedule.bn_frozen
+    assert not model.block.ffn.fc1.weight_quant.observer_enabled
+    # frozen from step 2: the batches at steps 2, 3, 4 leave the statistics and ranges of step 2's start unchanged
+    mean_3, range_3 = snapshot.stats[3]
+    mean_5, range_5 = snapshot.stats[5]
+    assert torch.equal(mean_3, mean_5) and torch.equal(range_3, range_5)
+    assert not torch.equal(snapshot.stats[1][0], mean_3), "before the freeze the statistics moved"
+    logged = trainer.logged_metrics
+    assert logged["qat/schedule_bits"] == 4
+    assert logged["qat/bits/block.ffn.fc1"] == 4 and logged["qat/bits/block.attn.qkv"] == 8
+    assert 0 < logged["qat/weight_error/block.ffn.fc1"] < 0.5
+    assert 0 < logged["qat/input_error/block.attn.qkv"] < 0.1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"schedule": [8, 9]}, r"schedule\[1\]=9"),
+        ({"schedule": [8, 0]}, r"schedule\[1\]=0"),
+        ({"schedule": [8, 6, 4], "milestones": [3]}, "milestones=.*2 entries"),
+        ({"schedule": [8, 4], "milestones": [1.5]}, r"milestones\[0\]=1.5"),
+        ({"schedule": [8, 4], "unit": "batch"}, "unit='batch'"),
+        ({"freeze_bn_at": -1}, "freeze_bn_at=-1"),
+    ],
+)
+def test_invalid_schedule_fails_naming_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        QATScheduleCallback(**kwargs)
+
+
+def test_unknown_quant_setting_fails_at_setup_naming_the_key(tmp_path):
+    schedule = QATScheduleCallback([8, 4], [1], unit="step", quant={"weight_bit": 4, "overrides": {"*.mlp.*": 8}})
+    with pytest.raises(ConfigError, match=r"overrides\['\*.mlp.\*'\] matches no"):
+        _trainer(tmp_path, 1, schedule).fit(TinyTask(), _loader())
+
+
+def test_qat_checkpoint_converts_with_the_command_and_matches(tmp_path):
+    torch.manual_seed(0)
+    schedule = QATScheduleCallback([8, 4], [2], unit="step", quant=QUANT)
+    trainer = _trainer(tmp_path, 3, schedule)
+    model = TinyTask()
+    trainer.fit(model, _loader())
+    ckpt, out = tmp_path / "qat.ckpt", tmp_path / "int.pt"
+    trainer.save_checkpoint(ckpt)
+    convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", f"{TinyTask.__module__}.TinyTask"])
+    loaded = load_converted(out)
+    assert isinstance(loaded.block.ffn.fc1, QuantizedLinear) and loaded.block.ffn.fc1.weight_bit == 4
+    schedule.setup(trainer, loaded, "test")  # testing the integer model with the same trainer: nothing to redo
+    x = torch.randn(8, TOKENS, DIM)
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(x), loaded(x)
+    # tolerance: see tests/test_quant.py::test_converted_model_matches_fake_quant_model
+    torch.testing.assert_close(got, expected, rtol=0.02, atol=0.02 * expected.abs().max().item())
+    with pytest.raises(ConfigError, match="already quantization-aware"):
+        convert_main(
+            [
+                "--ckpt",
+                str(ckpt),
+                "--out",
+                str(out),
+                "--quant",
+                "{}",
+                "--model-class",
+                f"{TinyTask.__module__}.TinyTask",
+            ]
+        )
+
+
+def test_float_checkpoint_converts_after_training_with_quant(tmp_path):
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, 2)
+    model = TinyTask()
+    trainer.fit(model, _loader())
+    ckpt, out = tmp_path / "float.ckpt", tmp_path / "ptq.pt"
+    trainer.save_checkpoint(ckpt)
+    cls = f"{TinyTask.__module__}.TinyTask"
+    with pytest.raises(ConfigError, match="no quantization-aware layers"):
+        convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls])
+    convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls, "--quant", '{"weight_bit": 8}'])
+    loaded = load_converted(out, copy.deepcopy(TinyTask()))
+    assert loaded.block.ffn.fc1.weight_bit == 4 and loaded.head.weight_bit == 8
+
+
+def test_vqa_qat_config_gives_the_vqa_model_mixed_bits(tmp_path, monkeypatch):
+    from zoo.cli import ZooCLI, resolve_config_args
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
+    cli = ZooCLI(args=resolve_config_args(["--config", "vqa_qat.yaml", "--trainer.logger=false"]), run=False)
+    (schedule,) = [c for c in cli.trainer.callbacks if isinstance(c, QATScheduleCallback)]
+    assert schedule.schedule == [8, 6, 4] and schedule.unit == "step"
+    schedule.setup(cli.trainer, cli.model, "fit")
+    fusion = cli.model.model.fusion
+    targets = {
+        "qkv": fusion.blocks[0].attn.qkv.target_weight_bit,
+        "fc2": fusion.blocks[5].ffn.fc2.target_weight_bit,
+        "text fc1": cli.model.model.encoders["text"].blocks[0].ffn.fc1.target_weight_bit,
+        "head": cli.model.head[4].target_weight_bit,
+        "embedding": cli.model.model.encoders["text"].embed.target_weight_bit,
+    }
+    assert targets == {"qkv": 8, "fc2": 4, "text fc1": 4, "head": 8, "embedding": 8}
+    assert fusion.blocks[5].ffn.fc2.weight_quant.bits == 8, "stage 0 runs the 4-bit layers at 8 bits"

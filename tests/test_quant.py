@@ -1,0 +1,316 @@
+"""zoo.quant: fake-quantization error bounds, the per-layer policy, integer conversion and its saved form."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from zoo.contracts import Tokens
+from zoo.errors import ConfigError
+from zoo.fusion import MIE
+from zoo.layers import TransformerBlock
+from zoo.quant import (
+    FakeQuantizer,
+    QATEmbedding,
+    QATLinear,
+    QuantizedEmbedding,
+    QuantizedLinear,
+    convert_,
+    load_converted,
+    pack_int4,
+    quant_range,
+    quantize_,
+    save_converted,
+    set_schedule_bits,
+    state_dict_bytes,
+    unpack_int4,
+)
+
+
+def _rows_with_varied_ranges(rows: int, cols: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    magnitudes = torch.logspace(-3, 2, rows)[:, None]  # per-row ranges from 1e-3 to 1e2
+    return torch.randn(rows, cols, generator=g) * magnitudes + 0.3 * magnitudes * torch.rand(rows, 1, generator=g)
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("method", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("granularity", ["per_channel", "per_token", "per_tensor"])
+def test_quantize_dequantize_error_within_half_a_step_of_float64(bits, method, granularity):
+    x = _rows_with_varied_ranges(16, 97, seed=bits)
+    quantizer = FakeQuantizer(bits=bits, symmetric=method == "symmetric", granularity=granularity, channels=16)
+    y = quantizer(x).double()
+    # float64 reference: the range of each row (or of the tensor) mapped onto the codes
+    x64 = x.double()
+    qmin, qmax = quant_range(bits, method == "symmetric")
+    if granularity == "per_tensor":
+        lo, hi = x64.min().clamp(max=0).expand(16, 1), x64.max().clamp(min=0).expand(16, 1)
+    else:
+        lo, hi = x64.amin(1, keepdim=True).clamp(max=0), x64.amax(1, keepdim=True).clamp(min=0)
+    if method == "symmetric":
+        scale64, zero64 = torch.maximum(-lo, hi) / qmax, torch.zeros_like(lo)
+    else:
+        scale64 = (hi - lo) / (qmax - qmin)
+        zero64 = qmin - torch.round(lo / scale64)
+    ref = (torch.clamp(torch.round(x64 / scale64) + zero64, qmin, qmax) - zero64) * scale64
+    # Every element within half a step of its float64 value, per channel (slack: float32 rounding of x / s).
+    err = (y - x64).abs()
+    assert (err <= scale64 / 2 * (1 + 1e-5) + 1e-7 * x64.abs()).all(), (err / scale64).max()
+    # The same codes as the float64 reference except at exact ties, where float32 may round the other way: those
+    # differ by one step, and are rare.
+    steps = ((y - ref).abs() / scale64).round()
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
+
+
+def test_error_halves_with_each_added_bit():
+    x = _rows_with_varied_ranges(32, 256, seed=0)
+    errors = []
+    for bits in range(2, 9):
+        y = FakeQuantizer(bits=bits, granularity="per_channel", channels=32)(x)
+        errors.append(((y - x).abs() / x.abs().amax(1, keepdim=True)).mean().item())
+    ratios = [a / b for a, b in zip(errors, errors[1:], strict=False)]
+    assert all(1.6 < r < 3.0 for r in ratios[1:]), ratios  # 2 -> 3 bits is more than 2x: 2 bits is {-1, 0, 1}
+
+
+def test_straight_through_gradient_passes_inside_the_range_and_stops_outside():
+    quantizer = FakeQuantizer(bits=4, granularity="per_tensor")
+    quantizer.observe(torch.tensor([-1.0, 1.0]))
+    quantizer.freeze_observer()
+    x = torch.tensor([-3.0, -0.4, 0.2, 0.9, 2.5], requires_grad=True)
+    quantizer(x).sum().backward()
+    assert torch.equal(x.grad, torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]))
+
+
+def test_learned_scale_gets_the_lsq_gradient_and_keeps_its_range_when_bits_change():
+    torch.manual_seed(0)
+    quantizer = FakeQuantizer(bits=8, granularity="per_channel", channels=4, learnable=True)
+    w = torch.randn(4, 64)
+    quantizer(w).pow(2).sum().backward()
+    assert quantizer.scale.grad is not None and quantizer.scale.grad.abs().sum() > 0
+    lo, hi = quantizer._learned_range()
+    quantizer.set_bits(4)
+    lo4, hi4 = quantizer._learned_range()
+    # the step grows 127/7 times, so that the 4-bit codes cover the range the 8-bit ones did
+    torch.testing.assert_close(hi4, hi, rtol=1e-6, atol=0)
+    torch.testing.assert_close(lo4, lo, rtol=1e-6, atol=0)
+
+
+def _mie(depth: int = 2, dim: int = 32) -> MIE:
+    return MIE(dim=dim, depth=depth, num_heads=4, modality_fusion_layers=1).eval()
+
+
+def _tokens(batch: int = 4, dim: int = 32, seed: int = 0) -> dict[str, Tokens]:
+    g = torch.Generator().manual_seed(seed)
+    mask = torch.ones(batch, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    return {
+        "image": Tokens.dense(torch.randn(batch, 9, dim, generator=g)),
+        "text": Tokens(torch.randn(batch, 7, dim, generator=g), mask),
+    }
+
+
+def test_default_policy_is_attention_8_bit_ffn_4_bit_and_keeps_the_parameters():
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"fusion": _mie(), "head": nn.Linear(32, 5), "embed": nn.Embedding(50, 32)})
+    weight = model["fusion"].blocks[0].attn.qkv.weight
+    quantize_(model, weight_bit=6, activation_bit=8)
+    block = model["fusion"].blocks[1]
+    assert isinstance(block.attn.qkv, QATLinear) and block.attn.qkv.weight_quant.bits == 8
+    assert block.attn.proj.weight_quant.bits == 8
+    assert block.ffn.fc1.weight_quant.bits == 4 and block.ffn.fc2.weight_quant.bits == 4
+    assert model["head"].weight_quant.bits == 6, "layers no pattern names get weight_bit"
+    assert isinstance(model["embed"], QATEmbedding) and model["embed"].weight_quant.bits == 8
+    assert model["fusion"].blocks[0].attn.qkv.weight is weight, "the same Parameter object, for the optimizer"
+    assert all(layer.act_quant.bits == 8 for layer in model.modules() if isinstance(layer, QATLinear))
+
+
+def test_overrides_by_pattern_last_match_wins_and_none_keeps_float():
+    model = nn.ModuleDict({"fusion": _mie(), "head": nn.Sequential(nn.Linear(32, 32), nn.Linear(32, 5))})
+    quantize_(
+        model,
+        weight_bit=4,
+        overrides={"fusion.*": 8, "*.ffn.fc2": {"weight_bit": 3, "activation_bit": 6}, "head": None},
+        embedding_bit=None,
+    )
+    block = model["fusion"].blocks[0]
+    assert block.ffn.fc1.weight_quant.bits == 8
+    assert (block.ffn.fc2.weight_quant.bits, block.ffn.fc2.act_quant.bits) == (3, 6)
+    assert type(model["head"][0]) is nn.Linear, "'head' covers the layers inside it"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "key"),
+    [
+        ({"weight_bit": 0}, "weight_bit=0"),
+        ({"weight_bit": 9}, "weight_bit=9"),
+        ({"activation_bit": 9}, "activation_bit=9"),
+        ({"activation_bit": 0}, "activation_bit=0"),
+        ({"quant_method": "log2"}, "quant_method='log2'"),
+        ({"overrides": {"*.attn.qkvz": 8}}, r"overrides\['\*.attn.qkvz'\] matches no"),
+        ({"overrides": {"*.ffn.fc1": 9}}, r"overrides\['\*.ffn.fc1'\].weight_bit=9"),
+        ({"overrides": {"*.ffn.fc1": {"bits": 4}}}, r"overrides\['\*.ffn.fc1'\].bits is not"),
+        ({"overrides": {"*.ffn.fc1": {"quant_method": "x"}}}, r"overrides\['\*.ffn.fc1'\].quant_method='x'"),
+        ({"embedding_bit": 1}, "embedding_bit=1"),
+        ({"activation_granularity": "per_row"}, "activation_granularity='per_row'"),
+    ],
+)
+def test_invalid_config_fails_naming_the_key(kwargs, key):
+    with pytest.raises(ConfigError, match=key):
+        quantize_(_mie(), **kwargs)
+
+
+def test_default_patterns_that_match_nothing_are_not_an_error():
+    quantize_(nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2)), weight_bit=4)
+
+
+@pytest.mark.parametrize(
+    ("weight_bit", "activation_bit", "method", "granularity"),
+    [
+        (8, 8, "symmetric", "per_token"),
+        (4, 8, "symmetric", "per_token"),
+        (4, 8, "asymmetric", "per_token"),
+        (3, 6, "asymmetric", "per_tensor"),
+        (8, 8, "symmetric", "per_tensor"),
+    ],
+)
+def test_converted_linear_matches_fake_quant_layer(weight_bit, activation_bit, method, granularity):
+    torch.manual_seed(0)
+    layer = QATLinear(
+        100,
+        37,
+        weight_bit=weight_bit,
+        activation_bit=activation_bit,
+        quant_method=method,
+        activation_granularity=granularity,
+        learnable_scales=granularity == "per_tensor",
+    )
+    x = torch.randn(3, 50, 100) * 2 + 0.5
+    layer(x)  # the per-tensor input quantizer observes its first batch
+    layer.eval()
+    with torch.no_grad():
+        expected = layer(x)
+        got = QuantizedLinear.from_qat(layer)(x)
+    # Same codes on both sides; only the float32 rounding of the dot product differs (fake quant sums 100 float
+    # products, the integer GEMM sums exactly and rescales once): a few ulps of the output magnitude.
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def test_converted_model_matches_fake_quant_model():
+    torch.manual_seed(0)
+    qat = quantize_(_mie(depth=3, dim=64))
+    x = _tokens(batch=8, dim=64)
+    float_out = _mie(depth=3, dim=64)
+    float_out.load_state_dict(qat.state_dict(), strict=False)
+    with torch.no_grad():
+        expected = qat(x).pooled
+        got = convert_(copy.deepcopy(qat))(x).pooled
+        unquantized = float_out(x).pooled
+    # Tolerance: quantization is discontinuous. Float32 rounding differences (1e-7 relative) between the fake-quant
+    # and the integer arithmetic move a few inputs across a rounding boundary, each by one step of its scale (1/127
+    # of the token's range at 8 bits), and later layers carry that on: the fake-quant model moves by the same amount
+    # between float32 and float64 arithmetic. So: small against the quantization error itself, and on average tiny.
+    diff = (got - expected).abs()
+    quant_error = (unquantized - expected).abs()
+    assert diff.max() < 0.25 * quant_error.max(), (diff.max(), quant_error.max())
+    assert diff.mean() < 0.05 * quant_error.mean() + 1e-4, (diff.mean(), quant_error.mean())
+
+
+def test_int4_codes_pack_two_per_byte_and_unpack_exactly():
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(-8, 8, (5, 13), generator=g, dtype=torch.int8)
+    packed = pack_int4(codes)
+    assert packed.dtype == torch.uint8 and packed.shape == (5, 7)
+    assert torch.equal(unpack_int4(packed, 13), codes)
+
+
+def test_converted_weights_are_packed_and_under_30_percent_of_float():
+    torch.manual_seed(0)
+    model = _mie(depth=2, dim=128)
+    converted = convert_(quantize_(copy.deepcopy(model)))
+    fc1 = converted.blocks[0].ffn.fc1
+    assert fc1.qweight.dtype == torch.uint8 and fc1.qweight.shape == (512, 64)
+    assert converted.blocks[0].attn.qkv.qweight.dtype == torch.int8
+    ratio = state_dict_bytes(converted) / state_dict_bytes(model)
+    assert ratio < 0.30, ratio
+
+
+def test_converted_model_saves_and_loads_with_weights_only(tmp_path):
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"embed": nn.Embedding(40, 64), "fusion": _mie(dim=64)})
+    qat = quantize_(copy.deepcopy(model), overrides={"*.ffn.*": {"weight_bit": 4, "quant_method": "asymmetric"}})
+    converted = convert_(qat)
+    path = tmp_path / "int.pt"
+    save_converted(converted, path, metadata={"note": "test", "version": torch.__version__})
+    artefact = torch.load(path, weights_only=True)
+    assert set(artefact) == {"format", "metadata", "state_dict"}
+    assert all(torch.is_tensor(v) or isinstance(v, dict) for v in artefact["state_dict"].values())
+    loaded = load_converted(path, copy.deepcopy(model))
+    assert isinstance(loaded["fusion"].blocks[0].ffn.fc1, QuantizedLinear)
+    assert isinstance(loaded["embed"], QuantizedEmbedding)
+    ids = torch.randint(0, 40, (3, 6))
+    x = _tokens(batch=3, dim=64)
+    with torch.no_grad():
+        assert torch.equal(loaded["embed"](ids), converted["embed"](ids))
+        assert torch.equal(loaded["fusion"](x).pooled, converted["fusion"](x).pooled)
+
+
+def test_quantized_embedding_equals_fake_quant_embedding():
+    torch.manual_seed(0)
+    for bits, method in [(8, "symmetric"), (4, "asymmetric")]:
+        qat = QATEmbedding.from_embedding(nn.Embedding(30, 10, padding_idx=0), weight_bit=bits, quant_method=method)
+        ids = torch.randint(0, 30, (4, 5))
+        with torch.no_grad():
+            assert torch.equal(QuantizedEmbedding.from_qat(qat)(ids), qat(ids))
+
+
+def test_schedule_bits_never_go_below_a_layer_target():
+    model = quantize_(nn.ModuleDict({"block": TransformerBlock(16, 2)}))
+    assert set_schedule_bits(model, 6) == {
+        "block.attn.qkv": 8,
+        "block.attn.proj": 8,
+        "block.ffn.fc1": 6,
+        "block.ffn.fc2": 6,
+    }
+    assert set_schedule_bits(model, None)["block.ffn.fc1"] == 4
+
+
+def test_quantizing_a_converted_model_is_refused():
+    converted = convert_(quantize_(_mie()))
+    with pytest.raises(ConfigError, match="already converted"):
+        quantize_(converted)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("rows", [5, 64])  # _int_mm on CUDA needs more than 16 rows: 5 exercises the padding
+def test_converted_linear_on_cuda_matches_cpu(rows):
+    torch.manual_seed(0)
+    layer = QATLinear(100, 12, weight_bit=4, activation_bit=8).eval()  # 100 and 12: not multiples of 8
+    converted = QuantizedLinear.from_qat(layer)
+    x = torch.randn(rows, 100)
+    with torch.no_grad():
+        cpu = converted(x)
+        gpu = copy.deepcopy(converted).cuda()(x.cuda()).cpu()
+        gpu_bf16 = copy.deepcopy(converted).cuda()(x.cuda().bfloat16()).float().cpu()
+    torch.testing.assert_close(gpu, cpu, rtol=0, atol=1e-5 * cpu.abs().max().item())
+    torch.testing.assert_close(gpu_bf16, cpu, rtol=0.02, atol=0.02)  # bf16 input: its own rounding, 8 bits
+
+
+def test_dsa_ffn_quantizes_with_the_dense_ffn_patterns():
+    dsa = pytest.importorskip("zoo.layers.dsa")
+    torch.manual_seed(0)
+    ffn = dsa.DSAFeedForward(32, 128, num_blocks=4, gate_threshold=0.5)
+    block = TransformerBlock(32, 4, ffn=lambda d, h: ffn)
+    qat = quantize_(nn.ModuleDict({"block": block}), weight_bit=8)
+    assert qat["block"].ffn.fc1.weight_quant.bits == 4 and qat["block"].ffn.fc2.weight_quant.bits == 4
+    assert qat["block"].ffn.gate.proj.weight_quant.bits == 8, "the gate is not an FFN layer"
+    x = torch.randn(2, 10, 32)
+    qat.eval()
+    with torch.no_grad():
+        expected = qat["block"](x)
+        got = convert_(copy.deepcopy(qat))["block"](x)
+    # the converted DSA FFN runs its dense path; a near-tie of the gate may pick another block for a token, so the
+    # typical difference is what counts
+    assert (got - expected).abs().median() < 1e-4

@@ -1,0 +1,556 @@
+"""Real integer inference for a model trained with :func:`zoo.quant.quantize_`.
+
+:func:`convert_` replaces every :class:`~zoo.quant.qat.QATLinear` by a :class:`QuantizedLinear` and every
+:class:`~zoo.quant.qat.QATEmbedding` by a :class:`QuantizedEmbedding`:
+
+* weights are stored as integer codes with one float32 scale (and, when asymmetric, an int8 zero point) per output
+  channel: one byte per weight at 5 to 8 bits, half a byte at 2 to 4 bits (two codes packed per byte);
+* inputs are quantized to int8 codes at run time, one scale per token (the same codes the fake quantizer computed
+  in training), and the product runs as a real integer GEMM, ``torch._int_mm`` (int8 x int8 -> int32: oneDNN's
+  VNNI/AMX kernels on x86 CPUs, cuBLASLt on CUDA), then is rescaled to float.
+
+Why ``torch._int_mm`` and not torchao: torchao 0.18 (built for torch 2.11) would add a dependency whose int8
+dynamic-activation path falls back on the CPU to an int32 ``matmul`` in eager mode and to a float ``mm`` under
+``torch.compile``, and whose tensor subclasses need registering before a ``weights_only=True`` load; the core op
+gives the integer kernel directly and a plain ``state_dict`` of integer tensors. ``torch.ao``'s dynamic quantized
+``Linear`` (fbgemm) is deprecated, per-tensor only and CPU only.
+
+The converted model saves as a plain dictionary of tensors and primitives (:func:`save_converted`) and loads with
+``torch.load(..., weights_only=True)`` (:func:`load_converted`). 4-bit codes stay packed on disk and are unpacked
+once at load into the int8 matrix the GEMM reads (in memory: the packed codes plus one byte per weight; 8-bit layers
+on the CPU read their saved codes directly); :func:`main` is the ``python -m zoo convert`` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import io
+import json
+import math
+import sys
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.errors import ConfigError, DataError
+from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
+from zoo.quant.qat import QATEmbedding, QATLinear, _replace, qat_layers, quantize_, restore_qat_layers
+
+__all__ = [
+    "FORMAT",
+    "QuantizedEmbedding",
+    "QuantizedLinear",
+    "convert_",
+    "int8_mm",
+    "load_converted",
+    "main",
+    "pack_int4",
+    "save_converted",
+    "state_dict_bytes",
+    "unpack_int4",
+]
+
+FORMAT = "zoo.quant.converted/1"
+
+
+def pack_int4(codes: Tensor) -> Tensor:
+    """Pack integer codes in ``[-8, 7]`` two per byte along the last dimension: ``[..., K] -> uint8 [..., ceil(K/2)]``
+    (element ``2i`` in the low nibble, ``2i + 1`` in the high one, both offset by 8)."""
+    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
+        raise ValueError("pack_int4: codes must lie in [-8, 7]")
+    u = (codes.to(torch.int16) + 8).to(torch.uint8)
+    if u.shape[-1] % 2:
+        u = F.pad(u, (0, 1), value=8)
+    return u[..., 0::2] | (u[..., 1::2] << 4)
+
+
+def unpack_int4(packed: Tensor, length: int) -> Tensor:
+    """Inverse of :func:`pack_int4`: ``uint8 [..., ceil(length/2)] -> int8 [..., length]``."""
+    low, high = packed & 15, packed >> 4
+    codes = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
+    return (codes.to(torch.int16) - 8).to(torch.int8)
+
+
+def _ceil8(n: int) -> int:
+    return 8 * math.ceil(n / 8)
+
+
+def int8_mm(a: Tensor, b: Tensor) -> Tensor:
+    """``int8 [M, K] @ int8 [K', N] -> int32 [M, N]`` through ``torch._int_mm``; ``b`` may have zero rows appended
+    (``K' >= K``, as :class:`QuantizedLinear` pads to multiples of 8). On CUDA, ``_int_mm`` needs ``M > 16`` and ``K``,
+    ``N`` multiples of 8: rows are padded here and sliced off."""
+    if a.shape[1] != b.shape[0]:
+        a = F.pad(a, (0, b.shape[0] - a.shape[1]))
+    rows = a.shape[0]
+    if a.is_cuda and rows <= 16:
+        a = F.pad(a, (0, 0, 0, 17 - rows))
+    out = torch._int_mm(a.contiguous(), b)
+    return out[:rows] if out.shape[0] != rows else out
+
+
+class QuantizedLinear(nn.Module):
+    """Integer linear layer: ``[..., in_features] -> [..., out_features]`` in the input's dtype.
+
+    Computes ``y = s_x * s_w * ((q_x - z_x) . (q_w - z_w)) + bias`` with the dot product in int32 (``torch._int_mm``),
+    ``q_x`` the input's codes (per token, dynamic; or per tensor with a stored scale) and ``q_w`` the stored weight
+    codes (per output channel).
+
+    State dict (all tensors; the configuration is extra state of ints, bools and strings):
+    ``qweight`` (int8 ``[out, in]``, or uint8 ``[out, ceil(in/2)]`` packed when ``weight_bit <= 4``), ``weight_scale``
+    (float32 ``[out]``), ``weight_zero_point`` (int8 ``[out]``, asymmetric weights only), ``bias`` (float32
+    ``[out]``), ``act_scale``/``act_zero_point`` (float32 ``[1]``, per-tensor inputs only).
+    """
+
+    zoo_converted = True
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        bias: bool = True,
+        weight_bit: int = 8,
+        activation_bit: int = 8,
+        weight_symmetric: bool = True,
+        activation_symmetric: bool = True,
+        activation_granularity: str = "per_token",
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight_bit, self.activation_bit = weight_bit, activation_bit
+        self.weight_symmetric, self.activation_symmetric = weight_symmetric, activation_symmetric
+        self.activation_granularity = activation_granularity
+        packed = weight_bit <= 4
+        shape = (out_features, math.ceil(in_features / 2) if packed else in_features)
+        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8 if packed else torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, device=device))
+        if not weight_symmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(out_features, dtype=torch.int8, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, device=device) if bias else None)
+        if activation_granularity == "per_tensor":
+            self.register_buffer("act_scale", torch.ones(1, device=device))
+            self.register_buffer("act_zero_point", torch.zeros(1, device=device))
+        # The GEMM's second operand, int8 [in, out] column-major (see _refresh), and the per-channel code sums the
+        # zero-point corrections need. Derived from the state dict, so not saved.
+        self.register_buffer("_wt", torch.zeros(0, dtype=torch.int8, device=device), persistent=False)
+        self.register_buffer("_w_colsum", torch.zeros(0, dtype=torch.int32, device=device), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+
+    @classmethod
+    def from_qat(cls, layer: QATLinear) -> QuantizedLinear:
+        """The integer layer computing what ``layer`` simulates at its current bit widths."""
+        wq, aq = layer.weight_quant, layer.act_quant
+        codes, scale, zero_point = wq.codes(layer.weight)
+        out = cls(
+            layer.in_features,
+            layer.out_features,
+            bias=layer.bias is not None,
+            weight_bit=wq.bits,
+            activation_bit=aq.bits,
+            weight_symmetric=wq.symmetric,
+            activation_symmetric=aq.symmetric,
+            activation_granularity=aq.granularity,
+            device=layer.weight.device,
+        )
+        codes = codes.to(torch.int8)
+        out.qweight = pack_int4(codes) if wq.bits <= 4 else codes
+        out.weight_scale = scale.reshape(-1).float().clone()
+        if not wq.symmetric:
+            out.weight_zero_point = zero_point.reshape(-1).to(torch.int8)
+        if layer.bias is not None:
+            out.bias = layer.bias.detach().float().clone()
+        if aq.granularity == "per_tensor":
+            act_scale, act_zero_point = aq.static_qparams()
+            out.act_scale, out.act_zero_point = act_scale.reshape(1).float(), act_zero_point.reshape(1).float()
+        out._refresh()
+        return out
+
+    def int_weight(self) -> Tensor:
+        """The weight codes, int8 ``[out, in]`` (unpacked)."""
+        if self.weight_bit <= 4:
+            return unpack_int4(self.qweight, self.in_features)
+        return self.qweight
+
+    def dequantized_weight(self) -> Tensor:
+        """The weight the codes stand for, float32 ``[out, in]``."""
+        codes = self.int_weight().float()
+        if not self.weight_symmetric:
+            codes = codes - self.weight_zero_point.float()[:, None]
+        return codes * self.weight_scale[:, None]
+
+    def _refresh(self) -> None:
+        w = codes = self.int_weight()
+        if w.is_cuda:  # cuBLASLt wants K and N multiples of 8: zero rows and columns added, sliced off the output
+            padded = torch.zeros(_ceil8(self.out_features), _ceil8(self.in_features), dtype=torch.int8, device=w.device)
+            padded[: self.out_features, : self.in_features] = w
+            w = padded
+        # the column-major view of [N, K]: oneDNN runs 5-15% faster on it than on a row-major [K, N] copy, and
+        # cuBLASLt several times faster (its int8 kernels take the second operand transposed); no copy at 8 bits
+        self._wt = w.t()
+        self._w_colsum = codes.sum(1, dtype=torch.int32)
+
+    def _apply(self, fn, recurse: bool = True):
+        # after .to(device) and the like, lay the GEMM operand out for the new device
+        super()._apply(fn, recurse)
+        self._refresh()
+        return self
+
+    def forward(self, x: Tensor) -> Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        qmin, qmax = quant_range(self.activation_bit, self.activation_symmetric)
+        if self.activation_granularity == "per_token":
+            scale, zero_point = row_qparams(x2, self.activation_bit, self.activation_symmetric)
+        else:
+            scale, zero_point = self.act_scale, self.act_zero_point
+        # the codes of quantize_codes (what the fake quantizer computed), with fewer passes over the input: a
+        # per-token symmetric scale maps every row into [-qmax, qmax] already, so its clamp is skipped
+        q = torch.div(x2, scale).round_()
+        if not self.activation_symmetric:
+            q.add_(zero_point)
+        if not (self.activation_symmetric and self.activation_granularity == "per_token"):
+            q.clamp_(qmin, qmax)
+        q = q.to(torch.int8)
+        acc = int8_mm(q, self._wt)
+        if acc.shape[1] != self.out_features:
+            acc = acc[:, : self.out_features]
+        # (q_x - z_x) . (q_w - z_w) = q_x . q_w - z_x sum(q_w) - z_w sum(q_x) + K z_x z_w
+        if not self.activation_symmetric:
+            z_x = zero_point.to(torch.int32).reshape(-1, 1)
+            acc = acc - z_x * self._w_colsum
+        if not self.weight_symmetric:
+            z_w = self.weight_zero_point.to(torch.int32)
+            correction = q.sum(1, keepdim=True, dtype=torch.int32)
+            if not self.activation_symmetric:
+                correction = correction - self.in_features * z_x
+            acc = acc - correction * z_w
+        y = acc.float().mul_(scale.reshape(-1, 1)).mul_(self.weight_scale)
+        if self.bias is not None:
+            y = y.add_(self.bias)
+        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "zoo_converted": "linear",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "weight_bit": self.weight_bit,
+            "activation_bit": self.activation_bit,
+            "weight_symmetric": self.weight_symmetric,
+            "activation_symmetric": self.activation_symmetric,
+            "activation_granularity": self.activation_granularity,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state != self.get_extra_state():
+            raise ValueError(f"QuantizedLinear: state dict configuration {state} differs from this layer's")
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"W{self.weight_bit}A{self.activation_bit}, {self.activation_granularity}"
+        )
+
+
+class QuantizedEmbedding(nn.Embedding):
+    """Embedding stored as integer codes with one scale per row (weight-only); ``[...] -> [..., embedding_dim]``.
+
+    The float table is rebuilt once from the codes at load (so lookups cost what a float embedding costs, and
+    ``.weight`` works as in ``nn.Embedding``); only the codes are saved: ``qweight`` (int8 ``[V, D]`` or uint8
+    ``[V, ceil(D/2)]`` packed), ``weight_scale`` (float32 ``[V]``), ``weight_zero_point`` (int8 ``[V]``, asymmetric).
+    """
+
+    zoo_converted = True
+
+    def __init__(
+        self,
+        num_embeddings: int,
+        embedding_dim: int,
+        *,
+        weight_bit: int = 8,
+        weight_symmetric: bool = True,
+        padding_idx: int | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__(num_embeddings, embedding_dim, padding_idx=padding_idx, device=device)
+        weight = self.weight.detach()
+        del self.weight
+        self.register_buffer("weight", weight, persistent=False)
+        self.weight_bit, self.weight_symmetric = weight_bit, weight_symmetric
+        packed = weight_bit <= 4
+        shape = (num_embeddings, math.ceil(embedding_dim / 2) if packed else embedding_dim)
+        self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8 if packed else torch.int8, device=device))
+        self.register_buffer("weight_scale", torch.ones(num_embeddings, device=device))
+        if not weight_symmetric:
+            self.register_buffer("weight_zero_point", torch.zeros(num_embeddings, dtype=torch.int8, device=device))
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+
+    @classmethod
+    def from_qat(cls, layer: QATEmbedding) -> QuantizedEmbedding:
+        quantizer = layer.weight_quant
+        weight = layer.weight.detach().float()
+        scale, zero_point = row_qparams(weight, quantizer.bits, quantizer.symmetric)
+        codes = quantize_codes(weight, scale, zero_point, *quantizer.qrange).to(torch.int8)
+        out = cls(
+            layer.num_embeddings,
+            layer.embedding_dim,
+            weight_bit=quantizer.bits,
+            weight_symmetric=quantizer.symmetric,
+            padding_idx=layer.padding_idx,
+            device=weight.device,
+        )
+        for key in ("max_norm", "norm_type", "scale_grad_by_freq", "sparse"):
+            setattr(out, key, getattr(layer, key))
+        out.qweight = pack_int4(codes) if quantizer.bits <= 4 else codes
+        out.weight_scale = scale.reshape(-1).clone()
+        if not quantizer.symmetric:
+            out.weight_zero_point = zero_point.reshape(-1).to(torch.int8)
+        out._refresh()
+        return out
+
+    def _refresh(self) -> None:
+        codes = unpack_int4(self.qweight, self.embedding_dim) if self.weight_bit <= 4 else self.qweight
+        codes = codes.float()
+        if not self.weight_symmetric:
+            codes = codes - self.weight_zero_point.float()[:, None]
+        self.weight = codes * self.weight_scale[:, None]
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "zoo_converted": "embedding",
+            "num_embeddings": self.num_embeddings,
+            "embedding_dim": self.embedding_dim,
+            "weight_bit": self.weight_bit,
+            "weight_symmetric": self.weight_symmetric,
+            "padding_idx": self.padding_idx,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state != self.get_extra_state():
+            raise ValueError(f"QuantizedEmbedding: state dict configuration {state} differs from this layer's")
+
+
+def convert_(module: nn.Module) -> nn.Module:
+    """Replace every fake-quantized layer of ``module`` by its integer counterpart, in place, at the bit widths the
+    layers run at now; puts ``module`` in eval mode and returns it. Warns when a layer still runs above its target
+    bits (a checkpoint taken before the schedule's last stage)."""
+    above = []
+    for name, layer in list(qat_layers(module)):
+        if layer.weight_quant.bits > layer.target_weight_bit:
+            above.append(f"{name} ({layer.weight_quant.bits} > {layer.target_weight_bit})")
+        new = QuantizedLinear.from_qat(layer) if isinstance(layer, QATLinear) else QuantizedEmbedding.from_qat(layer)
+        if not name:
+            return new.eval()
+        _replace(module, name, new)
+    if above:
+        warnings.warn(
+            f"{len(above)} layers run above their target weight bits and are converted at those bits, e.g. "
+            f"{above[0]}: was the checkpoint taken before the last stage of the QAT schedule?",
+            stacklevel=2,
+        )
+    return module.eval()
+
+
+def restore_converted_layers(module: nn.Module, state_dict: Mapping[str, Any]) -> int:
+    """Swap the layers that are integer layers in ``state_dict`` for empty integer layers of the saved configuration,
+    so that ``module.load_state_dict(state_dict)`` loads it; returns how many were swapped."""
+    count = 0
+    for key, state in state_dict.items():
+        if not (key.endswith("._extra_state") and isinstance(state, Mapping) and "zoo_converted" in state):
+            continue
+        name = key[: -len("._extra_state")]
+        device = next((t.device for k, t in state_dict.items() if k.startswith(name + ".") and torch.is_tensor(t)))
+        if state["zoo_converted"] == "linear":
+            new: nn.Module = QuantizedLinear(
+                state["in_features"],
+                state["out_features"],
+                bias=state["bias"],
+                weight_bit=state["weight_bit"],
+                activation_bit=state["activation_bit"],
+                weight_symmetric=state["weight_symmetric"],
+                activation_symmetric=state["activation_symmetric"],
+                activation_granularity=state["activation_granularity"],
+                device=device,
+            )
+        else:
+            new = QuantizedEmbedding(
+                state["num_embeddings"],
+                state["embedding_dim"],
+                weight_bit=state["weight_bit"],
+                weight_symmetric=state["weight_symmetric"],
+                padding_idx=state["padding_idx"],
+                device=device,
+            )
+        _replace(module, name, new)
+        count += 1
+    return count
+
+
+def save_converted(module: nn.Module, path: str | Path, *, metadata: Mapping[str, Any] | None = None) -> int:
+    """Save a converted model as ``{"format", "metadata", "state_dict"}`` (tensors and primitives only, loadable with
+    ``weights_only=True``); returns the file size in bytes. ``metadata`` holds primitives, e.g. the hyper-parameters
+    that rebuild the model (``hparams`` with a ``_class_path``, as LightningCLI records them); other objects in it
+    are stored as their ``repr``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"format": FORMAT, "metadata": _plain(dict(metadata or {})), "state_dict": module.state_dict()}, path)
+    return path.stat().st_size
+
+
+def load_converted(
+    path: str | Path, model: nn.Module | None = None, *, map_location: str | torch.device = "cpu"
+) -> nn.Module:
+    """Load what :func:`save_converted` wrote (``torch.load(..., weights_only=True)``).
+
+    Args:
+        path: the converted file.
+        model: the float model the conversion started from (same architecture, any weights); its layers are swapped
+            for integer ones and the saved state loaded into it. ``None``: rebuild it from the ``hparams`` in the
+            file's metadata (``python -m zoo convert`` writes them).
+        map_location: where the tensors go.
+    """
+    artefact = torch.load(path, map_location=map_location, weights_only=True)
+    if not isinstance(artefact, dict) or artefact.get("format") != FORMAT:
+        raise DataError(f"{path} is not a converted zoo model (no format {FORMAT!r}); write it with save_converted")
+    if model is None:
+        model = instantiate_from_hparams(artefact["metadata"].get("hparams"), source=str(path))
+    state_dict = artefact["state_dict"]
+    restore_converted_layers(model, state_dict)
+    model.load_state_dict(state_dict)
+    return model.to(map_location).eval()
+
+
+def instantiate_from_hparams(
+    hparams: Mapping[str, Any] | None, *, source: str, model_class: str | None = None
+) -> nn.Module:
+    """Build the (untrained) model that the hyper-parameters of a checkpoint describe: LightningCLI's ``_class_path``
+    form, or any LightningModule class (``module.Class``, imported) called with ``hparams`` as keyword arguments."""
+    hparams = dict(hparams or {})
+    hparams.pop("_instantiator", None)
+    class_path = model_class or hparams.get("_class_path")
+    if not class_path:
+        raise ConfigError(
+            f"{source}: its hyper-parameters name no model class (the LightningModule did not call "
+            "save_hyperparameters under LightningCLI); give --model-class module.Class"
+        )
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ConfigError(f"model class {class_path!r} from {source} cannot be imported: {err}") from None
+    from lightning.pytorch import LightningModule
+    from lightning.pytorch.cli import instantiate_module
+
+    if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
+        raise ConfigError(f"model class {class_path!r} from {source} is not a LightningModule")
+    if "_class_path" in hparams:
+        hparams["_class_path"] = class_path
+        return instantiate_module(LightningModule, hparams)
+    return cls(**hparams)
+
+
+def _plain(value: Any) -> Any:
+    # hyper-parameters as dicts, lists and scalars only (LightningCLI's hold jsonargparse Namespaces), so that the
+    # converted file loads with weights_only=True in a process that has not imported jsonargparse
+    if hasattr(value, "as_dict"):
+        value = value.as_dict()
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    for kind in (bool, int, float, str):  # exact builtins: subclasses such as torch's TorchVersion do not load
+        if isinstance(value, kind):
+            return kind(value)
+    return None if value is None else repr(value)
+
+
+def state_dict_bytes(module: nn.Module) -> int:
+    """Bytes ``torch.save(module.state_dict())`` writes (the size on disk of the weights)."""
+    buffer = io.BytesIO()
+    torch.save(module.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
+
+
+def _summary(module: nn.Module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for m in module.modules():
+        if isinstance(m, QuantizedLinear):
+            key = f"linear W{m.weight_bit}A{m.activation_bit}"
+        elif isinstance(m, QuantizedEmbedding):
+            key = f"embedding W{m.weight_bit}"
+        else:
+            continue
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m zoo convert --ckpt RUN.ckpt --out MODEL.pt [--quant JSON] [--model-class module.Class]``.
+
+    Converts a checkpoint of a quantization-aware run (``python -m zoo fit --config vqa_qat.yaml``) into an integer
+    model; with ``--quant``, quantizes a float checkpoint after training instead (post-training quantization, no
+    calibration data needed with the default per-token activations). Prints the layers converted and the sizes.
+    """
+    parser = argparse.ArgumentParser(prog="python -m zoo convert", description=main.__doc__)
+    parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `python -m zoo fit`")
+    parser.add_argument("--out", required=True, help="file to write the converted model to (load_converted reads it)")
+    parser.add_argument(
+        "--quant",
+        help="post-training quantization of a float checkpoint: zoo.quant.quantize_ keyword arguments as JSON, "
+        'e.g. \'{"weight_bit": 4, "activation_bit": 8}\' ({} for the defaults)',
+    )
+    parser.add_argument(
+        "--model-class", help="LightningModule class (module.Class) when the checkpoint does not record one"
+    )
+    args = parser.parse_args(argv)
+    ckpt_path = Path(args.ckpt)
+    if not ckpt_path.is_file():
+        raise DataError(f"--ckpt {ckpt_path}: no such file")
+    try:
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
+        raise DataError(f"--ckpt {ckpt_path} cannot be loaded as a checkpoint (weights_only=True): {err}") from None
+    if "state_dict" not in checkpoint:
+        raise DataError(f"--ckpt {ckpt_path} has no state_dict: is it a Lightning checkpoint?")
+    hparams = checkpoint.get("hyper_parameters")
+    model = instantiate_from_hparams(hparams, source=str(ckpt_path), model_class=args.model_class)
+    float_bytes = state_dict_bytes(model)
+    state_dict = checkpoint["state_dict"]
+    swapped = restore_qat_layers(model, state_dict)
+    if swapped and args.quant is not None:
+        raise ConfigError(f"--ckpt {ckpt_path} is already quantization-aware ({swapped} layers); drop --quant")
+    if not swapped and args.quant is None:
+        raise ConfigError(
+            f"--ckpt {ckpt_path} has no quantization-aware layers: convert a run of vqa_qat.yaml, or pass --quant "
+            "for post-training quantization"
+        )
+    model.load_state_dict(state_dict)
+    if args.quant is not None:
+        try:
+            quant_config = json.loads(args.quant)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--quant is not valid JSON: {err}") from None
+        if not isinstance(quant_config, dict):
+            raise ConfigError(f"--quant must be a JSON object of quantize_ arguments, got {args.quant!r}")
+        model = quantize_(model, **quant_config)
+    model = convert_(model)
+    metadata = {
+        "hparams": dict(hparams or {}) | ({"_class_path": args.model_class} if args.model_class else {}),
+        "source": str(ckpt_path),
+        "method": "post-training" if args.quant is not None else "quantization-aware",
+        "torch": str(torch.__version__),
+    }
+    size = save_converted(model, args.out, metadata=metadata)
+    print(
+        f"converted {ckpt_path} -> {args.out}: {_summary(model)}; weights {size / 1e6:.2f} MB on disk, "
+        f"{size / float_bytes:.1%} of the float model's {float_bytes / 1e6:.2f} MB",
+        file=sys.stderr,
+    )
