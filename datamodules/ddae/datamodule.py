@@ -1,0 +1,311 @@
+"""The base of the long-tailed text classification datamodules: splits in, DDAE-rebalanced batches out.
+
+A subclass knows its class names in ``__init__`` and implements :meth:`LongTailTextDataModule.load_splits`; this base
+class validates the splits, bins the classes into ``head``/``medium``/``tail`` groups by training frequency, runs the
+Dynamic Data Augmentation Engine in :meth:`~LongTailTextDataModule.setup` when ``augmentation_strength > 0``
+(augmented copies of rare-class examples, kept when their BERTScore F1 against the original reaches
+``filter_threshold``; cached on disk) and samples training batches with a
+:class:`~datamodules.ddae.sampler.ClassAwareSampler` when ``class_weights`` is not ``"none"``.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from datamodules._common import SeededShuffleSampler, check_loader_args, collate, default_data_dir
+from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, check_strength
+from datamodules.ddae.filter import DEFAULT_THRESHOLD, BERTScoreFilter, ScoredAugmentations, score_augmentations
+from datamodules.ddae.sampler import WEIGHT_SCHEMES, ClassAwareSampler
+from zoo.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
+
+GROUP_NAMES = ("head", "medium", "tail")
+
+
+@dataclass
+class TextSplits:
+    """``(texts, labels)`` of each split; ``val``/``test`` may be ``None`` when the data has none."""
+
+    train: tuple[list[str], list[int]]
+    val: tuple[list[str], list[int]] | None = None
+    test: tuple[list[str], list[int]] | None = None
+
+
+def frequency_groups(counts: np.ndarray) -> np.ndarray:
+    """Group of each class, int64 ``[C]``: 0 (head), 1 (medium), 2 (tail): thirds of the classes ranked by training
+    count, largest first (ties by class index); with ``C`` not a multiple of 3 the head and medium get the extra."""
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    groups = np.zeros(len(counts), dtype=np.int64)
+    for g, members in enumerate(np.array_split(order, len(GROUP_NAMES))):
+        groups[members] = g
+    return groups
+
+
+class TextClassificationDataset(Dataset):
+    """``{"text": str, "label": long [], "group": long []}`` for each example."""
+
+    def __init__(self, texts: list[str], labels: list[int] | np.ndarray, class_groups: np.ndarray) -> None:
+        self.texts = list(texts)
+        self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self.groups = torch.as_tensor(class_groups)[self.labels]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"text": self.texts[index], "label": self.labels[index], "group": self.groups[index]}
+
+
+class LongTailTextDataModule(L.LightningDataModule):
+    """Text classification batches ``{"text": list[str], "label": long [B], "group": long [B]}``, rebalanced by DDAE.
+
+    Args:
+        class_names: name of each label, known at ``__init__`` (so ``num_classes`` is).
+        batch_size: examples per batch.
+        num_workers: DataLoader worker processes.
+        pin_memory: pin batches in page-locked memory; ``None`` pins when CUDA is available.
+        seed: seed of the training order, the augmentation and the sampler.
+        class_weights: ``w_y`` of the class-aware sampler: ``"none"`` (no resampling: a seeded shuffle of the
+            training set), ``"inverse"``, ``"sqrt_inverse"``, ``"effective_number"`` or one float per class (see
+            :mod:`datamodules.ddae.sampler`). Computed on the training set after augmentation.
+        effective_number_beta: ``beta`` of ``"effective_number"``.
+        sample_quality: ``f(x)`` of the sampler: ``"bertscore"`` (1 for an original example, its BERTScore F1 for an
+            augmented copy; the default) or ``"uniform"`` (1 for all).
+        augmentation_strength: in ``[0, 1]``; 0 turns augmentation off (see :mod:`datamodules.ddae.augment`).
+        max_copies: augmented copies per example of the rarest class at strength 1.
+        augmentation_ops: nlpaug operations to draw from (names in ``datamodules.ddae.augment.OPERATIONS``).
+        filter_threshold: keep an augmented copy when its BERTScore F1 against its original is at least this;
+            ``None`` keeps every copy (no filter; scores are still computed for ``sample_quality``).
+        filter_device: where BERTScore's MiniLM runs (``"cpu"``, ``"cuda"``).
+        filter_batch_size: sentences per BERTScore forward pass.
+        cache_dir: folder of the DDAE cache; default ``$ZOO_DATA_DIR/ddae`` or ``~/.cache/zoo/ddae``.
+
+    Attributes:
+        num_classes: ``len(class_names)``.
+        class_names: as given.
+        group_names: ``["head", "medium", "tail"]``.
+        class_groups: group of each class (after :meth:`setup`), int64 ``[num_classes]``.
+        augmentations: the scored copies of the last :meth:`setup` (``None`` without augmentation).
+        ddae_stats: counts and timings of the augmentation (after :meth:`setup`).
+    """
+
+    def __init__(
+        self,
+        *,
+        class_names: list[str],
+        batch_size: int = 64,
+        num_workers: int = 0,
+        pin_memory: bool | None = None,
+        seed: int = 0,
+        class_weights: str | list[float] = "none",
+        effective_number_beta: float = 0.999,
+        sample_quality: str = "bertscore",
+        augmentation_strength: float = 0.0,
+        max_copies: int = 8,
+        augmentation_ops: list[str] | None = None,
+        filter_threshold: float | None = DEFAULT_THRESHOLD,
+        filter_device: str = "cpu",
+        filter_batch_size: int = 64,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        name = type(self).__name__
+        check_loader_args(name, batch_size=batch_size, num_workers=num_workers, seed=seed)
+        if len(class_names) < 2:
+            raise ConfigError(f"{name}: {len(class_names)} classes found; classification needs at least 2")
+        if isinstance(class_weights, str):
+            if class_weights not in WEIGHT_SCHEMES:
+                raise ConfigError(f"{name}: class_weights={class_weights!r} must be one of {list(WEIGHT_SCHEMES)}")
+        elif len(class_weights) != len(class_names) or any(w < 0 for w in class_weights):
+            raise ConfigError(
+                f"{name}: class_weights must hold {len(class_names)} non-negative floats, got {list(class_weights)}"
+            )
+        if not 0 <= effective_number_beta < 1:
+            raise ConfigError(f"{name}: effective_number_beta={effective_number_beta} must be in [0, 1)")
+        if sample_quality not in ("bertscore", "uniform"):
+            raise ConfigError(f"{name}: sample_quality={sample_quality!r} must be 'bertscore' or 'uniform'")
+        try:
+            check_strength(augmentation_strength)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
+        if max_copies < 0:
+            raise ConfigError(f"{name}: max_copies={max_copies} must be >= 0")
+        ops = list(augmentation_ops or DEFAULT_OPERATIONS)
+        if not set(ops) <= set(OPERATIONS):
+            raise ConfigError(f"{name}: augmentation_ops={ops} must be taken from {list(OPERATIONS)}")
+        if filter_threshold is not None and not 0 <= filter_threshold <= 1:
+            raise ConfigError(f"{name}: filter_threshold={filter_threshold} must be in [0, 1] or null")
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.group_names = list(GROUP_NAMES)
+        self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
+        self.class_weights, self.effective_number_beta = class_weights, effective_number_beta
+        self.sample_quality = sample_quality
+        self.augmentation_strength, self.max_copies, self.augmentation_ops = augmentation_strength, max_copies, ops
+        self.filter_threshold, self.filter_device, self.filter_batch_size = (
+            filter_threshold,
+            filter_device,
+            filter_batch_size,
+        )
+        self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_data_dir("ddae")
+        self.class_groups: np.ndarray | None = None
+        self.augmentations: ScoredAugmentations | None = None
+        self.ddae_stats: dict[str, float] = {}
+        self.train_dataset: TextClassificationDataset | None = None
+        self._train_quality: np.ndarray | None = None
+        self._original_train: tuple[list[str], list[int]] = ([], [])
+        self._sampler: Sampler | None = None
+        self._pending_sampler_state: dict | None = None
+
+    # -- what a subclass provides ---------------------------------------------------------------------------------
+    def load_splits(self) -> TextSplits:  # pragma: no cover - abstract
+        """The raw splits; labels index ``class_names``."""
+        raise NotImplementedError
+
+    # -- setup ----------------------------------------------------------------------------------------------------
+    def setup(self, stage: str | None = None) -> None:
+        """Load and check the splits and bin the classes (once); for ``fit`` (or no stage), run DDAE on the training
+        split (once; cached on disk). ``validate``/``test``/``predict`` alone do not augment."""
+        if self.train_dataset is None:
+            splits = self.load_splits()
+            texts, labels = splits.train
+            self._check_split("train", texts, labels)
+            counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=self.num_classes)
+            self.class_groups = frequency_groups(counts)
+            self._original_train = (list(texts), list(labels))
+            self._train_quality = np.ones(len(texts))
+            self.train_dataset = TextClassificationDataset(texts, labels, self.class_groups)
+            self.val_dataset = self._eval_dataset("val", splits.val)
+            self.test_dataset = self._eval_dataset("test", splits.test)
+        if stage in (None, "fit") and self.augmentations is None and self.augmentation_strength > 0 and self.max_copies:
+            self._augment(*self._original_train)
+
+    def _augment(self, texts: list[str], labels: list[int]) -> None:
+        self.augmentations = aug = score_augmentations(
+            texts,
+            labels,
+            augmenter=TextAugmenter(
+                strength=self.augmentation_strength,
+                max_copies=self.max_copies,
+                operations=self.augmentation_ops,
+                seed=self.seed,
+            ),
+            scorer=BERTScoreFilter(device=self.filter_device, batch_size=self.filter_batch_size),
+            num_classes=self.num_classes,
+            cache_dir=self.cache_dir,
+        )
+        keep = np.ones(len(aug.texts), bool) if self.filter_threshold is None else aug.f1 >= self.filter_threshold
+        train_texts = texts + [t for t, k in zip(aug.texts, keep, strict=True) if k]
+        train_labels = labels + [labels[s] for s, k in zip(aug.source, keep, strict=True) if k]
+        quality = np.concatenate([np.ones(len(texts)), aug.f1[keep].clip(0.0, 1.0)])
+        self._train_quality = quality if self.sample_quality == "bertscore" else np.ones(len(train_texts))
+        self.train_dataset = TextClassificationDataset(train_texts, train_labels, self.class_groups)
+        self.ddae_stats = {
+            "original": len(texts),
+            "augmented": len(aug.texts),
+            "kept": int(keep.sum()),
+            "rejected_fraction": float(1 - keep.mean()) if len(keep) else 0.0,
+            "augment_seconds": aug.augment_seconds,
+            "score_seconds": aug.score_seconds,
+            "from_cache": aug.from_cache,
+        }
+        log.info("DDAE: %s", self.ddae_stats)
+
+    def _eval_dataset(self, split: str, data: tuple[list[str], list[int]] | None) -> TextClassificationDataset | None:
+        if data is None:
+            return None
+        self._check_split(split, *data)
+        return TextClassificationDataset(data[0], data[1], self.class_groups)
+
+    def _check_split(self, split: str, texts: list[str], labels: list[int]) -> None:
+        name = type(self).__name__
+        if len(texts) != len(labels):
+            raise DataError(f"{name}: the {split} split has {len(texts)} texts but {len(labels)} labels")
+        if split == "train" and not texts:
+            raise DataError(f"{name}: the training split is empty")
+        for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{name}: {split} example {i} has an empty or non-string text: {text!r}")
+            if not 0 <= label < self.num_classes:
+                raise DataError(f"{name}: {split} example {i} has label {label} outside [0, {self.num_classes})")
+
+    # -- loaders --------------------------------------------------------------------------------------------------
+    def train_sampler(self) -> Sampler:
+        """The training order: a :class:`ClassAwareSampler` (``class_weights`` not ``"none"``) or a seeded shuffle."""
+        if self.train_dataset is None:
+            raise RuntimeError(f"{type(self).__name__}: call setup() before asking for the training sampler")
+        if self.class_weights == "none":
+            sampler: Sampler = SeededShuffleSampler(self.train_dataset, self.seed)
+        else:
+            sampler = ClassAwareSampler(
+                self.train_dataset.labels.numpy(),
+                class_weights=self.class_weights,
+                quality=self._train_quality,
+                num_classes=self.num_classes,
+                beta=self.effective_number_beta,
+                seed=self.seed,
+            )
+        if self._pending_sampler_state is not None:
+            sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        return sampler
+
+    def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available() if self.pin_memory is None else self.pin_memory,
+            collate_fn=collate,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        self._sampler = self.train_sampler()
+        return self._loader(self.train_dataset, self._sampler)
+
+    def val_dataloader(self) -> DataLoader | list:
+        return self._loader(self.val_dataset) if self.val_dataset is not None else []
+
+    def test_dataloader(self) -> DataLoader | list:
+        return self._loader(self.test_dataset) if self.test_dataset is not None else []
+
+    def predict_dataloader(self) -> DataLoader | list:
+        return self.test_dataloader()
+
+    # -- resume ---------------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The training sampler's state; its position is the number of examples the trainer has consumed."""
+        if self._sampler is None or not hasattr(self._sampler, "state_dict"):
+            return {}
+        if isinstance(self._sampler, ClassAwareSampler):
+            consumed = None
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:
+                batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+                consumed = min(batches * self.batch_size, self._sampler.num_samples)
+            return {"sampler": self._sampler.state_dict(consumed)}
+        return {"sampler": self._sampler.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "sampler" in state_dict:
+            self._pending_sampler_state = dict(state_dict["sampler"])
+
+
+__all__ = [
+    "GROUP_NAMES",
+    "LongTailTextDataModule",
+    "TextClassificationDataset",
+    "TextSplits",
+    "frequency_groups",
+]

@@ -1,0 +1,231 @@
+"""Class-aware resampling: draw example ``x`` of class ``y`` with probability ``w_y f(x) / sum_x' w_y' f(x')``.
+
+``w_y`` is a class weight computed from the class counts ``n_y`` of the sampled data set:
+
+* ``"none"``: 1 (plain sampling with replacement; ``f`` alone shapes it);
+* ``"inverse"``: ``1 / n_y``, so every class is drawn equally often (class-balanced sampling);
+* ``"sqrt_inverse"``: ``1 / sqrt(n_y)``, class frequencies proportional to ``sqrt(n_y)`` (square-root sampling,
+  Mahajan et al. 2018), a milder rebalancing that costs the head classes less;
+* ``"effective_number"``: ``(1 - beta) / (1 - beta ** n_y)``, the inverse of the effective number of samples of Cui
+  et al. 2019 ("Class-Balanced Loss Based on Effective Number of Samples"): ``beta=0`` is ``"none"``, ``beta -> 1``
+  is ``"inverse"``;
+* a list of ``num_classes`` non-negative floats given by the user.
+
+``f(x)`` is a per-example quality score, non-negative. The default is 1 for every example; the DDAE datamodule passes
+the BERTScore F1 of an augmented sentence against its original (1 for originals), so that within a class, real
+examples are drawn most and the augmentations in proportion to how faithful they are.
+
+A class's total probability is ``w_y * sum_{x in y} f(x)``: with ``f = 1`` and ``"inverse"`` every class is equally
+likely, whatever its size.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DistributedSampler
+
+from zoo.errors import ConfigError
+
+WEIGHT_SCHEMES = ("none", "inverse", "sqrt_inverse", "effective_number")
+
+
+def class_weights(
+    counts: Sequence[int] | np.ndarray, scheme: str | Sequence[float] = "inverse", *, beta: float = 0.999
+) -> np.ndarray:
+    """``w_y`` for classes of sizes ``counts`` ``[C]``: float64 ``[C]``, 0 for empty classes.
+
+    Args:
+        counts: examples per class.
+        scheme: one of :data:`WEIGHT_SCHEMES`, or ``C`` user-given non-negative weights.
+        beta: of ``"effective_number"``, in ``[0, 1)``.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    if not isinstance(scheme, str):
+        weights = np.asarray(list(scheme), dtype=np.float64)
+        if weights.shape != counts.shape:
+            raise ConfigError(f"class_weights: {len(weights)} weights given for {len(counts)} classes")
+        if not np.all(np.isfinite(weights)) or np.any(weights < 0):
+            raise ConfigError(f"class_weights: weights {weights.tolist()} must be finite and >= 0")
+        return np.where(counts > 0, weights, 0.0)
+    present = counts > 0
+    safe = np.where(present, counts, 1.0)
+    if scheme == "none":
+        weights = np.ones_like(counts)
+    elif scheme == "inverse":
+        weights = 1.0 / safe
+    elif scheme == "sqrt_inverse":
+        weights = 1.0 / np.sqrt(safe)
+    elif scheme == "effective_number":
+        if not 0 <= beta < 1:
+            raise ConfigError(f"class_weights: beta={beta} must be in [0, 1)")
+        weights = (1.0 - beta) / (1.0 - np.power(beta, safe))
+    else:
+        raise ConfigError(f"class_weights: scheme={scheme!r} must be one of {WEIGHT_SCHEMES} or a list of weights")
+    return np.where(present, weights, 0.0)
+
+
+_class_weights = class_weights  # the sampler's argument of the same name shadows it
+
+
+class ClassAwareSampler(DistributedSampler):
+    """Draws ``num_samples`` indices per epoch, with replacement, ``p(x) = w_y f(x) / sum``; sharded by rank.
+
+    The epoch's global sequence is a pure function of ``(seed, epoch)``: Lightning calls :meth:`set_epoch` before
+    every epoch. Under DDP, rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of that sequence (its length
+    rounded up to a multiple of ``R``), so the ranks together draw the same indices as one process would. It
+    subclasses ``DistributedSampler`` only so that Lightning does not wrap it in one: it shards itself.
+
+    :meth:`state_dict` records ``(seed, epoch, position)``, where ``position`` counts the indices of the current
+    epoch this rank has handed out (or ``consumed``, if the caller knows better: a DataLoader fetches ahead); after
+    :meth:`load_state_dict` the next iteration resumes at that position, and later epochs start from 0.
+
+    Args:
+        labels: class of each example, ``[N]`` ints in ``[0, num_classes)``.
+        class_weights: ``w_y``: a scheme name of :func:`class_weights` or ``num_classes`` floats.
+        quality: ``f(x)``, ``[N]`` non-negative floats; 1 for every example by default.
+        num_classes: number of classes; ``max(labels) + 1`` by default.
+        num_samples: indices drawn per epoch over all ranks; ``len(labels)`` by default.
+        beta: of ``"effective_number"``.
+        seed: a non-negative integer.
+        num_replicas: number of ranks; the process group's world size (1 without one) by default.
+        rank: this process's rank; the process group's by default.
+    """
+
+    def __init__(
+        self,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        *,
+        class_weights: str | Sequence[float] = "inverse",
+        quality: Sequence[float] | np.ndarray | torch.Tensor | None = None,
+        num_classes: int | None = None,
+        num_samples: int | None = None,
+        beta: float = 0.999,
+        seed: int = 0,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+    ) -> None:
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        if len(labels) == 0:
+            raise ConfigError("ClassAwareSampler: labels is empty")
+        num_classes = int(labels.max()) + 1 if num_classes is None else num_classes
+        if labels.min() < 0 or labels.max() >= num_classes:
+            raise ConfigError(
+                f"ClassAwareSampler: labels must lie in [0, {num_classes}), got {labels.min()}..{labels.max()}"
+            )
+        quality = np.ones(len(labels)) if quality is None else np.asarray(quality, dtype=np.float64).reshape(-1)
+        if quality.shape != labels.shape:
+            raise ConfigError(f"ClassAwareSampler: quality has {len(quality)} scores for {len(labels)} labels")
+        if not np.all(np.isfinite(quality)) or np.any(quality < 0):
+            raise ConfigError("ClassAwareSampler: quality scores f(x) must be finite and >= 0")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ConfigError(f"ClassAwareSampler: seed={seed!r} must be a non-negative integer")
+        self.labels = labels
+        self.counts = np.bincount(labels, minlength=num_classes)
+        #: ``w_y``, float64 ``[num_classes]``.
+        self.weights = _class_weights(self.counts, class_weights, beta=beta)
+        self.quality = quality
+        mass = self.weights[labels] * quality
+        if mass.sum() <= 0:
+            raise ConfigError("ClassAwareSampler: every example has probability 0 (w_y * f(x) sums to 0)")
+        #: ``p(x)``, float64 ``[N]``: the probability of drawing each example.
+        self.probabilities = mass / mass.sum()
+        self.total_samples = len(labels) if num_samples is None else int(num_samples)
+        if self.total_samples < 1:
+            raise ConfigError(f"ClassAwareSampler: num_samples={num_samples} must be >= 1")
+        self._replicas, self._rank = num_replicas, rank
+        if num_replicas is not None and num_replicas < 1:
+            raise ConfigError(f"ClassAwareSampler: num_replicas={num_replicas} must be >= 1")
+        if rank is not None and not 0 <= rank < (num_replicas or 1):
+            raise ConfigError(f"ClassAwareSampler: rank={rank} must be in [0, num_replicas={num_replicas})")
+        self.seed = int(seed)
+        self.epoch = 0
+        self.position = 0  # indices of this epoch already handed out by this rank
+        self._resume_at = 0
+        self.shuffle, self.drop_last, self.dataset = True, False, None  # DistributedSampler's attributes
+
+    # -- ranks --------------------------------------------------------------------------------------------------
+    @property
+    def num_replicas(self) -> int:
+        if self._replicas is not None:
+            return self._replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @num_replicas.setter
+    def num_replicas(self, value: int) -> None:
+        self._replicas = value
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        self._rank = value
+
+    @property
+    def num_samples(self) -> int:
+        """Indices this rank draws per epoch."""
+        return math.ceil(self.total_samples / self.num_replicas)
+
+    # -- order --------------------------------------------------------------------------------------------------
+    def set_epoch(self, epoch: int) -> None:
+        """Select the draw of epoch ``epoch``; a position loaded by :meth:`load_state_dict` survives only if the
+        epoch is the loaded one."""
+        if epoch < 0:
+            raise ConfigError(f"ClassAwareSampler: epoch={epoch} must be >= 0")
+        if epoch != self.epoch:
+            self._resume_at = 0
+        self.epoch = int(epoch)
+
+    def global_indices(self, epoch: int | None = None) -> np.ndarray:
+        """The whole draw of ``epoch`` (this one by default) over all ranks: int64 ``[num_samples * num_replicas]``."""
+        epoch = self.epoch if epoch is None else epoch
+        rng = np.random.default_rng([self.seed, epoch])
+        total = self.num_samples * self.num_replicas
+        cumulative = np.cumsum(self.probabilities)
+        draws = np.searchsorted(cumulative, rng.random(total) * cumulative[-1], side="right")
+        return np.minimum(draws, len(self.probabilities) - 1)
+
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's indices of ``epoch``: int64 ``[num_samples]``."""
+        return self.global_indices(epoch)[self.rank :: self.num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        start, self._resume_at = self._resume_at, 0
+        self.position = start
+        for index in self.indices()[start:].tolist():
+            self.position += 1
+            yield index
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    # -- resume -------------------------------------------------------------------------------------------------
+    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
+        """``{"seed", "epoch", "position"}``; ``consumed`` overrides the position (indices this rank has used)."""
+        position = self.position if consumed is None else int(consumed)
+        return {"seed": self.seed, "epoch": self.epoch, "position": position, "num_replicas": self.num_replicas}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume: the next iteration of epoch ``state["epoch"]`` starts at ``state["position"]``."""
+        if state.get("num_replicas", self.num_replicas) != self.num_replicas:
+            raise ConfigError(
+                f"ClassAwareSampler: the state was saved with {state['num_replicas']} ranks, resumed on "
+                f"{self.num_replicas}; an exact resume needs the same number"
+            )
+        if not 0 <= state["position"] <= self.num_samples:
+            raise ConfigError(f"ClassAwareSampler: position={state['position']} outside [0, {self.num_samples}]")
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.position = self._resume_at = int(state["position"])
+
+
+__all__ = ["WEIGHT_SCHEMES", "ClassAwareSampler", "class_weights"]

@@ -1,0 +1,53 @@
+"""The BERTScore filter keeps paraphrases, rejects destroyed sentences, and caches its work keyed by configuration."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datamodules.ddae.augment import TextAugmenter
+from datamodules.ddae.filter import BERTScoreFilter, score_augmentations
+from zoo.errors import DataError
+
+
+@pytest.fixture(scope="module")
+def scorer() -> BERTScoreFilter:
+    return BERTScoreFilter(progress=False)
+
+
+def test_filter_keeps_a_paraphrase_and_rejects_a_sentence_whose_meaning_was_destroyed(scorer):
+    original = "a domestic animal kept for companionship or for hunting"
+    paraphrase = "a tame animal kept for company or for hunting"
+    destroyed = "purple seventeen galaxy pencil thunder under lemon keyboard"  # every word replaced
+    scores = scorer.score([paraphrase, destroyed], [original, original])
+    assert scorer.keep(scores).tolist() == [True, False], scores
+    # the threshold sits well inside the gap, not on its edge
+    assert scores[0] - scorer.threshold > 0.05 and scorer.threshold - scores[1] > 0.2
+
+
+def test_filter_rejects_empty_candidates(scorer):
+    with pytest.raises(DataError, match="candidate 0"):
+        scorer.score([" "], ["a sentence"])
+
+
+def test_second_run_reads_the_cache_instead_of_recomputing(tmp_path, scorer, monkeypatch):
+    texts = ["move quickly on foot", "a large building where people worship", "an official record of events"]
+    labels = [0, 0, 1]
+    augmenter = TextAugmenter(strength=0.5, max_copies=2, seed=0)
+    first = score_augmentations(texts, labels, augmenter=augmenter, scorer=scorer, cache_dir=tmp_path)
+    assert not first.from_cache and len(first.texts) > 0
+    assert len(list(tmp_path.glob("ddae_*.json"))) == 1
+
+    def fail(*args, **kwargs):
+        raise AssertionError("recomputed")
+
+    monkeypatch.setattr(BERTScoreFilter, "score", fail)
+    monkeypatch.setattr(TextAugmenter, "__call__", fail)
+    second = score_augmentations(texts, labels, augmenter=augmenter, scorer=scorer, cache_dir=tmp_path)
+    assert second.from_cache and second.texts == first.texts
+    assert np.allclose(second.f1, first.f1, atol=1e-5)
+    monkeypatch.undo()
+    # another configuration is another cache entry
+    other = TextAugmenter(strength=0.5, max_copies=2, seed=1)
+    score_augmentations(texts, labels, augmenter=other, scorer=scorer, cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("ddae_*.json"))) == 2

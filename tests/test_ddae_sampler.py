@@ -1,0 +1,139 @@
+"""The class-aware sampler: its frequencies match w_y f(x), its order is (seed, epoch), it shards and resumes."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from datamodules.ddae.sampler import ClassAwareSampler, class_weights
+from zoo.errors import ConfigError
+
+
+def _long_tail_labels(rng: np.random.Generator) -> np.ndarray:
+    counts = [400, 150, 60, 20, 5, 1]
+    return rng.permutation(np.repeat(np.arange(len(counts)), counts))
+
+
+@pytest.mark.parametrize("scheme", ["none", "inverse", "sqrt_inverse", "effective_number", [0.5, 1, 2, 0, 3, 1]])
+def test_empirical_class_frequencies_match_weight_times_quality(scheme):
+    rng = np.random.default_rng(0)
+    labels = _long_tail_labels(rng)
+    quality = rng.uniform(0.2, 1.0, len(labels))
+    draws = 100_000
+    sampler = ClassAwareSampler(labels, class_weights=scheme, quality=quality, num_samples=draws, beta=0.99, seed=3)
+    w = class_weights(np.bincount(labels), scheme, beta=0.99)
+    mass = np.array([w[y] * quality[labels == y].sum() for y in range(6)])
+    expected = mass / mass.sum()
+    observed = np.bincount(labels[np.fromiter(sampler, int)], minlength=6) / draws
+    # each class count is binomial(draws, p_y): 5 standard deviations bound a false failure at ~6e-7 per class
+    bound = 5 * np.sqrt(expected * (1 - expected) / draws)
+    assert np.all(np.abs(observed - expected) <= bound + 1e-12), (observed, expected, bound)
+
+
+def test_within_a_class_examples_are_drawn_in_proportion_to_quality():
+    labels = np.array([0, 0, 0, 1, 1])
+    quality = np.array([1.0, 2.0, 5.0, 1.0, 1.0])
+    draws = 100_000
+    sampler = ClassAwareSampler(labels, class_weights="inverse", quality=quality, num_samples=draws, seed=1)
+    observed = np.bincount(np.fromiter(sampler, int), minlength=5)[:3] / draws
+    mass = quality / np.array([3, 3, 3, 2, 2])  # w_y = 1 / n_y
+    expected = mass[:3] / mass.sum()
+    bound = 5 * np.sqrt(expected * (1 - expected) / draws)
+    assert np.all(np.abs(observed - expected) <= bound)
+
+
+def test_inverse_weights_balance_classes_and_effective_number_lies_between():
+    counts = np.array([1000, 100, 10])
+    inverse = class_weights(counts, "inverse")
+    assert np.allclose(inverse * counts, 1.0)
+    effective = class_weights(counts, "effective_number", beta=0.99)
+    ratio = effective[2] / effective[0]
+    assert 1.0 < ratio < inverse[2] / inverse[0]  # milder than inverse, stronger than none
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    labels = _long_tail_labels(np.random.default_rng(1))
+    a = ClassAwareSampler(labels, seed=7)
+    b = ClassAwareSampler(labels, seed=7)
+    a.set_epoch(3)
+    b.set_epoch(3)
+    assert list(a) == list(b)
+    b.set_epoch(4)
+    assert list(a) != list(b)
+    assert list(ClassAwareSampler(labels, seed=8)) != list(ClassAwareSampler(labels, seed=7))
+
+
+def test_ranks_shard_the_global_draw_without_overlap():
+    labels = _long_tail_labels(np.random.default_rng(2))
+    ranks = [ClassAwareSampler(labels, num_samples=101, seed=5, num_replicas=3, rank=r) for r in range(3)]
+    for sampler in ranks:
+        sampler.set_epoch(2)
+    shards = [list(s) for s in ranks]
+    assert all(len(shard) == len(ranks[0]) == 34 for shard in shards)  # ceil(101 / 3)
+    interleaved = [shards[r][i] for i in range(34) for r in range(3)]
+    assert interleaved == ranks[0].global_indices().tolist()
+
+
+def test_state_round_trips_for_an_exact_resume_mid_epoch():
+    labels = _long_tail_labels(np.random.default_rng(3))
+    uninterrupted = ClassAwareSampler(labels, seed=11)
+    uninterrupted.set_epoch(5)
+    expected = list(uninterrupted)
+
+    first = ClassAwareSampler(labels, seed=11)
+    first.set_epoch(5)
+    iterator = iter(first)
+    seen = [next(iterator) for _ in range(137)]
+    state = first.state_dict()
+    assert state["position"] == 137 and state["epoch"] == 5
+
+    resumed = ClassAwareSampler(labels, seed=0)  # the seed comes back from the state
+    resumed.load_state_dict(state)
+    resumed.set_epoch(5)  # Lightning sets the same epoch again on restart: the position survives
+    assert seen + list(resumed) == expected
+    resumed.set_epoch(6)  # the next epoch starts from the beginning
+    assert len(list(resumed)) == len(labels)
+
+
+def test_bad_arguments_raise_config_errors():
+    labels = np.array([0, 1, 1])
+    with pytest.raises(ConfigError, match="scheme"):
+        ClassAwareSampler(labels, class_weights="balanced")
+    with pytest.raises(ConfigError, match="quality"):
+        ClassAwareSampler(labels, quality=[1.0, -1.0, 1.0])
+    with pytest.raises(ConfigError, match="weights given"):
+        ClassAwareSampler(labels, class_weights=[1.0])
+    with pytest.raises(ConfigError, match="probability 0"):
+        ClassAwareSampler(labels, quality=[0.0, 0.0, 0.0])
+    sampler = ClassAwareSampler(labels, num_replicas=2, rank=0)
+    with pytest.raises(ConfigError, match="ranks"):
+        ClassAwareSampler(labels, num_replicas=1, rank=0).load_state_dict(sampler.state_dict())
+
+
+def test_datamodule_checkpoint_state_resumes_the_training_order_after_the_consumed_batches(tmp_path):
+    from types import SimpleNamespace
+
+    from datamodules.text_folder import TextFolderDataModule
+
+    rows = [f"text number {i},{'abc'[min(i % 7, 2)]}" for i in range(40)]
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "\n".join(rows) + "\n")
+
+    def batches(dm):
+        return [b["text"] for b in dm.train_dataloader()]
+
+    def make():
+        dm = TextFolderDataModule(train_file=str(train), class_weights="inverse", batch_size=4, seed=2)
+        dm.setup("fit")
+        return dm
+
+    expected = batches(make())
+    first = make()
+    first.train_dataloader()
+    progress = SimpleNamespace(current=SimpleNamespace(processed=3))  # what Lightning's fit loop counts
+    first.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    state = first.state_dict()
+    assert state["sampler"]["position"] == 12
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert batches(resumed) == expected[3:]
