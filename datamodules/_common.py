@@ -11,6 +11,7 @@ from collections.abc import Iterator, Sized
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import numpy as np
 import torch
 from torch import Tensor
@@ -143,3 +144,35 @@ def check_loader_args(owner: str, *, batch_size: int, num_workers: int, seed: in
 def _check_seed(name: str, seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"{name}={seed!r} must be a non-negative integer")
+
+
+class SplitLoaders(L.LightningDataModule):
+    """The loaders of a datamodule whose ``setup`` builds ``train_dataset``, ``val_dataset`` and ``test_dataset`` and
+    which sets ``batch_size``, ``num_workers``, ``pin_memory`` and ``seed``: the training loader shuffles with
+    :class:`SeededShuffleSampler`, the others keep order; predict runs on the test split."""
+
+    batch_size: int
+    num_workers: int
+    pin_memory: bool | None
+    seed: int
+
+    def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
+        return make_loader(
+            dataset,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            shuffle_seed=self.seed if shuffle else None,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(self.train_dataset, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader(self.val_dataset, shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)
+
+    def predict_dataloader(self) -> DataLoader:
+        return self._loader(self.test_dataset, shuffle=False)

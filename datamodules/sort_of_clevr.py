@@ -26,12 +26,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules._common import check_loader_args, default_data_dir, make_loader, normalize_image
+from datamodules._common import SplitLoaders, check_loader_args, default_data_dir, normalize_image
 from zoo.errors import ConfigError, DataError
 
 IMAGE_SIZE = 75
@@ -256,8 +255,12 @@ class SortOfCLEVRDataset(Dataset):
         if not 0 <= index < len(self):
             raise IndexError(f"index {index} out of range for {len(self)} questions")
         batch = self.__getitems__([index])
-        return {"image": batch["image"][0], "text": batch["text"][0], "label": batch["label"][0],
-                "group": batch["group"][0]}
+        return {
+            "image": batch["image"][0],
+            "text": batch["text"][0],
+            "label": batch["label"][0],
+            "group": batch["group"][0],
+        }
 
     def __getitems__(self, indices: list[int]) -> dict[str, Any]:
         """The batch of ``indices`` at once: equal to :func:`~datamodules._common.collate` of their items."""
@@ -312,7 +315,7 @@ def _apply_symmetries(
     return images, labels
 
 
-class SortOfCLEVRDataModule(L.LightningDataModule):
+class SortOfCLEVRDataModule(SplitLoaders):
     """Sort-of-CLEVR questions in batches ``{"image": [B, 3, 75, 75], "text": list[str], "label": [B], "group": [B]}``.
 
     Splits are by image: the first ``test_images`` images are the test split, the next ``val_images`` validation, the
@@ -396,24 +399,3 @@ class SortOfCLEVRDataModule(L.LightningDataModule):
         self.train_dataset = SortOfCLEVRDataset(
             scenes, np.arange(val_end, self.num_images), symmetries=self.symmetries, seed=self.seed
         )
-
-    def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
-        return make_loader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            shuffle_seed=self.seed if shuffle else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)

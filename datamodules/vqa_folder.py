@@ -25,13 +25,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
-from datamodules._common import IGNORE_INDEX, check_loader_args, make_loader, normalize_image
+from datamodules._common import IGNORE_INDEX, SplitLoaders, check_loader_args, normalize_image
 from zoo.errors import ConfigError, DataError
 
 LAYOUTS = ("auto", "clevr", "vqa_v2")
@@ -216,7 +215,7 @@ class VQAFolderDataset(Dataset):
         }
 
 
-class VQAFolderDataModule(L.LightningDataModule):
+class VQAFolderDataModule(SplitLoaders):
     """A CLEVR or VQA v2 folder in batches ``{"image": [B, 3, S, S], "text": list[str], "label": [B], "group": [B]}``.
 
     The question and annotation files are read in ``__init__`` (``num_classes`` and ``group_names`` depend on them),
@@ -343,24 +342,3 @@ class VQAFolderDataModule(L.LightningDataModule):
             self.train_dataset = self.dataset("train")
             self.val_dataset = self.dataset("val")
             self.test_dataset = self.dataset("test")
-
-    def _loader(self, dataset: Dataset, *, shuffle: bool) -> DataLoader:
-        return make_loader(
-            dataset,
-            batch_size=self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            shuffle_seed=self.seed if shuffle else None,
-        )
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader(self.val_dataset, shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
-
-    def predict_dataloader(self) -> DataLoader:
-        return self._loader(self.test_dataset, shuffle=False)
