@@ -17,10 +17,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from zoo.contracts import IGNORE_INDEX  # noqa: F401  (re-exported: the datamodules' label contract)
 from zoo.errors import ConfigError
-
-#: label of an example whose answer is outside the answer vocabulary; ``F.cross_entropy`` ignores it by default.
-IGNORE_INDEX = -100
 
 
 class SeededShuffleSampler(Sampler[int]):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from zoo.contracts import IGNORE_INDEX
 from zoo.errors import ZooUserError
 from zoo.optim import ScheduleFactory, WarmupCosine
 
@@ -47,6 +51,22 @@ class ZooTask(LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # -- every task of the zoo classifies: logits [B, num_classes] against batch["label"] [B] (-100 is ignored) ----
+    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
+        return F.cross_entropy(
+            logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=getattr(self, "label_smoothing", 0.0)
+        )
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        logits = self(batch)
+        labels = batch["label"]
+        loss = self._loss(logits, labels)
+        self.check_finite(loss)
+        valid = labels != IGNORE_INDEX
+        acc = (logits.argmax(-1)[valid] == labels[valid]).float().mean()
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(labels))
+        return loss
 
     def check_finite(self, loss: Tensor) -> None:
         """Stop with a clear message when the loss is NaN or infinite, instead of training on garbage."""

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
@@ -79,18 +78,6 @@ class TextClassifier(ZooTask):
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         return self.head(self.encoder(batch["text"]).pooled_mean())
-
-    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits = self(batch)
-        labels = batch["label"]
-        loss = self._loss(logits, labels)
-        self.check_finite(loss)
-        acc = (logits.argmax(-1) == labels).float().mean()
-        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(labels))
-        return loss
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         logits = self(batch)

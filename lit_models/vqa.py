@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch.cli import OptimizerCallable
 from lightning.pytorch.core.mixins.hparams_mixin import _given_hyperparameters
 from torch import Tensor, nn
@@ -13,12 +12,10 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_models._task import ZooTask
-from zoo.contracts import Encoder, Fusion
+from zoo.contracts import IGNORE_INDEX, Encoder, Fusion
 from zoo.errors import ConfigError
 from zoo.model import MultimodalModel
 from zoo.optim import ScheduleFactory, WarmupCosine
-
-IGNORE_INDEX = -100
 
 
 class VQA(ZooTask):
@@ -77,19 +74,6 @@ class VQA(ZooTask):
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
         return self.head(self.model(batch).pooled)
-
-    def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=self.label_smoothing)
-
-    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        logits = self(batch)
-        loss = self._loss(logits, batch["label"])
-        self.check_finite(loss)
-        labels = batch["label"]
-        valid = labels != IGNORE_INDEX
-        acc = (logits.argmax(-1)[valid] == labels[valid]).float().mean()
-        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(labels))
-        return loss
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         logits = self(batch)

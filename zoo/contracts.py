@@ -22,7 +22,11 @@ from torch import Tensor, nn
 
 from zoo.errors import ConfigError
 
-__all__ = ["FFN", "FFNFactory", "Encoder", "Fused", "Fusion", "Tokens"]
+__all__ = ["FFN", "IGNORE_INDEX", "FFNFactory", "Encoder", "Fused", "Fusion", "Tokens"]
+
+#: ``batch["label"]`` of an example that the loss and the metrics leave out (e.g. an answer outside the vocabulary);
+#: the default ``ignore_index`` of ``F.cross_entropy``.
+IGNORE_INDEX = -100
 
 
 @dataclass
