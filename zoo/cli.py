@@ -110,6 +110,7 @@ def _user_error(err: BaseException, seen: set[int] | None = None) -> BaseExcepti
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``python -m zoo`` and of the ``zoo`` console script."""
+    from_command_line = argv is None
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv and argv[0] == "components":
@@ -122,7 +123,11 @@ def main(argv: list[str] | None = None) -> None:
 
             convert_main(argv[1:])
             return
-        ZooCLI(args=resolve_config_args(argv))
+        if from_command_line:  # LightningCLI reads sys.argv itself (and warns when given both)
+            sys.argv[1:] = resolve_config_args(argv)
+            ZooCLI()
+        else:
+            ZooCLI(args=resolve_config_args(argv))
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:
