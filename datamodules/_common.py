@@ -42,11 +42,14 @@ class SeededShuffleSampler(Sampler[int]):
         _check_seed("seed", seed)
         self.seed = int(seed)
         self.epoch = 0
+        self._resume_at = 0  # where the next iteration starts, after load_state_dict of a mid-epoch state
 
     def set_epoch(self, epoch: int) -> None:
         """Select the permutation of epoch ``epoch`` (a non-negative integer)."""
         if epoch < 0:
             raise ConfigError(f"SeededShuffleSampler: epoch={epoch} must be >= 0")
+        if int(epoch) != self.epoch:
+            self._resume_at = 0
         self.epoch = int(epoch)
         if self._dataset_set_epoch is not None:
             self._dataset_set_epoch(self.epoch)
@@ -56,18 +59,24 @@ class SeededShuffleSampler(Sampler[int]):
         return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self.permutation().tolist())
+        start, self._resume_at = self._resume_at, 0
+        return iter(self.permutation()[start:].tolist())
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch}
+    def state_dict(self, consumed: int = 0) -> dict[str, int]:
+        """``{"seed", "epoch", "position"}``: ``position`` is how many indices of this epoch were used (``consumed``,
+        given by the caller, who knows what a prefetching DataLoader has really delivered)."""
+        return {"seed": self.seed, "epoch": self.epoch, "position": int(consumed)}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        """Resume: the next iteration of epoch ``state["epoch"]`` starts at ``state["position"]``."""
         _check_seed("seed", state["seed"])
-        self.seed = int(state["seed"])
-        self.set_epoch(state["epoch"])
+        position = int(state.get("position", 0))
+        if not 0 <= position <= self.num_samples:
+            raise ConfigError(f"SeededShuffleSampler: position={position} outside [0, {self.num_samples}]")
+        self.seed, self.epoch, self._resume_at = int(state["seed"]), int(state["epoch"]), position
 
 
 def normalize_image(image: np.ndarray | Tensor) -> Tensor:
@@ -164,7 +173,27 @@ class SplitLoaders(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(self.train_dataset, shuffle=True)
+        loader = self._loader(self.train_dataset, shuffle=True)
+        self._train_sampler = loader.sampler
+        pending = getattr(self, "_pending_sampler_state", None)
+        if pending is not None:
+            self._train_sampler.load_state_dict(pending)
+            self._pending_sampler_state = None
+        return loader
+
+    def state_dict(self) -> dict:
+        """The training order's state, saved in checkpoints: a run resumed mid-epoch goes on with the batches the
+        interrupted one had not trained on."""
+        sampler = getattr(self, "_train_sampler", None)
+        trainer = getattr(self, "trainer", None)
+        if sampler is None or trainer is None:
+            return {}
+        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"sampler": sampler.state_dict(consumed=min(processed * self.batch_size, len(sampler)))}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "sampler" in state_dict:
+            self._pending_sampler_state = dict(state_dict["sampler"])
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

@@ -12,7 +12,8 @@ from lightning.pytorch import Callback
 from zoo.cli import ZooCLI, resolve_config_args
 
 TINY = [
-    "--config", "vqa.yaml",
+    "--config",
+    "vqa.yaml",
     "--data.init_args.num_images=24",
     "--data.init_args.val_images=4",
     "--data.init_args.test_images=4",
@@ -95,3 +96,33 @@ def test_checkpoint_write_is_atomic(tmp_path, data_dir, monkeypatch):
     monkeypatch.undo()
     assert path.read_bytes() == before
     assert torch.load(path, weights_only=True)["global_step"] == 4
+
+
+class StopMidEpoch(Callback):
+    """Simulates a crash in the middle of epoch 1: a checkpoint after its second batch, then the run ends."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.current_epoch == 1 and batch_idx == 1:
+            trainer.save_checkpoint(self.path)
+            trainer.should_stop = True
+
+
+def test_run_resumed_mid_epoch_matches_uninterrupted_run(tmp_path, data_dir):
+    straight = _cli(tmp_path / "straight", "--trainer.limit_val_batches=0")
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+
+    checkpoint = tmp_path / "mid_epoch.ckpt"
+    first = _cli(tmp_path / "resumed", "--trainer.limit_val_batches=0")
+    first.trainer.callbacks.append(StopMidEpoch(checkpoint))
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
+
+    second = _cli(tmp_path / "resumed", "--trainer.limit_val_batches=0")
+    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=checkpoint)
+    assert second.trainer.global_step == straight.trainer.global_step == 8
+    expected, weights = straight.model.state_dict(), second.model.state_dict()
+    for key, value in expected.items():
+        assert torch.equal(weights[key], value), key

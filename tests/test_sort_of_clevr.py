@@ -215,7 +215,7 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
         list(trained)
     restored = SeededShuffleSampler(50, seed=0)
     restored.load_state_dict(trained.state_dict())
-    assert restored.state_dict() == {"seed": 7, "epoch": 2}
+    assert restored.state_dict() == {"seed": 7, "epoch": 2, "position": 0}
     assert list(restored) == list(trained) == order(7, 2)
     assert len(restored) == 50
 
