@@ -24,8 +24,7 @@ class ZooTask(LightningModule):
 
     Args:
         optimizer: builds the optimizer from parameter groups (LightningCLI's ``OptimizerCallable``); AdamW by
-            default. Biases, norms, embeddings and other 1-D parameters get no weight
-            decay, as in timm.
+            default. Biases, norms, embeddings and other 1-D parameters get no weight decay, as in timm.
         scheduler: builds the per-step LR schedule from ``(optimizer, total_steps)``; warm-up + cosine by default,
             ``None`` for a constant rate.
     """

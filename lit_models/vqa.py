@@ -82,10 +82,8 @@ class VQA(ZooTask):
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
         preds = logits.argmax(-1)
         metrics["acc"].update(preds, labels)
-        for index, name in enumerate(self.group_names):
-            in_group = groups == index
-            if in_group.any():
-                metrics[f"acc_{name}"].update(preds[in_group], labels[in_group])
+        for index, name in enumerate(self.group_names):  # other groups' labels are ignored: no host sync
+            metrics[f"acc_{name}"].update(preds, labels.masked_fill(groups != index, IGNORE_INDEX))
         self.log_dict(metrics, prog_bar=stage == "val")
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
