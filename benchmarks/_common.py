@@ -34,9 +34,12 @@ def machine() -> dict:
     except ImportError:  # pragma: no cover
         pass
     try:
-        info["git_commit"] = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=False
-        ).stdout.strip() or None
+        info["git_commit"] = (
+            subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=False
+            ).stdout.strip()
+            or None
+        )
     except OSError:  # pragma: no cover
         info["git_commit"] = None
     return info
@@ -60,3 +63,26 @@ def table(rows: list[dict], columns: list[str]) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)) for row in cells]
     return "\n".join(lines)
+
+
+def training_overrides(args, *extra: str) -> list[str]:
+    """The zoo CLI flags of a GPU- or CPU-sized VQA training run, from a benchmark's parsed arguments
+    (``epochs``, ``limit_train_batches``, ``precision``, ``batch_size``, ``num_workers``, ``lr``, and optionally
+    ``max_time`` and ``data_dir``). ``precision`` defaults to bf16-mixed on a GPU and 32-true on the CPU."""
+    precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    flags = [
+        f"--trainer.max_epochs={args.epochs}",
+        f"--trainer.limit_train_batches={args.limit_train_batches}",
+        "--trainer.val_check_interval=1.0",
+        f"--trainer.precision={precision}",
+        "--trainer.enable_progress_bar=false",
+        *extra,
+        f"--data.init_args.batch_size={args.batch_size}",
+        f"--data.init_args.num_workers={args.num_workers}",
+        f"--model.init_args.optimizer.init_args.lr={args.lr}",
+    ]
+    if getattr(args, "data_dir", None):
+        flags.append(f"--data.init_args.data_dir={args.data_dir}")
+    if getattr(args, "max_time", None):
+        flags.append(f"--trainer.max_time={args.max_time}")
+    return flags

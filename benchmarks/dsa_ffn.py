@@ -46,7 +46,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import table, write_result  # noqa: E402
+from _common import table, training_overrides, write_result  # noqa: E402
 
 from zoo.kernels import block_sparse_ffn_torch  # noqa: E402
 from zoo.layers.dsa import DSAFeedForward, active_blocks  # noqa: E402
@@ -484,19 +484,8 @@ def run_one(config: str, thresholds: list[float], overrides: list[str], out: Pat
 
 def model_benchmark(args) -> dict:
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
-    common = [
-        f"--trainer.max_epochs={args.epochs}",
-        f"--trainer.limit_train_batches={args.limit_train_batches}",
-        "--trainer.val_check_interval=1.0",
-        f"--trainer.precision={precision}",
-        "--trainer.enable_progress_bar=false",
-        f"--data.init_args.batch_size={args.batch_size}",
-        f"--data.init_args.num_workers={args.num_workers}",
-        f"--model.init_args.optimizer.init_args.lr={args.lr}",
-    ]
+    common = training_overrides(args)
     common += [f"--data.init_args.{kv}" for kv in args.data_args.split(",") if kv]
-    if args.max_time:
-        common.append(f"--trainer.max_time={args.max_time}")
     work = Path(args.work_dir) if args.work_dir else Path(args.out_dir) / "dsa_vqa_runs"
     work.mkdir(parents=True, exist_ok=True)
     runs = {

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
-from _common import table, write_result  # noqa: E402
+from _common import table, training_overrides, write_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 from zoo.contracts import Tokens  # noqa: E402
@@ -384,23 +384,7 @@ def _float_twin(model: nn.Module) -> nn.Module:
 
 
 def accuracy_mode(args, extra: list[str]) -> None:
-    precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
-    common = [
-        f"--trainer.max_epochs={args.epochs}",
-        f"--trainer.limit_train_batches={args.limit_train_batches}",
-        "--trainer.val_check_interval=1.0",
-        f"--trainer.precision={precision}",
-        "--trainer.enable_progress_bar=false",
-        "--test_after_fit=false",
-        f"--data.init_args.batch_size={args.batch_size}",
-        f"--data.init_args.num_workers={args.num_workers}",
-        f"--model.init_args.optimizer.init_args.lr={args.lr}",
-        *extra,
-    ]
-    if args.data_dir:
-        common.append(f"--data.init_args.data_dir={args.data_dir}")
-    if args.max_time:
-        common.append(f"--trainer.max_time={args.max_time}")
+    common = training_overrides(args, "--test_after_fit=false") + list(extra)
     work = Path(args.work_dir) if args.work_dir else Path(args.out_dir) / "qat_runs"
     work.mkdir(parents=True, exist_ok=True)
     procs = {}

@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import table, write_result  # noqa: E402
+from _common import table, training_overrides, write_result  # noqa: E402
 
 PAPER = {
     "CNN+RN (Santoro et al. 2017)": {"relational": 0.94, "non_relational": 0.99},
@@ -66,8 +66,13 @@ def run_one(config: str, overrides: list[str], out: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), help=f"which runs, of {list(RUNS)}")
-    parser.add_argument("--variant", action="append", default=[], metavar="NAME=CONFIG[:OVERRIDE,...]",
-                        help="an extra run: a config plus comma-separated CLI overrides")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=CONFIG[:OVERRIDE,...]",
+        help="an extra run: a config plus comma-separated CLI overrides",
+    )
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -88,20 +93,7 @@ def main() -> None:
     import torch
 
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
-    common = [
-        f"--trainer.max_epochs={args.epochs}",
-        f"--trainer.limit_train_batches={args.limit_train_batches}",
-        "--trainer.val_check_interval=1.0",
-        f"--trainer.precision={precision}",
-        "--trainer.enable_progress_bar=false",
-        f"--data.init_args.batch_size={args.batch_size}",
-        f"--data.init_args.num_workers={args.num_workers}",
-        f"--model.init_args.optimizer.init_args.lr={args.lr}",
-    ]
-    if args.max_time:
-        common.append(f"--trainer.max_time={args.max_time}")
-    if args.data_dir:
-        common.append(f"--data.init_args.data_dir={args.data_dir}")
+    common = training_overrides(args)
     runs = {name: RUNS[name] for name in args.runs}
     for spec in args.variant:
         name, _, rest = spec.partition("=")
@@ -113,8 +105,16 @@ def main() -> None:
     procs = {}
     for name, (config, overrides) in runs.items():
         out = work / f"{name}.json"
-        cmd = [sys.executable, __file__, "--run-one", config, str(out), *common, *overrides,
-               f"--trainer.default_root_dir={work / name}"]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--run-one",
+            config,
+            str(out),
+            *common,
+            *overrides,
+            f"--trainer.default_root_dir={work / name}",
+        ]
         log = open(work / f"{name}.log", "w")
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log)
@@ -131,26 +131,36 @@ def main() -> None:
         result = json.loads(out.read_text())
         results[name] = result
         test = result["test"]
-        rows.append({
-            "model": name,
-            "params": f"{result['parameters'] / 1e6:.2f}M",
-            "fusion params": f"{result['fusion_parameters'] / 1e6:.2f}M",
-            "relational": f"{100 * test.get('test/acc_relational', float('nan')):.1f}%",
-            "non-relational": f"{100 * test.get('test/acc_non_relational', float('nan')):.1f}%",
-            "overall": f"{100 * test.get('test/acc', float('nan')):.1f}%",
-            "epochs": result["epochs_run"],
-            "wall": f"{result['fit_seconds']:.0f}s",
-        })
+        rows.append(
+            {
+                "model": name,
+                "params": f"{result['parameters'] / 1e6:.2f}M",
+                "fusion params": f"{result['fusion_parameters'] / 1e6:.2f}M",
+                "relational": f"{100 * test.get('test/acc_relational', float('nan')):.1f}%",
+                "non-relational": f"{100 * test.get('test/acc_non_relational', float('nan')):.1f}%",
+                "overall": f"{100 * test.get('test/acc', float('nan')):.1f}%",
+                "epochs": result["epochs_run"],
+                "wall": f"{result['fit_seconds']:.0f}s",
+            }
+        )
     for name, ref in PAPER.items():
-        rows.append({"model": name, "relational": f"{100 * ref['relational']:.0f}%",
-                     "non-relational": f"{100 * ref['non_relational']:.0f}%"})
+        rows.append(
+            {
+                "model": name,
+                "relational": f"{100 * ref['relational']:.0f}%",
+                "non-relational": f"{100 * ref['non_relational']:.0f}%",
+            }
+        )
     columns = ["model", "params", "fusion params", "relational", "non-relational", "overall", "epochs", "wall"]
     print(table(rows, columns))
     if "mie" in results and "two_tower" in results:
         gap = results["mie"]["test"]["test/acc_relational"] - results["two_tower"]["test"]["test/acc_relational"]
         print(f"MIE - two-tower relational accuracy: {100 * gap:+.1f} points")
-    path = write_result("vqa_sort_of_clevr", {"settings": vars(args) | {"precision": precision, "common": common},
-                                              "runs": results, "paper": PAPER}, Path(args.out_dir))
+    path = write_result(
+        "vqa_sort_of_clevr",
+        {"settings": vars(args) | {"precision": precision, "common": common}, "runs": results, "paper": PAPER},
+        Path(args.out_dir),
+    )
     print(f"wrote {path}")
 
 
