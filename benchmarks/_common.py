@@ -1,4 +1,4 @@
-"""What the benchmark scripts share: the machine description and writing results as JSON."""
+"""What the benchmark scripts share: the machine description, writing results as JSON, starting parallel runs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ROOT = RESULTS.parents[1]
 
 
 def machine() -> dict:
@@ -42,6 +43,8 @@ def machine() -> dict:
         )
     except OSError:  # pragma: no cover
         info["git_commit"] = None
+    # the GPU machine gets a copy of the working tree without .git: the caller passes the commit
+    info["git_commit"] = info["git_commit"] or os.environ.get("ZOO_GIT_COMMIT")
     return info
 
 
@@ -86,3 +89,35 @@ def training_overrides(args, *extra: str) -> list[str]:
     if getattr(args, "max_time", None):
         flags.append(f"--trainer.max_time={args.max_time}")
     return flags
+
+
+def launch(cmd: list[str], log: Path, index: int) -> subprocess.Popen:
+    """Start one run of a benchmark in its own process, stdout and stderr to ``log``, the repository on its path.
+
+    With several GPUs visible, run ``index`` gets GPU ``index mod count``, so that parallel runs spread over the
+    machine's GPUs instead of all sharing the first.
+    """
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    gpus = torch.cuda.device_count()
+    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
+        env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    with open(log, "w") as out:  # the child keeps its own copy of the descriptor
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def validation_history():
+    """A Lightning callback that keeps every validation's ``val/*`` metrics with its step, as ``.history``: the
+    learning curve of a benchmark run, written beside its final figures."""
+    from lightning.pytorch.callbacks import Callback
+
+    class ValidationHistory(Callback):
+        def __init__(self) -> None:
+            self.history: list[dict] = []
+
+        def on_validation_end(self, trainer, pl_module) -> None:
+            if trainer.sanity_checking:
+                return
+            metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
+
+    return ValidationHistory()

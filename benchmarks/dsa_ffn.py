@@ -36,7 +36,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,7 +45,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import table, training_overrides, write_result  # noqa: E402
+from _common import launch, table, training_overrides, validation_history, write_result  # noqa: E402
 
 from zoo.kernels import block_sparse_ffn_torch  # noqa: E402
 from zoo.layers.dsa import DSAFeedForward, active_blocks  # noqa: E402
@@ -451,6 +450,8 @@ def run_one(config: str, thresholds: list[float], overrides: list[str], out: Pat
 
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    history = validation_history()
+    trainer.callbacks.append(history)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start
@@ -472,6 +473,7 @@ def run_one(config: str, thresholds: list[float], overrides: list[str], out: Pat
                 "overrides": overrides,
                 "fit_seconds": round(fit_seconds, 1),
                 "best_checkpoint": best,
+                "val_history": history.history,
                 "parameters": sum(p.numel() for p in model.parameters()),
                 "precision": precision,
                 "epochs_run": trainer.current_epoch,
@@ -510,15 +512,12 @@ def model_benchmark(args) -> dict:
             *common,
             f"--trainer.default_root_dir={work / name}",
         ]
-        log = open(work / f"{name}.log", "w")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log)
+        procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
         if not args.parallel:
             procs[name][0].wait()
     results, rows = {}, []
-    for name, (proc, out, log) in procs.items():
+    for name, (proc, out) in procs.items():
         proc.wait()
-        log.close()
         if proc.returncode != 0 or not out.is_file():
             print(
                 f"run {name} failed ({proc.returncode}):\n{(work / f'{name}.log').read_text()[-3000:]}", file=sys.stderr

@@ -28,7 +28,6 @@ import copy
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -39,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
-from _common import table, training_overrides, write_result  # noqa: E402
+from _common import launch, table, training_overrides, validation_history, write_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 from zoo.contracts import Tokens  # noqa: E402
@@ -328,6 +327,8 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int) -> None:
     config, schedule, quant = TRAINED[name]
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    history = validation_history()
+    trainer.callbacks.append(history)
     if schedule is not None:
         (callback,) = [c for c in trainer.callbacks if isinstance(c, QATScheduleCallback)]
         callback.schedule, callback.quant = list(schedule), dict(quant)
@@ -335,7 +336,8 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int) -> None:
     trainer.fit(model, datamodule=data)
     result: dict[str, Any] = {"variant": name, "config": config, "schedule": schedule, "quant": quant,
                               "overrides": overrides, "fit_seconds": round(time.perf_counter() - start, 1),
-                              "epochs_run": trainer.current_epoch, "global_steps": trainer.global_step}  # fmt: skip
+                              "epochs_run": trainer.current_epoch, "global_steps": trainer.global_step,
+                              "val_history": history.history}  # fmt: skip
     # the final weights (the last stage of a schedule), tested as trained: fake-quantized for QAT runs
     model.eval()
     result["test_trained"] = _test(trainer, model, data)
@@ -392,15 +394,12 @@ def accuracy_mode(args, extra: list[str]) -> None:
         out = work / f"{name}.json"
         cmd = [sys.executable, __file__, "--run-one", name, str(out), "--reps", str(args.reps), *common,
                f"--trainer.default_root_dir={work / name}"]  # fmt: skip
-        log = open(work / f"{name}.log", "w")  # noqa: SIM115 - closed when the run ends
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log)
+        procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
         if not args.parallel:
             procs[name][0].wait()
     results = {}
-    for name, (proc, out, log) in procs.items():
+    for name, (proc, out) in procs.items():
         proc.wait()
-        log.close()
         if proc.returncode != 0 or not out.is_file():
             print(f"run {name} failed ({proc.returncode}):\n{(work / f'{name}.log').read_text()[-3000:]}")
             continue

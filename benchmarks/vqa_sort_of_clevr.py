@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import table, training_overrides, write_result  # noqa: E402
+from _common import launch, table, training_overrides, validation_history, write_result  # noqa: E402
 
 PAPER = {
     "CNN+RN (Santoro et al. 2017)": {"relational": 0.94, "non_relational": 0.99},
@@ -44,6 +42,8 @@ def run_one(config: str, overrides: list[str], out: Path) -> None:
 
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    history = validation_history()
+    trainer.callbacks.append(history)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start
@@ -57,6 +57,7 @@ def run_one(config: str, overrides: list[str], out: Path) -> None:
         "epochs_run": trainer.current_epoch,
         "fit_seconds": round(fit_seconds, 1),
         "best_checkpoint": best,
+        "val_history": history.history,
         "test": {k: float(v) for k, v in metrics.items()},
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
@@ -115,15 +116,12 @@ def main() -> None:
             *overrides,
             f"--trainer.default_root_dir={work / name}",
         ]
-        log = open(work / f"{name}.log", "w")
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-        procs[name] = (subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env), out, log)
+        procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
         if not args.parallel:
             procs[name][0].wait()
     rows, results = [], {}
-    for name, (proc, out, log) in procs.items():
+    for name, (proc, out) in procs.items():
         proc.wait()
-        log.close()
         if proc.returncode != 0 or not out.is_file():
             tail = (work / f"{name}.log").read_text()[-2000:]
             print(f"run {name} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
