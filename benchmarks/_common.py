@@ -94,13 +94,14 @@ def training_overrides(args, *extra: str) -> list[str]:
 def launch(cmd: list[str], log: Path, index: int) -> subprocess.Popen:
     """Start one run of a benchmark in its own process, stdout and stderr to ``log``, the repository on its path.
 
-    With several GPUs visible, run ``index`` gets GPU ``index mod count``, so that parallel runs spread over the
-    machine's GPUs instead of all sharing the first.
+    With several GPUs visible (all of the machine's, or those ``CUDA_VISIBLE_DEVICES`` lists), run ``index`` gets
+    the ``index mod count``-th, so that parallel runs spread over the GPUs instead of all sharing the first.
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    gpus = torch.cuda.device_count()
-    if gpus > 1 and "CUDA_VISIBLE_DEVICES" not in os.environ:
-        env["CUDA_VISIBLE_DEVICES"] = str(index % gpus)
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
+    if len(gpus) > 1:
+        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
