@@ -37,13 +37,14 @@ def dense_reference(x, alpha, idx, w1, b1, w2, b2, num_blocks):
     return (h * weight[..., None]).reshape(T, -1) @ w2.t() + b2
 
 
-def capture_alpha(ffn: DSAFeedForward) -> dict:
-    """Keep the gate's output (alpha) of the next forward, with its .grad retained."""
-    seen = {}
+def capture_alpha(ffn: DSAFeedForward) -> list:
+    """Keep every output of the gate (alpha) in the next forward, with its .grad retained: the loss path's, and in
+    training with compensation the detached-input evaluation that carries the compensation term."""
+    seen = []
 
     def hook(module, inputs, output):
         output.retain_grad()
-        seen["alpha"] = output
+        seen.append(output)
 
     ffn.gate.register_forward_hook(hook)
     return seen
@@ -57,8 +58,9 @@ def test_gradient_reaching_alpha_equals_compensation_formula(compensation):
     target = torch.randn(3, 5, 16)
     seen = capture_alpha(ffn)
     F.mse_loss(ffn(x), target).backward()
-    alpha = seen["alpha"].detach()
+    alpha = seen[0].detach()
     idx = ffn.select(alpha)
+    reaching = sum(a.grad for a in seen)  # what the gate's weights receive through alpha
 
     # dL/dalpha without compensation, from an independent computation with alpha as a leaf: the output is
     # sum over selected blocks of alpha_b * block_b(x) (+ fc2 bias).
@@ -69,11 +71,27 @@ def test_gradient_reaching_alpha_equals_compensation_formula(compensation):
     n_tokens = 15
     expected = leaf.grad + compensation / n_tokens * (1 - alpha) / alpha
     # Same fp32 arithmetic in a different order: agreement to a few ulps of the largest entry.
-    torch.testing.assert_close(seen["alpha"].grad, expected, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(reaching, expected, rtol=1e-5, atol=1e-7)
     unselected = torch.ones_like(alpha).scatter(-1, idx, 0.0).bool()
     assert torch.all(leaf.grad[unselected] == 0), "the loss alone gives unselected gates no gradient"
     if compensation:
-        assert torch.all(seen["alpha"].grad[unselected] != 0), "compensation gives them one"
+        assert torch.all(reaching[unselected] != 0), "compensation gives them one"
+
+
+def test_compensation_trains_the_gate_only_not_the_layers_below():
+    """The term must not reach x: pulling every token towards lower gates collapsed a whole VQA model (dsa.py)."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 5, 16)
+    target = torch.randn(3, 5, 16)
+    grads = {}
+    for compensation in (0.0, 0.3):
+        torch.manual_seed(1)
+        ffn = DSAFeedForward(16, 64, num_blocks=8, gate_threshold=0.25, compensation=compensation)
+        leaf = x.clone().requires_grad_(True)
+        F.mse_loss(ffn(leaf), target).backward()
+        grads[compensation] = (leaf.grad, ffn.gate.proj.weight.grad)
+    torch.testing.assert_close(grads[0.3][0], grads[0.0][0], rtol=0, atol=0)
+    assert not torch.allclose(grads[0.3][1], grads[0.0][1]), "the gate's own weights do get the term"
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.4, 0.25])

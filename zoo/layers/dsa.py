@@ -19,18 +19,25 @@ How it computes, for a token ``x`` (``[D]``) and ``N = num_blocks`` blocks of ``
   therefore reaches ``alpha_b`` of a selected block through its weight, ``dL/dalpha_b = <dL/dy, W2_b gelu(...)>``,
   and reaches an unselected block's ``alpha_b`` not at all (``dL/dalpha_b = 0``), which is what the compensation
   below is for.
-* **Gradient compensation.** The gradient that reaches ``alpha`` (the gate's sigmoid output) is, for every token and
-  every block, selected or not,
+* **Gradient compensation.** The gradient that reaches the gate through ``alpha`` (its sigmoid output) is, for every
+  token and every block, selected or not,
 
       g = dL/dalpha + (lambda / n) * (1 - alpha) * d(log alpha)/dalpha = dL/dalpha + (lambda / n) * (1 - alpha) / alpha
 
   with ``lambda = compensation`` and ``n`` the number of tokens in the call: the term ``lambda * (1 - alpha) * grad
   log alpha`` of the design, averaged over the tokens as a mean loss averages its per-token terms, so that its weight
-  does not grow with the batch. It is added by :class:`GateCompensation`, an autograd function that is the identity
-  forward; the tests check ``g`` against this formula. Through the sigmoid the term becomes ``(lambda / n) (1 -
-  alpha)^2`` on the gate logit: bounded, largest for gates near zero, vanishing for confident gates. Unselected gates
-  thus keep a gradient; with ``lambda > 0`` gradient descent lowers ``log alpha`` (a pull towards sparser, sharper
-  gates that the loss gradient of the selected blocks balances); a negative ``lambda`` reverses its sign.
+  does not grow with the batch. Through the sigmoid the term becomes ``(lambda / n) (1 - alpha)^2`` on the gate
+  logit: bounded, largest for gates near zero, vanishing for confident gates. Unselected gates thus keep a
+  gradient; with ``lambda > 0`` gradient descent lowers ``log alpha`` (a pull towards sparser, sharper gates that the
+  loss gradient of the selected blocks balances); a negative ``lambda`` reverses its sign.
+
+  The term trains the **gate's own weights only**: it is added by :class:`GateCompensation` on a second evaluation
+  of the gate on the detached input, whose output is zero forward, so the token representations ``x`` receive
+  ``dL/dx`` alone. Passed on to ``x``, the term pulls every token the same way (towards lower gates), and Adam,
+  which follows a consistent direction however small the gradient, turns that pull into a collapse of every layer
+  below: on Sort-of-CLEVR (vqa_dsa.yaml) the model's outputs became the same for every input and it never left the
+  answer priors, at any ``gate_threshold`` (H200 run of 2026-11-28, benchmarks/results/dsa_vqa_h200_2026-11-28.json).
+  The tests check ``g`` against the formula, and that the compensation leaves ``dL/dx`` unchanged.
 
 Two forward paths give the same output for the same selection (tested): the **dense** path (training, and whenever
 gradients are needed) computes every block and multiplies the unselected ones by zero; the **sparse** path (eval mode
@@ -89,25 +96,27 @@ def active_blocks(gate_threshold: float, num_blocks: int) -> int:
 
 
 class GateCompensation(torch.autograd.Function):
-    """Identity forward; backward adds ``scale * (1 - alpha) / alpha`` to the gradient reaching ``alpha``.
+    """Zero forward; backward gives ``alpha`` the gradient ``scale * (1 - alpha) / alpha``, whatever comes in.
 
-    ``(1 - alpha) / alpha`` is ``(1 - alpha) * d(log alpha)/d(alpha)``; :class:`DSAFeedForward` calls this with
-    ``scale = compensation / tokens``. ``alpha`` is clamped at the smallest normal number of its dtype in the
-    division so that a gate saturated at 0 gives a large finite gradient, not ``inf``.
+    ``(1 - alpha) / alpha`` is ``(1 - alpha) * d(log alpha)/d(alpha)``. :class:`DSAFeedForward` adds its (zero) output
+    to the gate values, applied to a second evaluation of the gate on the detached input, with ``scale =
+    compensation / tokens``: the term reaches the gate's weights and nothing below them. ``alpha`` is clamped at the
+    smallest normal number of its dtype in the division so that a gate saturated at 0 gives a large finite gradient,
+    not ``inf``.
     """
 
     @staticmethod
     def forward(ctx, alpha: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(alpha)
         ctx.scale = scale
-        return alpha.clone()
+        return torch.zeros_like(alpha)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (alpha,) = ctx.saved_tensors
         a = alpha.float()
         term = ctx.scale * (1.0 - a) / a.clamp_min(torch.finfo(alpha.dtype).tiny)
-        return (grad.float() + term).to(grad.dtype), None
+        return term.to(grad.dtype), None
 
 
 class DynamicGate(nn.Module):
@@ -233,7 +242,7 @@ class DSAFeedForward(FFN):
     def _forward_dense(self, x: Tensor, alpha: Tensor, idx: Tensor) -> Tensor:
         if self.compensation and torch.is_grad_enabled() and alpha.requires_grad:
             tokens = max(1, alpha.numel() // self.num_blocks)
-            alpha = GateCompensation.apply(alpha, self.compensation / tokens)
+            alpha = alpha + GateCompensation.apply(self.gate(x.detach()), self.compensation / tokens)
         mask = torch.zeros_like(alpha).scatter_(-1, idx, 1.0)
         weight = alpha * mask  # alpha on the selected blocks, 0 elsewhere
         h = self.act(self.fc1(x))
