@@ -118,6 +118,42 @@ def test_resumed_run_continues_in_its_stage_on_the_saved_boundaries(tmp_path):
     assert resumed.transitions == [(0, 8), (2, 6), (4, 4)]
 
 
+class QuantOnProbe(pl.Callback):
+    """Records (global step, fake quantizers on, fc1 weight bits) at the start of every training batch."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, bool, int]] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        fc1 = pl_module.block.ffn.fc1
+        self.seen.append((trainer.global_step, fc1.weight_quant.enabled and fc1.act_quant.enabled,
+                          fc1.weight_quant.bits))  # fmt: skip
+
+
+def test_float_phase_before_start_then_stages_spread_over_the_rest_and_resume_inside_it(tmp_path):
+    torch.manual_seed(0)
+    # 8 steps, quantization from step 4; milestones=None spreads [8, 4] over steps 4..8: 4-bit from step 6
+    probe = QuantOnProbe()
+    first = QATScheduleCallback([8, 4], start=0.5, unit="step", quant=QUANT)
+    trainer = _trainer(tmp_path, 8, first, probe, StopAt(2))
+    model = TinyTask()
+    trainer.fit(model, _loader())
+    assert probe.seen == [(0, False, 8), (1, False, 8)]
+    x = torch.randn(2, TOKENS, DIM)
+    model.eval()
+    with torch.no_grad():  # quantizers off: the layers compute exactly what float layers with these weights do
+        fc1 = model.block.ffn.fc1
+        torch.testing.assert_close(fc1(x), F.linear(x, fc1.weight, fc1.bias), rtol=0, atol=0)
+    ckpt = tmp_path / "float_phase.ckpt"
+    trainer.save_checkpoint(ckpt)
+
+    probe = QuantOnProbe()
+    resumed = QATScheduleCallback([8, 4], start=0.5, unit="step", quant=QUANT)
+    _trainer(tmp_path, 8, resumed, probe).fit(TinyTask(), _loader(), ckpt_path=ckpt)
+    assert probe.seen == [(2, False, 8), (3, False, 8), (4, True, 8), (5, True, 8), (6, True, 4), (7, True, 4)]
+    assert resumed.quantizing and resumed.transitions == [(0, 8), (6, 4)]
+
+
 def test_observers_and_batch_norm_freeze_and_logs_name_layers(tmp_path):
     torch.manual_seed(0)
     schedule = QATScheduleCallback([8, 4], [1], unit="step", freeze_observers_at=2, freeze_bn_at=2, quant=QUANT)

@@ -14,7 +14,14 @@ from torch import nn
 
 from zoo.errors import ConfigError
 from zoo.quant.fake_quant import FakeQuantizer, check_bits
-from zoo.quant.qat import freeze_observers, qat_layers, quantize_, set_schedule_bits, weight_quant_error
+from zoo.quant.qat import (
+    enable_fake_quant,
+    freeze_observers,
+    qat_layers,
+    quantize_,
+    set_schedule_bits,
+    weight_quant_error,
+)
 
 Point = int | float
 
@@ -31,10 +38,13 @@ class QATScheduleCallback(Callback):
     the smallest target, or layers end training (and are converted) above their targets; a warning says so.
     Activation bits are not scheduled: they stay as configured.
 
-    **When.** ``milestones[i]`` is where stage ``i + 1`` begins, in ``unit`` (``"epoch"``: the stage holds from the
-    start of that epoch; ``"step"``: from that optimizer step, ``trainer.global_step``). An integer is an absolute
-    epoch or step; a float in ``(0, 1)`` a fraction of the run (``max_epochs`` or the estimated optimizer steps).
-    ``None`` spreads the stages evenly over the run. ``freeze_observers_at`` and ``freeze_bn_at`` are points of the
+    **When.** ``start`` is where quantization-aware training begins: before it every fake quantizer is off and the
+    model trains in float (the usual recipe fine-tunes a trained float model; a float phase does the same within one
+    run, and lets a model trained from scratch learn before quantization noise is added). ``milestones[i]`` is where
+    stage ``i + 1`` begins. Both are in ``unit`` (``"epoch"``: from the start of that epoch; ``"step"``: from that
+    optimizer step, ``trainer.global_step``): an integer is an absolute epoch or step, a float in ``(0, 1)`` a
+    fraction of the run (``max_epochs`` or the estimated optimizer steps). ``milestones=None`` spreads the stages
+    evenly from ``start`` to the end of the run. ``freeze_observers_at`` and ``freeze_bn_at`` are points of the
     same kind (``None``: never): from then on static ranges stop following the data (per-token activation scales are
     dynamic and unaffected) and every BatchNorm uses its running statistics.
 
@@ -42,13 +52,14 @@ class QATScheduleCallback(Callback):
     the model's state dict, so a run resumed from a checkpoint continues in the stage it was in, on the same step
     boundaries even if the run's length changed.
 
-    **Logging** (every ``trainer.log_every_n_steps``): ``qat/schedule_bits``, and per layer ``qat/bits/<name>``,
-    ``qat/weight_error/<name>`` (``||w_hat - w|| / ||w||``) and ``qat/input_error/<name>`` (the same for the
-    layer's quantized input on that batch).
+    **Logging** (every ``trainer.log_every_n_steps``): ``qat/schedule_bits`` (32 before ``start``), and per layer
+    ``qat/bits/<name>``, ``qat/weight_error/<name>`` (``||w_hat - w|| / ||w||``) and ``qat/input_error/<name>`` (the
+    same for the layer's quantized input on that batch).
 
     Args:
         schedule: weight bits of each stage, each in 2..8.
         milestones: ``len(schedule) - 1`` increasing points where the next stage begins (see above), or ``None``.
+        start: point where fake quantization begins (``None``: at once).
         unit: ``"epoch"`` or ``"step"``.
         freeze_observers_at: point from which static range observers are frozen, or ``None``.
         freeze_bn_at: point from which BatchNorm statistics are frozen, or ``None``.
@@ -63,6 +74,7 @@ class QATScheduleCallback(Callback):
         schedule: Sequence[int] = (8, 6, 4),
         milestones: Sequence[Point] | None = None,
         *,
+        start: Point | None = None,
         unit: Literal["epoch", "step"] = "epoch",
         freeze_observers_at: Point | None = None,
         freeze_bn_at: Point | None = None,
@@ -86,6 +98,7 @@ class QATScheduleCallback(Callback):
             for i, m in enumerate(milestones):
                 _check_point(m, f"milestones[{i}]")
         self.milestones = milestones
+        self.start = _check_point(start, "start")
         self.freeze_observers_at = _check_point(freeze_observers_at, "freeze_observers_at")
         self.freeze_bn_at = _check_point(freeze_bn_at, "freeze_bn_at")
         self.quant = dict(quant) if quant is not None else None
@@ -93,6 +106,7 @@ class QATScheduleCallback(Callback):
         # resolved when training starts (or restored from a checkpoint): absolute epochs or steps
         self._resolved: dict[str, Any] | None = None
         self.stage: int = 0
+        self.quantizing = True  # fake quantizers on; off before `start`
         self.observers_frozen = False
         self.bn_frozen = False
         self.transitions: list[tuple[int, int]] = []  # (epoch or step, schedule bits) where each stage began
@@ -153,20 +167,26 @@ class QATScheduleCallback(Callback):
                 )
             return int(round(point * total))
 
+        start = absolute(self.start, "start") or 0
         if self.milestones is None:
             if len(self.schedule) > 1 and total is None:
                 raise ConfigError(
                     f"milestones=None spreads the stages over the run, but its length in {self.unit}s is unknown; "
                     "give milestones"
                 )
-            milestones = [round(i * total / len(self.schedule)) for i in range(1, len(self.schedule))]
+            stages = len(self.schedule)
+            milestones = [start + round(i * (total - start) / stages) for i in range(1, stages)]
         else:
             milestones = [absolute(m, f"milestones[{i}]") for i, m in enumerate(self.milestones)]
-        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)):
-            raise ConfigError(f"milestones={self.milestones} resolve to {milestones} {self.unit}s, not increasing")
+        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)) or milestones[:1] < [start]:
+            raise ConfigError(
+                f"milestones={self.milestones} (start={self.start}) resolve to {milestones} {self.unit}s "
+                f"(start {start}): they must increase, from start on"
+            )
         return {
             "schedule": list(self.schedule),
             "unit": self.unit,
+            "start": start,
             "milestones": milestones,
             "freeze_observers_at": absolute(self.freeze_observers_at, "freeze_observers_at"),
             "freeze_bn_at": absolute(self.freeze_bn_at, "freeze_bn_at"),
@@ -209,6 +229,15 @@ class QATScheduleCallback(Callback):
 
     def _update(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         position = self._position(trainer)
+        quantizing = position >= self._resolved.get("start", 0)
+        if quantizing != self.quantizing or not self.transitions:
+            count = enable_fake_quant(pl_module, quantizing)
+            if quantizing != self.quantizing:
+                rank_zero_info(
+                    f"QAT: {self.unit} {position}: {count} fake quantizers "
+                    + ("on: quantization-aware training begins" if quantizing else "off until start: float training")
+                )
+            self.quantizing = quantizing
         stage = self.stage_at(position)
         if stage != self.stage or not self.transitions:
             self._apply_stage(pl_module, stage, position=position)
@@ -251,7 +280,7 @@ class QATScheduleCallback(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        metrics = {"qat/schedule_bits": float(self.schedule[self.stage])}
+        metrics = {"qat/schedule_bits": float(self.schedule[self.stage] if self.quantizing else 32)}
         if self._capture:
             for name, layer in qat_layers(pl_module):
                 metrics[f"qat/bits/{name}"] = float(layer.weight_quant.bits)
@@ -265,6 +294,7 @@ class QATScheduleCallback(Callback):
         return {
             "resolved": self._resolved,
             "stage": self.stage,
+            "quantizing": self.quantizing,
             "observers_frozen": self.observers_frozen,
             "bn_frozen": self.bn_frozen,
             "transitions": [list(t) for t in self.transitions],
@@ -273,6 +303,7 @@ class QATScheduleCallback(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resolved = state_dict["resolved"]
         self.stage = state_dict["stage"]
+        self.quantizing = state_dict.get("quantizing", True)
         self.observers_frozen = state_dict["observers_frozen"]
         self.bn_frozen = state_dict["bn_frozen"]
         self.transitions = [tuple(t) for t in state_dict["transitions"]]

@@ -372,6 +372,17 @@ def set_schedule_bits(module: nn.Module, bits: int | None) -> dict[str, int]:
     return out
 
 
+def enable_fake_quant(module: nn.Module, enabled: bool = True) -> int:
+    """Turn every fake quantizer of ``module`` on (or off: the layers then compute in float, as if not quantized);
+    returns the number of quantizers. A quantizer first enabled after training began observes its range then."""
+    count = 0
+    for m in module.modules():
+        if isinstance(m, FakeQuantizer):
+            m.enabled = enabled
+            count += 1
+    return count
+
+
 def freeze_observers(module: nn.Module, frozen: bool = True) -> int:
     """Stop (``frozen=False``: restart) every static range observer of ``module``; returns the number of quantizers."""
     count = 0
