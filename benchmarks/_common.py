@@ -43,8 +43,8 @@ def machine() -> dict:
         )
     except OSError:  # pragma: no cover
         info["git_commit"] = None
-    # the GPU machine gets a copy of the working tree without .git: the caller passes the commit
-    info["git_commit"] = info["git_commit"] or os.environ.get("ZOO_GIT_COMMIT")
+    # the GPU machine gets a copy of the working tree whose .git may be stale or absent: the caller passes the commit
+    info["git_commit"] = os.environ.get("ZOO_GIT_COMMIT") or info["git_commit"]
     return info
 
 

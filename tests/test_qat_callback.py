@@ -154,6 +154,13 @@ def test_float_phase_before_start_then_stages_spread_over_the_rest_and_resume_in
     assert resumed.quantizing and resumed.transitions == [(0, 8), (6, 4)]
 
 
+def test_single_stage_schedule_with_a_float_phase(tmp_path):
+    probe = QuantOnProbe()
+    schedule = QATScheduleCallback([4], start=2, unit="step", quant=QUANT)
+    _trainer(tmp_path, 4, schedule, probe).fit(TinyTask(), _loader())
+    assert probe.seen == [(0, False, 4), (1, False, 4), (2, True, 4), (3, True, 4)]
+
+
 def test_observers_and_batch_norm_freeze_and_logs_name_layers(tmp_path):
     torch.manual_seed(0)
     schedule = QATScheduleCallback([8, 4], [1], unit="step", freeze_observers_at=2, freeze_bn_at=2, quant=QUANT)

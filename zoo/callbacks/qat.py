@@ -178,7 +178,8 @@ class QATScheduleCallback(Callback):
             milestones = [start + round(i * (total - start) / stages) for i in range(1, stages)]
         else:
             milestones = [absolute(m, f"milestones[{i}]") for i, m in enumerate(self.milestones)]
-        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)) or milestones[:1] < [start]:
+        points = [start, *milestones]  # stage 1 may begin at start itself (a run too short for stage 0)
+        if any(b <= a for a, b in zip(milestones, milestones[1:], strict=False)) or min(points) < start:
             raise ConfigError(
                 f"milestones={self.milestones} (start={self.start}) resolve to {milestones} {self.unit}s "
                 f"(start {start}): they must increase, from start on"

@@ -36,7 +36,7 @@ How it computes, for a token ``x`` (``[D]``) and ``N = num_blocks`` blocks of ``
   ``dL/dx`` alone. Passed on to ``x``, the term pulls every token the same way (towards lower gates), and Adam,
   which follows a consistent direction however small the gradient, turns that pull into a collapse of every layer
   below: on Sort-of-CLEVR (vqa_dsa.yaml) the model's outputs became the same for every input and it never left the
-  answer priors, at any ``gate_threshold`` (H200 run of 2026-11-28, benchmarks/results/dsa_vqa_h200_2026-11-28.json).
+  answer priors, at any ``gate_threshold`` (benchmarks/results/dsa_vqa_h200_2026-11-28_before_fix.json).
   The tests check ``g`` against the formula, and that the compensation leaves ``dL/dx`` unchanged.
 
 Two forward paths give the same output for the same selection (tested): the **dense** path (training, and whenever
