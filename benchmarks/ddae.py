@@ -18,8 +18,8 @@ Encoders:
   ``Tokens.pooled_mean``, as ``lit_models.classification.TextClassifier`` uses it); its features are computed once
   for every distinct text and cached, and the head (LayerNorm + an MLP of width ``--head-hidden``, 512 by default,
   chosen on the validation split; ``0`` for LayerNorm + Linear) is trained.
-* ``transformer`` (GPU): ``TransformerTextEncoder`` (width 256, 4 blocks) trained from scratch with the head, end
-  to end (``--device cuda``);
+* ``transformer``: ``TransformerTextEncoder`` (``--width`` 256, ``--depth`` 4) trained from scratch with the head,
+  end to end (``--device cuda``; on the CPU, a smaller ``--width`` and ``--depth``);
 * ``minilm-finetune`` (GPU): the packaged MiniLM unfrozen (``--encoder-lr``) with the head.
 
     python benchmarks/ddae.py                                   # CPU, frozen MiniLM (the committed result)
@@ -70,6 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--encoder", default="minilm-frozen", choices=["minilm-frozen", "transformer", "minilm-finetune"])
     p.add_argument("--encoder-lr", type=float, default=5e-5, help="learning rate of the unfrozen MiniLM")
+    p.add_argument("--width", type=int, default=256, help="transformer encoder: token width")
+    p.add_argument("--depth", type=int, default=4, help="transformer encoder: blocks")
     p.add_argument("--variants", default="abcde", help="which of a-e to run")
     p.add_argument("--strength", type=float, default=0.3, help="augmentation_strength")
     p.add_argument("--max-copies", type=int, default=8)
@@ -132,12 +134,14 @@ class TextModel(nn.Module):
     """A zoo text encoder + mean pooling + :class:`Head`, trained end to end: ``TransformerTextEncoder`` from
     scratch (``"transformer"``) or the packaged MiniLM, unfrozen (``"minilm-finetune"``)."""
 
-    def __init__(self, kind: str, num_classes: int, *, hidden: int, dropout: float) -> None:
+    def __init__(
+        self, kind: str, num_classes: int, *, hidden: int, dropout: float, width: int = 256, depth: int = 4
+    ) -> None:
         super().__init__()
         from zoo.encoders import MiniLMTextEncoder, TransformerTextEncoder
 
         if kind == "transformer":
-            self.encoder = TransformerTextEncoder(dim=256, depth=4, num_heads=4, max_length=64, dropout=dropout)
+            self.encoder = TransformerTextEncoder(dim=width, depth=depth, num_heads=4, max_length=64, dropout=dropout)
         else:
             self.encoder = MiniLMTextEncoder(freeze=False, max_length=64)
         self.head = Head(self.encoder.out_dim, num_classes, hidden=hidden, dropout=dropout)
@@ -185,7 +189,9 @@ def train_and_test(
         model = Head(train_x.shape[1], num_classes, hidden=args.head_hidden, dropout=args.dropout).to(device)
         train_x = train_x.to(device)
     else:
-        model = TextModel(args.encoder, num_classes, hidden=args.head_hidden, dropout=args.dropout).to(device)
+        model = TextModel(
+            args.encoder, num_classes, hidden=args.head_hidden, dropout=args.dropout, width=args.width, depth=args.depth
+        ).to(device)
     labels = torch.as_tensor(train_y, device=device)
     if args.encoder == "minilm-finetune":
         groups = [{"params": model.encoder.parameters(), "lr": args.encoder_lr}, {"params": model.head.parameters()}]
