@@ -28,6 +28,16 @@ precision). The 0.4 model is also evaluated at 0.25 and 1.0 without retraining.
     PYTHONPATH=. python benchmarks/dsa_ffn.py --mode model --epochs 30 --batch-size 128 --parallel   # H200
     PYTHONPATH=. python benchmarks/dsa_ffn.py --mode model --epochs 1 --limit-train-batches 5 \\
         --data-args num_images=64,val_images=16,test_images=16                                       # CPU smoke
+
+(c) ``--mode throughput``. End-to-end inference speed alone, on one process and device with nothing training beside
+it: the dense VQA model against the DSA one at each active fraction, both with fresh weights (speed does not depend
+on training: top-k runs the same number of blocks for any gate), on one test batch of Sort-of-CLEVR, eval mode,
+``inference_mode``, bf16 autocast on a GPU and fp32 on the CPU; interleaved rounds, medians, speed-up over dense in
+the same run. Also MIE alone at a wide shape (``--wide-dim``, FFN 4x, ``--wide-depth`` blocks, the same tokens per
+example), where the FFN is most of the work. Writes ``dsa_throughput_<device>_<date>.json``::
+
+    PYTHONPATH=. python benchmarks/dsa_ffn.py --mode throughput                 # CPU: batch 64
+    PYTHONPATH=. python benchmarks/dsa_ffn.py --mode throughput --batch-size 256  # GPU
 """
 
 from __future__ import annotations
@@ -38,6 +48,7 @@ import os
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -559,9 +570,95 @@ def model_benchmark(args) -> dict:
     return {"settings": vars(args) | {"precision": precision, "common": common}, "runs": results, "table": rows}
 
 
+# -- the end-to-end throughput benchmark -------------------------------------------------------------------------
+def throughput_benchmark(args) -> dict:
+    """Dense against DSA inference, whole VQA model and a wide MIE, side by side (module doc, (c))."""
+    from lightning.pytorch.utilities import move_data_to_device
+
+    from zoo.cli import ZooCLI, resolve_config_args
+    from zoo.contracts import Tokens
+    from zoo.fusion import MIE
+    from zoo.layers.dsa import set_gate_threshold
+    from zoo.layers.ffn import FeedForward
+
+    gpu = torch.cuda.is_available()
+    device = torch.device("cuda" if gpu else "cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    batch_size = args.batch_size
+
+    def build(config: str):
+        flags = ["--config", config, "--trainer.logger=false", f"--data.init_args.batch_size={batch_size}"]
+        cli = ZooCLI(args=resolve_config_args(flags), run=False)
+        return cli.model.eval().to(device), cli.datamodule
+
+    dense, data = build(args.dense_config)
+    dsa, _ = build(args.dsa_config)
+    data.prepare_data()
+    data.setup("test")
+    batch = move_data_to_device(next(iter(data.test_dataloader())), device)
+    tokens = {m: enc(batch[m]) for m, enc in dense.model.encoders.items()}  # the wide MIE's input shapes
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=gpu)
+    fractions = [float(f) for f in args.fractions.split(",")]
+
+    def timed(fns: dict) -> dict[str, float]:
+        def synced(fn):
+            def run():
+                with torch.inference_mode(), autocast:
+                    fn()
+                if gpu:
+                    torch.cuda.synchronize()
+
+            return run
+
+        return time_cpu_interleaved({k: synced(f) for k, f in fns.items()}, args.repeats)
+
+    def with_threshold(model, fraction, fn):
+        def run():
+            set_gate_threshold(model, fraction)
+            fn()
+
+        return run
+
+    rows = []
+    scopes = {"vqa": (dense, dsa, lambda m: m(batch), batch_size)}
+    wide = {}
+    for name, ffn in (("dense", FeedForward), ("dsa", partial(DSAFeedForward, num_blocks=8, gate_threshold=0.4))):
+        kwargs = dict(dim=args.wide_dim, depth=args.wide_depth, num_heads=args.wide_dim // 64, modality_fusion_layers=1)
+        wide[name] = MIE(modalities=tuple(tokens), ffn=ffn, **kwargs).eval().to(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    wide_in = {
+        m: Tokens(torch.randn(*t.embeddings.shape[:2], args.wide_dim, generator=g).to(device), t.mask)
+        for m, t in tokens.items()
+    }
+    scopes[f"mie_d{args.wide_dim}"] = (wide["dense"], wide["dsa"], lambda m: m(wide_in), batch_size)
+    for scope, (d_model, s_model, call, n) in scopes.items():
+        fns = {"dense": (lambda d=d_model, c=call: c(d))}
+        for f in fractions:
+            fns[f"dsa {f}"] = with_threshold(s_model, f, lambda s=s_model, c=call: c(s))
+        ms = timed(fns)
+        for variant, value in ms.items():
+            rows.append(
+                {
+                    "scope": scope,
+                    "variant": variant,
+                    "ms": round(value, 3),
+                    "samples/s": round(n / value * 1e3, 1),
+                    "speed/dense": f"{ms['dense'] / value:.2f}x",
+                }
+            )
+    print(table(rows, ["scope", "variant", "ms", "samples/s", "speed/dense"]))
+    return {
+        "settings": vars(args) | {"device": str(device), "threads": torch.get_num_threads(), "batch_size": batch_size},
+        "tokens_per_example": {m: int(t.embeddings.shape[1]) for m, t in tokens.items()},
+        "rows": rows,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["layer", "model", "model-one"], default="layer")
+    parser.add_argument("--mode", choices=["layer", "model", "model-one", "throughput"], default="layer")
     parser.add_argument("--out-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     parser.add_argument("--name", default="dsa_ffn", help="layer mode: JSON name, <name>_<device>_<date>.json")
     # layer mode
@@ -592,6 +689,9 @@ def main() -> None:
     parser.add_argument("--work-dir", default=None, help="model mode: checkpoints and logs (default out-dir/...)")
     parser.add_argument("--run-one", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--thresholds", default="none", help=argparse.SUPPRESS)
+    # throughput mode
+    parser.add_argument("--wide-dim", type=int, default=1024, help="throughput: width of the wide MIE")
+    parser.add_argument("--wide-depth", type=int, default=2, help="throughput: blocks of the wide MIE")
     args, extra = parser.parse_known_args()
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -602,6 +702,10 @@ def main() -> None:
     out_dir = Path(args.out_dir) if args.out_dir else None
     if args.device == "interpret":
         os.environ["TRITON_INTERPRET"] = "1"
+    if args.mode == "throughput":
+        path = write_result("dsa_throughput", throughput_benchmark(args), out_dir)
+        print(f"wrote {path}")
+        return
     if args.mode == "model":
         args.out_dir = str(out_dir or ROOT / "benchmarks" / "results")
         payload = model_benchmark(args)
