@@ -5,6 +5,7 @@
 #   bash benchmarks/h200.sh vqa           [args of benchmarks/vqa_sort_of_clevr.py]
 #   bash benchmarks/h200.sh dsa-model     [args of benchmarks/dsa_ffn.py --mode model]
 #   bash benchmarks/h200.sh dsa-layer     [args of benchmarks/dsa_ffn.py --mode layer]
+#   bash benchmarks/h200.sh dsa-throughput [args of benchmarks/dsa_ffn.py --mode throughput]
 #   bash benchmarks/h200.sh qat-accuracy  [args of benchmarks/qat.py --mode accuracy]
 # Several may run at once (e.g. each with its own CUDA_VISIBLE_DEVICES): the shared set-up is done under a lock.
 set -euo pipefail
@@ -30,6 +31,8 @@ case "$what" in
     tar czf "$OUT/dsa_logs.tgz" -C /tmp/dsa_runs --exclude='*.ckpt' . ;;
   dsa-layer)
     python3 benchmarks/dsa_ffn.py --mode layer --out-dir "$OUT" "$@" ;;
+  dsa-throughput)
+    python3 benchmarks/dsa_ffn.py --mode throughput --out-dir "$OUT" "$@" ;;
   qat-accuracy)
     python3 benchmarks/qat.py --mode accuracy --parallel --out-dir "$OUT" --work-dir /tmp/qat_runs "$@"
     tar czf "$OUT/qat_logs.tgz" -C /tmp/qat_runs --exclude='*.ckpt' --exclude='*.pt' . ;;
