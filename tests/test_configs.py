@@ -41,5 +41,4 @@ def test_config_runs_fast_dev_run(name, tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
     text = resources.files("cli_configs").joinpath(name).read_text()
     data_args = next(args for cls, args in SMALL_DATA.items() if cls in text)
-    main(["fit", "--config", name, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
-          *data_args])
+    main(["fit", "--config", name, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", *data_args])

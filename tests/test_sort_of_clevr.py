@@ -303,8 +303,11 @@ def test_symmetries_keep_every_answer_true(tmp_path):
         expected_image = (torch.from_numpy(image).permute(2, 0, 1).float() / 255 - 0.5) / 0.5
         assert torch.equal(batch["image"][i], expected_image), f"item {i}, symmetry {s}"
         answer = _answers(
-            centres[None], scenes.shapes[n][None], scenes.question_colour[n][None, q : q + 1],
-            scenes.question_group[n][None, q : q + 1], scenes.question_subtype[n][None, q : q + 1],
+            centres[None],
+            scenes.shapes[n][None],
+            scenes.question_colour[n][None, q : q + 1],
+            scenes.question_group[n][None, q : q + 1],
+            scenes.question_subtype[n][None, q : q + 1],
         )[0, 0]
         assert batch["label"][i].item() == answer, f"item {i}, symmetry {s}"
 
