@@ -34,6 +34,33 @@ RUNS = {
 }
 
 
+def accuracy_by_subtype(model, data) -> dict[str, float]:
+    """Test accuracy per question template (``shape``, ``left_right``, ..., ``closest``, ``furthest``, ``count``):
+    where the relational gap is. The test loader is in order, so question ``i`` is ``test_dataset``'s item ``i``."""
+    import numpy as np
+    import torch
+    from lightning.pytorch.utilities import move_data_to_device
+
+    from datamodules.sort_of_clevr import QUESTIONS_PER_IMAGE
+
+    names = [["shape", "left_right", "top_bottom"], ["closest", "furthest", "count"]]
+    dataset = data.test_dataset
+    device = next(model.parameters()).device
+    model.eval()
+    correct = []
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            batch = move_data_to_device(batch, device)
+            correct.append((model(batch).argmax(-1) == batch["label"]).cpu())
+    correct = torch.cat(correct).numpy()
+    index = np.arange(len(correct))
+    image, q = dataset.image_indices[index // QUESTIONS_PER_IMAGE], index % QUESTIONS_PER_IMAGE
+    group, subtype = dataset.groups[image, q], dataset.subtype[image, q]
+    return {
+        names[g][t]: round(float(correct[(group == g) & (subtype == t)].mean()), 4) for g in range(2) for t in range(3)
+    }
+
+
 def run_one(config: str, overrides: list[str], out: Path) -> None:
     """Fit and test one config in this process; write its figures to ``out``."""
     import torch
@@ -59,6 +86,7 @@ def run_one(config: str, overrides: list[str], out: Path) -> None:
         "best_checkpoint": best,
         "val_history": history.history,
         "test": {k: float(v) for k, v in metrics.items()},
+        "test_by_subtype": accuracy_by_subtype(model, data),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
     out.write_text(json.dumps(result, indent=2))
