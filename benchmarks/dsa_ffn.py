@@ -25,7 +25,7 @@ evaluates on the test split: overall, relational and non-relational accuracy, th
 (the target is at least 98% at 0.4), and end-to-end inference throughput (test samples/s, eval mode, the trainer's
 precision). The 0.4 model is also evaluated at 0.25 and 1.0 without retraining.
 
-    PYTHONPATH=. python benchmarks/dsa_ffn.py --mode model --epochs 30 --batch-size 128 --parallel   # H200
+    PYTHONPATH=. python benchmarks/dsa_ffn.py --mode model --epochs 30 --parallel   # H200
     PYTHONPATH=. python benchmarks/dsa_ffn.py --mode model --epochs 1 --limit-train-batches 5 \\
         --data-args num_images=64,val_images=16,test_images=16                                       # CPU smoke
 
@@ -678,8 +678,8 @@ def main() -> None:
     parser.add_argument("--dense-config", default="vqa.yaml")
     parser.add_argument("--dsa-config", default="vqa_dsa.yaml")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--limit-train-batches", default="1.0")

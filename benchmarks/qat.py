@@ -17,7 +17,7 @@ quantized after training: mixed W8 attention/W4 FFN-A8, and W4A8 everywhere); ``
 schedule [4]); ``qat_progressive`` (W4A8 everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 ->
 4, the shipped vqa_qat.yaml). Writes ``qat_accuracy_<device>_<date>.json``::
 
-    python benchmarks/qat.py --mode accuracy --epochs 30 --batch-size 128 --parallel      # H200, bf16-mixed
+    python benchmarks/qat.py --mode accuracy --epochs 30 --parallel      # H200, bf16-mixed
     python benchmarks/qat.py --mode accuracy --epochs 1 --limit-train-batches 30          # CPU smoke run
 """
 
@@ -386,6 +386,7 @@ def _float_twin(model: nn.Module) -> nn.Module:
 
 
 def accuracy_mode(args, extra: list[str]) -> None:
+    args.batch_size = args.batch_size or 256
     common = training_overrides(args, "--test_after_fit=false") + list(extra)
     work = Path(args.work_dir) if args.work_dir else Path(args.out_dir) / "qat_runs"
     work.mkdir(parents=True, exist_ok=True)
@@ -461,14 +462,14 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--config", default="vqa.yaml", help="model of a fresh run (latency mode)")
     parser.add_argument("--ckpt", default=None, help="a float checkpoint instead of a fresh model (latency mode)")
-    parser.add_argument("--batch-size", type=int, default=None, help="latency: 64 on the CPU, 256 on a GPU")
+    parser.add_argument("--batch-size", type=int, default=None, help="latency: 64 CPU, 256 GPU; accuracy: 256")
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     parser.add_argument("--threads", type=int, nargs="*", default=None,
                         help="latency: thread counts to time with, e.g. 1 2 (default: torch's)")  # fmt: skip
     # accuracy mode
     parser.add_argument("--variants", nargs="*", default=list(TRAINED), help=f"trained runs, of {list(TRAINED)}")
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--limit-train-batches", default="1.0")

@@ -5,7 +5,7 @@ trainer overrides, in parallel processes when asked (several small models share 
 parameters, relational and non-relational test accuracy, wall time, beside the Relation Networks paper's figures
 (Santoro et al. 2017, Sort-of-CLEVR: CNN+RN 94% relational / 99% non-relational; CNN+MLP 63% / 94%).
 
-    python benchmarks/vqa_sort_of_clevr.py --epochs 30 --batch-size 128 --parallel     # H200
+    python benchmarks/vqa_sort_of_clevr.py --epochs 30 --parallel     # H200
     python benchmarks/vqa_sort_of_clevr.py --epochs 1 --limit-train-batches 20        # CPU smoke run
 """
 
@@ -103,8 +103,8 @@ def main() -> None:
         help="an extra run: a config plus comma-separated CLI overrides",
     )
     parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--limit-train-batches", default="1.0")
