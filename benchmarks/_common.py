@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import torch
+from lightning.pytorch.callbacks import Callback
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parents[1]
@@ -106,19 +107,15 @@ def launch(cmd: list[str], log: Path, index: int) -> subprocess.Popen:
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
 
 
-def validation_history():
-    """A Lightning callback that keeps every validation's ``val/*`` metrics with its step, as ``.history``: the
-    learning curve of a benchmark run, written beside its final figures."""
-    from lightning.pytorch.callbacks import Callback
+class ValidationHistory(Callback):
+    """Keeps every validation's ``val/*`` metrics with its epoch and step in ``.history``: the learning curve of a
+    benchmark run, written beside its final figures."""
 
-    class ValidationHistory(Callback):
-        def __init__(self) -> None:
-            self.history: list[dict] = []
+    def __init__(self) -> None:
+        self.history: list[dict] = []
 
-        def on_validation_end(self, trainer, pl_module) -> None:
-            if trainer.sanity_checking:
-                return
-            metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-            self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
-
-    return ValidationHistory()
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})

@@ -276,26 +276,23 @@ def prepare(args: argparse.Namespace) -> dict:
 
     aug, wall, reload = None, 0.0, 0.0
     if any(VARIANTS[v][2] for v in args.variants):
+
+        def augment():
+            return score_augmentations(
+                train_texts,
+                train_labels,
+                augmenter=TextAugmenter(strength=args.strength, max_copies=args.max_copies, seed=0),
+                scorer=BERTScoreFilter(threshold=args.threshold, device=args.device),
+                num_classes=num_classes,
+                cache_dir=cache_dir / "ddae",
+            )
+
         start = time.perf_counter()
-        aug = score_augmentations(
-            train_texts,
-            train_labels,
-            augmenter=TextAugmenter(strength=args.strength, max_copies=args.max_copies, seed=0),
-            scorer=BERTScoreFilter(threshold=args.threshold, device=args.device),
-            num_classes=num_classes,
-            cache_dir=cache_dir / "ddae",
-        )
+        aug = augment()
         wall = time.perf_counter() - start
         start = time.perf_counter()
-        again = score_augmentations(
-            train_texts,
-            train_labels,
-            augmenter=TextAugmenter(strength=args.strength, max_copies=args.max_copies, seed=0),
-            scorer=BERTScoreFilter(threshold=args.threshold, device=args.device),
-            num_classes=num_classes,
-            cache_dir=cache_dir / "ddae",
-        )
-        reload = time.perf_counter() - start  # what a second run pays before training
+        again = augment()  # the same call again: what a second run pays before training
+        reload = time.perf_counter() - start
         assert again.from_cache and again.texts == aug.texts
         print(
             f"DDAE: {len(aug.texts)} copies, augment {aug.augment_seconds:.1f}s + BERTScore {aug.score_seconds:.1f}s "

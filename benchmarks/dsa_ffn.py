@@ -56,7 +56,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import launch, table, training_overrides, validation_history, write_result  # noqa: E402
+from _common import ValidationHistory, launch, table, training_overrides, write_result  # noqa: E402
 
 from zoo.kernels import block_sparse_ffn_torch  # noqa: E402
 from zoo.layers.dsa import DSAFeedForward, active_blocks  # noqa: E402
@@ -461,7 +461,7 @@ def run_one(config: str, thresholds: list[float], overrides: list[str], out: Pat
 
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    history = validation_history()
+    history = ValidationHistory()
     trainer.callbacks.append(history)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)

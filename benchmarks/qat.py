@@ -38,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
-from _common import launch, table, training_overrides, validation_history, write_result  # noqa: E402
+from _common import ValidationHistory, launch, table, training_overrides, write_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 from zoo.contracts import Tokens  # noqa: E402
@@ -327,7 +327,7 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int) -> None:
     config, schedule, quant = TRAINED[name]
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    history = validation_history()
+    history = ValidationHistory()
     trainer.callbacks.append(history)
     if schedule is not None:
         (callback,) = [c for c in trainer.callbacks if isinstance(c, QATScheduleCallback)]

@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import launch, table, training_overrides, validation_history, write_result  # noqa: E402
+from _common import ValidationHistory, launch, table, training_overrides, write_result  # noqa: E402
 
 PAPER = {
     "CNN+RN (Santoro et al. 2017)": {"relational": 0.94, "non_relational": 0.99},
@@ -69,7 +69,7 @@ def run_one(config: str, overrides: list[str], out: Path) -> None:
 
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    history = validation_history()
+    history = ValidationHistory()
     trainer.callbacks.append(history)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
