@@ -7,6 +7,8 @@
 #   bash benchmarks/h200.sh dsa-layer     [args of benchmarks/dsa_ffn.py --mode layer]
 #   bash benchmarks/h200.sh dsa-throughput [args of benchmarks/dsa_ffn.py --mode throughput]
 #   bash benchmarks/h200.sh qat-accuracy  [args of benchmarks/qat.py --mode accuracy]
+#   bash benchmarks/h200.sh qat-latency   [args of benchmarks/qat.py --mode latency]
+#   bash benchmarks/h200.sh train-step    [args of benchmarks/train_step.py]
 # Several may run at once (e.g. each with its own CUDA_VISIBLE_DEVICES): the shared set-up is done under a lock.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -36,5 +38,9 @@ case "$what" in
   qat-accuracy)
     python3 benchmarks/qat.py --mode accuracy --parallel --out-dir "$OUT" --work-dir /tmp/qat_runs "$@"
     tar czf "$OUT/qat_logs.tgz" -C /tmp/qat_runs --exclude='*.ckpt' --exclude='*.pt' . ;;
+  qat-latency)
+    python3 benchmarks/qat.py --mode latency --device cuda --out-dir "$OUT" "$@" ;;
+  train-step)
+    python3 benchmarks/train_step.py --out-dir "$OUT" --work-dir /tmp/train_step "$@" ;;
   *) echo "unknown benchmark $what" >&2; exit 2 ;;
 esac

@@ -27,14 +27,28 @@ class ZooTask(LightningModule):
             default. Biases, norms, embeddings and other 1-D parameters get no weight decay, as in timm.
         scheduler: builds the per-step LR schedule from ``(optimizer, total_steps)``; warm-up + cosine by default,
             ``None`` for a constant rate.
+        compile: ``torch.compile`` the transformer blocks and tensor-input encoders when the trainer sets the model
+            up (:func:`zoo.compile.compile_regions`); ``True``, or a dict of ``torch.compile`` options.
     """
 
     def __init__(
-        self, *, optimizer: OptimizerCallable = torch.optim.AdamW, scheduler: ScheduleFactory | None = WarmupCosine
+        self,
+        *,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        scheduler: ScheduleFactory | None = WarmupCosine,
+        compile: bool | dict[str, Any] = False,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.compile_options = {} if compile is True else compile
+        self.compiled_regions: list[str] = []
+
+    def configure_model(self) -> None:
+        if self.compile_options is not False and not self.compiled_regions:
+            from zoo.compile import compile_regions
+
+            self.compiled_regions = compile_regions(self, **self.compile_options)
 
     def parameter_groups(self) -> list[dict]:
         decay, no_decay = [], []

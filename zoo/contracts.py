@@ -87,6 +87,9 @@ class Encoder(nn.Module):
     """
 
     out_dim: int
+    #: whether :func:`zoo.compile.compile_regions` compiles the whole encoder (false where ``forward`` runs Python
+    #: code on the raw input, e.g. a tokenizer; its transformer blocks are still compiled)
+    compilable: bool = True
 
     def forward(self, inputs: Any) -> Tokens:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -97,6 +97,8 @@ class MiniLMTextEncoder(Encoder):
         max_length: longest token sequence kept.
     """
 
+    compilable = False  # forward tokenizes Python strings
+
     def __init__(self, *, model_path: str | None = None, freeze: bool = True, max_length: int = 128) -> None:
         super().__init__()
         from transformers import AutoModel
@@ -138,6 +140,8 @@ class TransformerTextEncoder(Encoder):
         max_length: longest token sequence kept.
         dropout: dropout in the blocks.
     """
+
+    compilable = False  # forward tokenizes Python strings
 
     def __init__(
         self,

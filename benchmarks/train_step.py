@@ -1,0 +1,154 @@
+"""Training-step time of a CLI config, eager against ``compile: true`` (and any other variant), side by side.
+
+Each variant runs in its own process (compiled code and caches do not leak between them): the train loader alone
+for ``--steps`` batches (batches per second: can the data keep up?), then ``trainer.fit`` for ``--steps`` optimizer
+steps without validation; the step time is the median interval between consecutive ``on_train_batch_end`` calls
+over the second half of the steps (after warm-up and compilation), so it is the steady-state throughput of the whole
+loop (loader, forward, backward, optimizer, Lightning's hooks).
+
+    python benchmarks/train_step.py --steps 200                                   # H200: vqa.yaml, bf16, batch 256
+    python benchmarks/train_step.py --steps 20 --batch-size 16 --precision 32-true   # CPU smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _common import launch, table, write_result  # noqa: E402
+
+# name -> extra CLI overrides
+VARIANTS = {
+    "eager": [],
+    "compile": ["--model.init_args.compile=true"],
+    "compile_fused_adamw": ["--model.init_args.compile=true", "--model.init_args.optimizer.init_args.fused=true"],
+    "compile_cudagraphs": ['--model.init_args.compile={"mode": "reduce-overhead"}'],
+}
+
+
+def run_one(config: str, overrides: list[str], steps: int, out: Path) -> None:
+    """Time the loader and the training loop of one variant in this process; write the figures to ``out``."""
+    import torch
+    from lightning.pytorch.callbacks import Callback
+
+    from zoo.cli import ZooCLI, resolve_config_args
+
+    class StepClock(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.times.append(time.perf_counter())
+
+    cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    data.prepare_data()
+    data.setup("fit")
+    loader, start = iter(data.train_dataloader()), time.perf_counter()
+    batch_size = len(next(loader)["label"])
+    first = time.perf_counter()
+    for _ in range(steps - 1):
+        next(loader)
+    loader_rate = (steps - 1) / (time.perf_counter() - first)
+    del loader
+    clock = StepClock()
+    trainer.callbacks.append(clock)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    fit_seconds = time.perf_counter() - start
+    gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    steady = gaps[len(gaps) // 2 :]
+    step = statistics.median(steady)
+    result = {
+        "overrides": overrides,
+        "batch_size": batch_size,
+        "steps": len(clock.times),
+        "loader_batches_per_s": round(loader_rate, 1),
+        "step_ms": round(1e3 * step, 2),
+        "step_ms_p10_p90": [round(1e3 * q, 2) for q in statistics.quantiles(steady, n=10)[::8]],
+        "samples_per_s": round(batch_size / step, 1),
+        "first_step_s": round(clock.times[0] - start, 1),
+        "fit_seconds": round(fit_seconds, 1),
+        "compiled_regions": getattr(model, "compiled_regions", []),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    out.write_text(json.dumps(result, indent=2))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="vqa.yaml")
+    parser.add_argument("--variants", nargs="*", default=list(VARIANTS), help=f"of {list(VARIANTS)}")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
+    parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
+    parser.add_argument("--work-dir", default="/tmp/zoo_train_step")
+    parser.add_argument("--run-one", nargs=3, metavar=("CONFIG", "STEPS", "OUT"), help=argparse.SUPPRESS)
+    args, extra = parser.parse_known_args()
+    if args.run_one:
+        run_one(args.run_one[0], extra, int(args.run_one[1]), Path(args.run_one[2]))
+        return
+
+    import torch
+
+    precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    common = [
+        f"--trainer.max_steps={args.steps}",
+        "--trainer.max_epochs=-1",
+        f"--trainer.limit_train_batches={args.steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.logger=false",
+        "--trainer.callbacks=[]",
+        f"--trainer.precision={precision}",
+        f"--trainer.default_root_dir={work}",
+        f"--data.init_args.batch_size={args.batch_size}",
+        f"--data.init_args.num_workers={args.num_workers}",
+    ]
+    results, rows = {}, []
+    for name in args.variants:
+        out = work / f"{name}.json"
+        out.unlink(missing_ok=True)
+        cmd = [sys.executable, __file__, "--run-one", args.config, str(args.steps), str(out), *common, *VARIANTS[name]]
+        proc = launch(cmd, work / f"{name}.log", 0)
+        proc.wait()
+        if proc.returncode != 0 or not out.is_file():
+            print(f"variant {name} failed:\n{(work / f'{name}.log').read_text()[-3000:]}", file=sys.stderr)
+            continue
+        results[name] = json.loads(out.read_text())
+    base = results.get("eager", {}).get("step_ms")
+    for name, r in results.items():
+        rows.append(
+            {
+                "variant": name,
+                "step ms": f"{r['step_ms']:.1f}",
+                "samples/s": f"{r['samples_per_s']:.0f}",
+                "vs eager": f"{base / r['step_ms']:.2f}x" if base else "",
+                "loader batches/s": f"{r['loader_batches_per_s']:.0f}",
+                "first step s": f"{r['first_step_s']:.0f}",
+            }
+        )
+    printed = table(rows, ["variant", "step ms", "samples/s", "vs eager", "loader batches/s", "first step s"])
+    print(printed)
+    path = write_result(
+        f"train_step_{Path(args.config).stem}",
+        {"settings": vars(args) | {"precision": precision}, "runs": results, "printed_table": printed},
+        Path(args.out_dir),
+    )
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
