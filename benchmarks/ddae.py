@@ -26,7 +26,9 @@ Encoders:
     python benchmarks/ddae.py --device cuda --encoder transformer --steps 4000 --batch-size 128 --lr 1e-3
     python benchmarks/ddae.py --device cuda --encoder minilm-finetune --steps 2000 --batch-size 64
 
-Writes ``benchmarks/results/ddae_<device>_<date>.json`` (machine, versions, date, arguments, every number).
+Writes ``benchmarks/results/ddae_<device>_<date>.json`` (machine, versions, date, arguments, every number;
+``_<encoder>`` before ``.json`` for the end-to-end encoders; ``--out-dir`` for another folder, ``--out`` for any path).
+On the H200 machine: ``bash benchmarks/h200.sh ddae --encoder minilm-finetune ...`` (see that script).
 """
 
 from __future__ import annotations
@@ -86,7 +88,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dropout", type=float, default=0.1)
     p.add_argument("--seeds", type=int, default=3, help="runs per variant (seeds 0..n-1)")
     p.add_argument("--cache-dir", default=str(Path(os.environ.get("ZOO_DATA_DIR") or "~/.cache/zoo").expanduser()))
-    p.add_argument("--out", default=None, help="JSON path; benchmarks/results/ddae_<device>_<date>.json by default")
+    p.add_argument("--out", default=None, help="JSON path; out-dir/ddae_<device>_<date>[_<encoder>].json by default")
+    p.add_argument("--out-dir", default=None, help="folder of the default-named JSON (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads while training (1 for a CPU head)")
     return p.parse_args(argv)
 
@@ -393,7 +396,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     today = dt.date.today().isoformat()
     device_name = "cuda" if args.device.startswith("cuda") else "cpu"
-    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"ddae_{device_name}_{today}.json"
+    suffix = "" if args.encoder == "minilm-frozen" else f"_{args.encoder}"
+    out_dir = Path(args.out_dir) if args.out_dir else ROOT / "benchmarks" / "results"
+    out = Path(args.out) if args.out else out_dir / f"ddae_{device_name}_{today}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     report = {
         "benchmark": "ddae",

