@@ -29,7 +29,6 @@ VARIANTS = {
     "eager": [],
     "compile": ["--model.init_args.compile=true"],
     "compile_fused_adamw": ["--model.init_args.compile=true", "--model.init_args.optimizer.init_args.fused=true"],
-    "compile_cudagraphs": ['--model.init_args.compile={"mode": "reduce-overhead"}'],
 }
 
 

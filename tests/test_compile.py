@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from lit_models import VQA
 from zoo.compile import compile_regions
+from zoo.errors import ConfigError
 from zoo.encoders import ConvImageEncoder, TransformerTextEncoder
 from zoo.fusion import MIE
 
@@ -58,3 +60,8 @@ def test_task_compiles_when_the_trainer_configures_it():
     task.configure_model()  # fit then test: compiled once
     assert len(task.compiled_regions) == 4
     assert _vqa().compiled_regions == [] and _vqa().compile_options is False
+
+
+def test_cuda_graph_modes_fail_with_a_clear_error():
+    with pytest.raises(ConfigError, match="compile: mode='reduce-overhead'"):
+        compile_regions(_vqa(), mode="reduce-overhead")

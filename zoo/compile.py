@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from zoo.contracts import Encoder
+from zoo.errors import ConfigError
 from zoo.layers.transformer import TransformerBlock
 
 
@@ -28,6 +29,14 @@ def compile_regions(module: nn.Module, **options: Any) -> list[str]:
     Returns:
         The qualified names of the compiled modules.
     """
+    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+        # Seen on an H200 (benchmarks/train_step.py, vqa_sort_of_clevr.py, 2026-11-28): training steps ran 1.29x faster,
+        # but validation then failed with "accessing tensor output of CUDAGraphs that has been overwritten by a
+        # subsequent run": one block graph, replayed once per block, reuses its output memory while it is needed.
+        raise ConfigError(
+            f"compile: mode={options['mode']!r} records CUDA graphs per region, which fail on the zoo's per-block "
+            "graphs; use the default mode or 'max-autotune-no-cudagraphs'"
+        )
     compiled: list[str] = []
     for name, child in module.named_modules():
         if any(name.startswith(f"{done}.") for done in compiled):

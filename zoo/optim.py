@@ -36,6 +36,42 @@ class WarmupCosine(LambdaLR):
         super().__init__(optimizer, factor)
 
 
+class WarmupStableDecay(LambdaLR):
+    """Linear warm-up over ``warmup`` of the steps, the base rate until the last ``decay`` of them, then cosine decay
+    to ``min_ratio`` of the base rate (the warmup-stable-decay schedule of MiniCPM, Hu et al. 2024).
+
+    Against :class:`WarmupCosine` it keeps the full rate for longer: a model whose learning starts late (Sort-of-CLEVR's
+    question-image binding comes after a plateau of several epochs) still learns at the full rate after it.
+
+    Args:
+        optimizer: the optimizer whose rates are scheduled.
+        total_steps: optimizer steps in the whole run (a task passes ``trainer.estimated_stepping_batches``).
+        warmup: fraction of ``total_steps`` spent warming up, in ``[0, 1)``.
+        decay: fraction of ``total_steps`` spent decaying at the end, in ``(0, 1]``; ``warmup + decay <= 1``.
+        min_ratio: final rate as a fraction of the base rate.
+    """
+
+    def __init__(
+        self, optimizer: Optimizer, total_steps: int, *, warmup: float = 0.05, decay: float = 0.25, min_ratio: float = 0.0
+    ) -> None:
+        if not 0 <= warmup < 1:
+            raise ConfigError(f"WarmupStableDecay: warmup={warmup} must be in [0, 1)")
+        if not 0 < decay <= 1 or warmup + decay > 1:
+            raise ConfigError(f"WarmupStableDecay: decay={decay} must be in (0, 1] with warmup + decay <= 1")
+        total = max(1, int(total_steps))
+        warm, start = int(warmup * total), total - max(1, int(decay * total))
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            if step < start:
+                return 1.0
+            progress = min(1.0, (step - start) / max(1, total - start))
+            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        super().__init__(optimizer, factor)
+
+
 class Constant(LambdaLR):
     """A constant rate (the optimizer's own), with the same ``(optimizer, total_steps)`` signature."""
 
