@@ -7,8 +7,8 @@ import torch
 
 from lit_models import VQA
 from zoo.compile import compile_regions
-from zoo.errors import ConfigError
 from zoo.encoders import ConvImageEncoder, TransformerTextEncoder
+from zoo.errors import ConfigError
 from zoo.fusion import MIE
 
 

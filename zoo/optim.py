@@ -52,7 +52,13 @@ class WarmupStableDecay(LambdaLR):
     """
 
     def __init__(
-        self, optimizer: Optimizer, total_steps: int, *, warmup: float = 0.05, decay: float = 0.25, min_ratio: float = 0.0
+        self,
+        optimizer: Optimizer,
+        total_steps: int,
+        *,
+        warmup: float = 0.05,
+        decay: float = 0.25,
+        min_ratio: float = 0.0,
     ) -> None:
         if not 0 <= warmup < 1:
             raise ConfigError(f"WarmupStableDecay: warmup={warmup} must be in [0, 1)")
