@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -80,3 +81,13 @@ def test_bad_split_arguments_raise_config_errors(tmp_path):
         WordNetSupersenseDataModule(data_dir=str(tmp_path), imbalance_ratio=0.5)
     with pytest.raises(ConfigError, match="needs max_train_per_class"):
         WordNetSupersenseDataModule(data_dir=str(tmp_path), max_train_per_class=None)
+
+
+def test_a_cached_split_needs_no_wordnet_package(tmp_path, monkeypatch):
+    """Where only the cache travels (the GPU machine), the datamodule is built and set up without `wn`."""
+    WordNetSupersenseDataModule(data_dir=str(tmp_path)).prepare_data()
+    monkeypatch.setitem(sys.modules, "wn", None)  # `import wn` now raises ImportError
+    monkeypatch.setitem(sys.modules, "wn.constants", None)
+    dm = WordNetSupersenseDataModule(data_dir=str(tmp_path))
+    dm.setup("fit")
+    assert dm.num_classes == 45 and len(dm.train_dataset) == 12_148
