@@ -10,6 +10,12 @@ on 2048 tokens. Writes ``benchmarks/results/qat_latency_<device>_<date>.json``::
     python benchmarks/qat.py --mode latency                       # CPU here (about 10 minutes on 2 busy cores)
     python benchmarks/qat.py --mode latency --device cuda         # H200: bf16 baseline
 
+``--mode profile`` (CPU by default): where the time of one VQA forward goes, fp32 against the converted int8 model,
+from ``torch.profiler`` (self time per operator, per forward); the share of the GEMMs and the bound it puts on any
+speed-up from integer GEMMs alone (Amdahl: total / (total - GEMM time)). Writes ``qat_profile_<device>_<date>.json``::
+
+    python benchmarks/qat.py --mode profile
+
 ``--mode accuracy`` (GPU): trains each variant through the zoo CLI (``ZooCLI`` on vqa.yaml / vqa_qat.yaml, one
 subprocess per run, in parallel with ``--parallel``), tests the final model fake-quantized and converted, and times
 float against integer inference on the test batches. Variants: ``float``; ``ptq_mixed``/``ptq_w4`` (the float run
@@ -269,6 +275,55 @@ def latency_mode(args) -> None:
     print(f"wrote {path}")
 
 
+#: operators that are the GEMMs of a linear layer (self time; ``aten::linear`` only dispatches to them)
+GEMMS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_int_mm")
+
+
+def profile_mode(args) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    device = args.device
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    model = _vqa_model(args)
+    int8 = convert_(quantize_(copy.deepcopy(model), **POLICIES["int8"]))
+    batch = args.batch_size or (256 if device == "cuda" else 64)
+    g = torch.Generator().manual_seed(0)
+    inputs = {"image": torch.randn(batch, 3, 75, 75, generator=g).to(device), "text": _questions(batch)}
+    base = "bf16" if device == "cuda" else "fp32"
+    rows, payload = [], {"mode": "profile", "device": device, "cpu_model": _cpu_model(), "batch_size": batch}
+    for name, m in ((base, model), ("int8", int8)):
+        call = _call(m.to(device), inputs, torch.bfloat16 if device == "cuda" else None, device)
+        with torch.inference_mode():
+            for _ in range(3):
+                call()
+            with profile(activities=activities) as prof:
+                for _ in range(args.reps):
+                    call()
+        attr = "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+        ops = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+        per_forward = {e.key: getattr(e, attr) / 1e3 / args.reps for e in ops}  # ms
+        total = sum(per_forward.values())
+        gemm = sum(v for k, v in per_forward.items() if k in GEMMS)
+        payload[name] = {
+            "ms_per_forward": round(total, 2),
+            "gemm_ms": round(gemm, 2),
+            "gemm_share": round(gemm / total, 3),
+            "bound_from_faster_gemms": round(total / (total - gemm), 2) if total > gemm else None,
+            "top_ops_ms": {k: round(v, 2) for k, v in list(per_forward.items())[:15]},
+        }
+        rows.append({"model": name, **{k: v for k, v in payload[name].items() if k != "top_ops_ms"}})
+        print(f"\n{name}: top operators, ms per forward (self time)")
+        print(table([{"op": k, "ms": v} for k, v in payload[name]["top_ops_ms"].items()], ["op", "ms"]))
+    print()
+    print(table(rows, ["model", "ms_per_forward", "gemm_ms", "gemm_share", "bound_from_faster_gemms"]))
+    payload["method"] = (
+        f"torch.profiler, {args.reps} forwards after 3 warm-up ones, inference_mode, {torch.get_num_threads()} threads;"
+        " self time per operator; the profiler's own overhead inflates small operators alike in both models"
+    )
+    path = write_result("qat_profile", payload, Path(args.out_dir))
+    print(f"wrote {path}")
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -455,7 +510,7 @@ def _speed(timing: dict | None, base: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["latency", "accuracy"], default="latency")
+    parser.add_argument("--mode", choices=["latency", "accuracy", "profile"], default="latency")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--reps", type=int, default=15, help="timed rounds per variant")
     # latency mode
@@ -481,10 +536,10 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     if args.run_one:
         run_one(args.run_one[0], extra, Path(args.run_one[1]), args.reps)
-    elif args.mode == "latency":
+    elif args.mode in ("latency", "profile"):
         if extra:
             parser.error(f"unknown arguments {extra}")
-        latency_mode(args)
+        (latency_mode if args.mode == "latency" else profile_mode)(args)
     else:
         if args.batch_size is None:
             args.batch_size = 128
