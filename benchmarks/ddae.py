@@ -81,6 +81,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--class-weights", default="inverse", help="none, inverse, sqrt_inverse, effective_number")
     p.add_argument("--beta", type=float, default=0.999, help="beta of effective_number")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run")
+    p.add_argument(
+        "--resample-from",
+        type=float,
+        default=0.0,
+        help="resampled runs: fraction of the steps trained on the plain shuffle before the class-aware order",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -153,6 +159,16 @@ class TextModel(nn.Module):
         return self.head(self.encoder(texts).pooled_mean())
 
 
+def _shuffled_order(n: int, total: int, seed: int) -> np.ndarray:
+    """``total`` indices of ``range(n)``: consecutive seeded epochs of :class:`SeededShuffleSampler`."""
+    shuffle = SeededShuffleSampler(n, seed)
+    order = []
+    for epoch in range(-(-total // n)):
+        shuffle.set_epoch(epoch)
+        order.append(shuffle.permutation())
+    return np.concatenate(order)[:total]
+
+
 # -- one run --------------------------------------------------------------------------------------------------------
 def train_and_test(
     args: argparse.Namespace,
@@ -179,14 +195,12 @@ def train_and_test(
             seed=seed,
         )
         order = sampler.indices(0)
+        if args.resample_from > 0:  # deferred re-sampling: the plain shuffle first, the class-aware order after
+            plain = _shuffled_order(len(train_y), total, seed)
+            cut = int(args.resample_from * args.steps) * args.batch_size
+            order = np.concatenate([plain[:cut], order[cut:]])
     else:
-        shuffle = SeededShuffleSampler(len(train_y), seed)
-        epochs = -(-total // len(train_y))
-        order = []
-        for epoch in range(epochs):
-            shuffle.set_epoch(epoch)
-            order.append(shuffle.permutation())
-        order = np.concatenate(order)[:total]
+        order = _shuffled_order(len(train_y), total, seed)
     device = torch.device(args.device)
     if args.encoder == "minilm-frozen":
         model = Head(train_x.shape[1], num_classes, hidden=args.head_hidden, dropout=args.dropout).to(device)
