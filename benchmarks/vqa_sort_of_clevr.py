@@ -147,15 +147,30 @@ def main() -> None:
         procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
         if not args.parallel:
             procs[name][0].wait()
-    rows, results = [], {}
-    for name, (proc, out) in procs.items():
-        proc.wait()
-        if proc.returncode != 0 or not out.is_file():
-            tail = (work / f"{name}.log").read_text()[-2000:]
-            print(f"run {name} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
+    # Runs are collected as they finish and the summary is rewritten after each, so that a call stopped by a time
+    # limit keeps the figures of the runs that finished (the device tool kills the whole process group).
+    results: dict[str, dict] = {}
+    pending = dict(procs)
+    while pending:
+        finished = [name for name, (proc, _) in pending.items() if proc.poll() is not None]
+        if not finished:
+            time.sleep(2)
             continue
-        result = json.loads(out.read_text())
-        results[name] = result
+        for name in finished:
+            proc, out = pending.pop(name)
+            if proc.returncode != 0 or not out.is_file():
+                tail = (work / f"{name}.log").read_text()[-2000:]
+                print(f"run {name} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
+                continue
+            results[name] = json.loads(out.read_text())
+        path = _summarize(results, args, precision, common, pending=sorted(pending))
+    print(f"wrote {path}")
+
+
+def _summarize(results: dict[str, dict], args, precision: str, common: list[str], *, pending: list[str]) -> Path:
+    """Print the table of the finished runs beside the paper's figures and write the summary JSON."""
+    rows = []
+    for name, result in results.items():
         test = result["test"]
         rows.append(
             {
@@ -178,16 +193,23 @@ def main() -> None:
             }
         )
     columns = ["model", "params", "fusion params", "relational", "non-relational", "overall", "epochs", "wall"]
-    print(table(rows, columns))
+    printed = table(rows, columns)
     if "mie" in results and "two_tower" in results:
         gap = results["mie"]["test"]["test/acc_relational"] - results["two_tower"]["test"]["test/acc_relational"]
-        print(f"MIE - two-tower relational accuracy: {100 * gap:+.1f} points")
-    path = write_result(
+        printed += f"\nMIE - two-tower relational accuracy: {100 * gap:+.1f} points"
+    if pending:
+        printed += f"\nstill running: {', '.join(pending)}"
+    print(printed, flush=True)
+    return write_result(
         "vqa_sort_of_clevr",
-        {"settings": vars(args) | {"precision": precision, "common": common}, "runs": results, "paper": PAPER},
+        {
+            "settings": vars(args) | {"precision": precision, "common": common},
+            "runs": results,
+            "paper": PAPER,
+            "printed_table": printed,
+        },
         Path(args.out_dir),
     )
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":
