@@ -50,7 +50,7 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path) -> None:
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     data.prepare_data()
     data.setup("fit")
-    loader, start = iter(data.train_dataloader()), time.perf_counter()
+    loader = iter(data.train_dataloader())
     batch_size = len(next(loader)["label"])
     first = time.perf_counter()
     for _ in range(steps - 1):

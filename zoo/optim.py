@@ -11,6 +11,21 @@ from torch.optim.lr_scheduler import LambdaLR, LRScheduler
 from zoo.errors import ConfigError
 
 
+def _warmup_hold_cosine(total: int, warm: int, start: int, min_ratio: float) -> Callable[[int], float]:
+    """The rate factor of step ``s``: linear warm-up over ``warm`` steps, 1 until ``start``, then cosine decay to
+    ``min_ratio`` at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if step < start:
+            return 1.0
+        progress = min(1.0, (step - start) / max(1, total - start))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
 class WarmupCosine(LambdaLR):
     """Linear warm-up from 0 over ``warmup`` of the steps, then cosine decay to ``min_ratio`` of the base rate.
 
@@ -26,14 +41,7 @@ class WarmupCosine(LambdaLR):
             raise ConfigError(f"WarmupCosine: warmup={warmup} must be in [0, 1)")
         total = max(1, int(total_steps))
         warm = int(warmup * total)
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            progress = min(1.0, (step - warm) / max(1, total - warm))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        super().__init__(optimizer, factor)
+        super().__init__(optimizer, _warmup_hold_cosine(total, warm, warm, min_ratio))
 
 
 class WarmupStableDecay(LambdaLR):
@@ -66,16 +74,7 @@ class WarmupStableDecay(LambdaLR):
             raise ConfigError(f"WarmupStableDecay: decay={decay} must be in (0, 1] with warmup + decay <= 1")
         total = max(1, int(total_steps))
         warm, start = int(warmup * total), total - max(1, int(decay * total))
-
-        def factor(step: int) -> float:
-            if step < warm:
-                return (step + 1) / warm
-            if step < start:
-                return 1.0
-            progress = min(1.0, (step - start) / max(1, total - start))
-            return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-        super().__init__(optimizer, factor)
+        super().__init__(optimizer, _warmup_hold_cosine(total, warm, start, min_ratio))
 
 
 class Constant(LambdaLR):
