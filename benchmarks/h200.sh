@@ -12,9 +12,11 @@
 #   bash benchmarks/h200.sh ddae          [args of benchmarks/ddae.py], e.g. --encoder minilm-finetune
 # ddae needs .carry/zoo_data/ too: the WordNet split and the DDAE caches (augmented copies + BERTScore F1) of
 # ~/.cache/zoo, made on the CPU, so that neither `wn` nor a BERTScore pass is needed here.
-# Several may run at once (e.g. each with its own CUDA_VISIBLE_DEVICES): the shared set-up is done under a lock.
+# Several may run at once, each with its own CUDA_VISIBLE_DEVICES, OUT (results) and WORK (runs, logs) folder: the
+# shared set-up is done under a lock.
 set -euo pipefail
 OUT=${OUT:-benchmarks/results}
+WORK=${WORK:-/tmp/${1:-none}_runs}
 export PYTHONPATH=$PWD:$PWD/.carry/pkgs:/tmp/site:${PYTHONPATH:-}
 export ZOO_DATA_DIR=/tmp/zoo_data PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2  # several runs share the cores
 (
@@ -53,22 +55,22 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 what=$1; shift
 case "$what" in
   vqa)
-    python3 benchmarks/vqa_sort_of_clevr.py --parallel --out-dir "$OUT" --work-dir /tmp/vqa_runs "$@"
-    tar czf "$OUT/vqa_logs.tgz" -C /tmp/vqa_runs --exclude='*.ckpt' --exclude='*.npz' . ;;
+    python3 benchmarks/vqa_sort_of_clevr.py --parallel --out-dir "$OUT" --work-dir "$WORK" "$@"
+    tar czf "$OUT/vqa_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.npz' . ;;
   dsa-model)
-    python3 benchmarks/dsa_ffn.py --mode model --parallel --out-dir "$OUT" --work-dir /tmp/dsa_runs "$@"
-    tar czf "$OUT/dsa_logs.tgz" -C /tmp/dsa_runs --exclude='*.ckpt' . ;;
+    python3 benchmarks/dsa_ffn.py --mode model --parallel --out-dir "$OUT" --work-dir "$WORK" "$@"
+    tar czf "$OUT/dsa_logs.tgz" -C "$WORK" --exclude='*.ckpt' . ;;
   dsa-layer)
     python3 benchmarks/dsa_ffn.py --mode layer --out-dir "$OUT" "$@" ;;
   dsa-throughput)
     python3 benchmarks/dsa_ffn.py --mode throughput --out-dir "$OUT" "$@" ;;
   qat-accuracy)
-    python3 benchmarks/qat.py --mode accuracy --parallel --out-dir "$OUT" --work-dir /tmp/qat_runs "$@"
-    tar czf "$OUT/qat_logs.tgz" -C /tmp/qat_runs --exclude='*.ckpt' --exclude='*.pt' . ;;
+    python3 benchmarks/qat.py --mode accuracy --parallel --out-dir "$OUT" --work-dir "$WORK" "$@"
+    tar czf "$OUT/qat_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.pt' . ;;
   qat-latency)
     python3 benchmarks/qat.py --mode latency --device cuda --out-dir "$OUT" "$@" ;;
   train-step)
-    python3 benchmarks/train_step.py --out-dir "$OUT" --work-dir /tmp/train_step "$@" ;;
+    python3 benchmarks/train_step.py --out-dir "$OUT" --work-dir "$WORK" "$@" ;;
   ddae)
     python3 benchmarks/ddae.py --device cuda --out-dir "$OUT" "$@" ;;
   *) echo "unknown benchmark $what" >&2; exit 2 ;;

@@ -18,13 +18,20 @@ speed-up from integer GEMMs alone (Amdahl: total / (total - GEMM time)). Writes 
 
 ``--mode accuracy`` (GPU): trains each variant through the zoo CLI (``ZooCLI`` on vqa.yaml / vqa_qat.yaml, one
 subprocess per run, in parallel with ``--parallel``), tests the final model fake-quantized and converted, and times
-float against integer inference on the test batches. Variants: ``float``; ``ptq_mixed``/``ptq_w4`` (the float run
-quantized after training: mixed W8 attention/W4 FFN-A8, and W4A8 everywhere); ``qat_fixed4`` (W4A8 everywhere,
-schedule [4]); ``qat_progressive`` (W4A8 everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 ->
-4, the shipped vqa_qat.yaml). Writes ``qat_accuracy_<device>_<date>.json``::
+float against integer inference on the test batches (on the run's device: the GPU against bf16, or the CPU against
+fp32). Variants: ``float``; ``ptq_mixed``/``ptq_w4`` (the float run quantized after training: mixed W8 attention/W4
+FFN-A8, and W4A8 everywhere); ``qat_fixed4`` (W4A8 everywhere, schedule [4]); ``qat_progressive`` (W4A8
+everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 -> 4, the shipped vqa_qat.yaml policy).
 
-    python benchmarks/qat.py --mode accuracy --epochs 30 --parallel      # H200, bf16-mixed
-    python benchmarks/qat.py --mode accuracy --epochs 1 --limit-train-batches 30          # CPU smoke run
+By default each QAT run trains from scratch as vqa_qat.yaml does (float for the first half, then the stages). With
+``--finetune-epochs N`` the float run goes first and every QAT run starts from its final weights
+(``initial_checkpoint``), fake-quantized from the first step, for N epochs at ``--finetune-lr``: the usual QAT
+recipe, and the fair comparison with PTQ, which quantizes the very same float weights. Writes
+``qat_accuracy_<device>_<date>.json``::
+
+    python benchmarks/qat.py --mode accuracy --epochs 16 --parallel                        # H200, bf16-mixed
+    python benchmarks/qat.py --mode accuracy --epochs 16 --finetune-epochs 2 --parallel    # H200, QAT fine-tunes
+    python benchmarks/qat.py --mode accuracy --epochs 1 --limit-train-batches 30           # CPU smoke run
 """
 
 from __future__ import annotations
@@ -356,10 +363,11 @@ def _test(trainer, model: nn.Module, data) -> dict[str, float]:
 
 
 def _time_inference(float_model: nn.Module, int_model: nn.Module, data, reps: int) -> dict[str, Any]:
-    """Float against integer inference on the first test batch, on the GPU (bf16 autocast) and the CPU (fp32)."""
+    """Float against integer inference on the first test batch: on the GPU (bf16 autocast) when there is one, else
+    on the CPU (fp32). (A GPU machine's CPU is shared by the parallel runs: CPU figures come from --mode latency.)"""
     batch = next(iter(data.test_dataloader()))
     out = {}
-    for device in ["cuda", "cpu"] if torch.cuda.is_available() else ["cpu"]:
+    for device in ["cuda"] if torch.cuda.is_available() else ["cpu"]:
         dtype = torch.bfloat16 if device == "cuda" else torch.float32
         base = "bf16" if device == "cuda" else "fp32"
         moved = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -374,8 +382,10 @@ def _time_inference(float_model: nn.Module, int_model: nn.Module, data, reps: in
     return out
 
 
-def run_one(name: str, overrides: list[str], out: Path, reps: int) -> None:
-    """Fit one trained variant in this process, test it (and its integer conversions), write figures to ``out``."""
+def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: bool = False) -> None:
+    """Fit one trained variant in this process, test it (and its integer conversions), write figures to ``out``.
+    The float run also saves its final weights as ``float_final.pt`` beside ``out`` (the start of QAT fine-tunes);
+    ``finetune``: a QAT run fake-quantizes from its first step (its config's float phase is dropped)."""
     from zoo.callbacks import QATScheduleCallback
     from zoo.cli import ZooCLI, resolve_config_args
 
@@ -387,6 +397,8 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int) -> None:
     if schedule is not None:
         (callback,) = [c for c in trainer.callbacks if isinstance(c, QATScheduleCallback)]
         callback.schedule, callback.quant = list(schedule), dict(quant)
+        if finetune:
+            callback.start = None
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     result: dict[str, Any] = {"variant": name, "config": config, "schedule": schedule, "quant": quant,
@@ -395,6 +407,8 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int) -> None:
                               "val_history": history.history}  # fmt: skip
     # the final weights (the last stage of a schedule), tested as trained: fake-quantized for QAT runs
     model.eval()
+    if schedule is None:
+        torch.save(model.state_dict(), out.parent / "float_final.pt")
     result["test_trained"] = _test(trainer, model, data)
     if schedule is None:
         float_model, runs = model, {p: quantize_(copy.deepcopy(model), **PTQ[p]) for p in PTQ}
@@ -446,13 +460,32 @@ def accuracy_mode(args, extra: list[str]) -> None:
     work = Path(args.work_dir) if args.work_dir else Path(args.out_dir) / "qat_runs"
     work.mkdir(parents=True, exist_ok=True)
     procs = {}
-    for name in args.variants:
+
+    def launch_run(name: str, flags: list[str]) -> None:
         out = work / f"{name}.json"
-        cmd = [sys.executable, __file__, "--run-one", name, str(out), "--reps", str(args.reps), *common,
+        cmd = [sys.executable, __file__, "--run-one", name, str(out), "--reps", str(args.reps), *flags,
                f"--trainer.default_root_dir={work / name}"]  # fmt: skip
         procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
         if not args.parallel:
             procs[name][0].wait()
+
+    qat_runs = [name for name in args.variants if name != "float"]
+    if args.finetune_epochs:  # the float run first; every QAT run starts from its final weights
+        if "float" not in args.variants:
+            raise SystemExit("--finetune-epochs: the float variant is needed (QAT runs start from its weights)")
+        launch_run("float", common)
+        procs["float"][0].wait()
+        finetune = copy.copy(args)
+        finetune.epochs, finetune.lr = args.finetune_epochs, args.finetune_lr or float(f"{args.lr / 10:.3g}")
+        finetune.max_time = args.finetune_max_time
+        flags = training_overrides(finetune, "--test_after_fit=false") + list(extra)
+        flags += ["--finetune", f"--model.init_args.initial_checkpoint={work / 'float_final.pt'}"]
+        common = {"float": common, "qat": flags}
+        for name in qat_runs:
+            launch_run(name, flags)
+    else:
+        for name in args.variants:
+            launch_run(name, common)
     results = {}
     for name, (proc, out) in procs.items():
         proc.wait()
@@ -532,10 +565,15 @@ def main() -> None:
     parser.add_argument("--max-time", default=None, help="accuracy: trainer.max_time guard per run, e.g. 00:00:09:00")
     parser.add_argument("--parallel", action="store_true", help="accuracy: all runs at once, one process each")
     parser.add_argument("--work-dir", default=None, help="accuracy: checkpoints, logs (default: <out-dir>/qat_runs)")
+    parser.add_argument("--finetune-epochs", type=int, default=None,
+                        help="accuracy: QAT runs fine-tune the float run's final weights for this many epochs")
+    parser.add_argument("--finetune-lr", type=float, default=None, help="accuracy: default --lr / 10")
+    parser.add_argument("--finetune-max-time", default=None, help="accuracy: trainer.max_time of each fine-tune")
     parser.add_argument("--run-one", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--finetune", action="store_true", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.run_one:
-        run_one(args.run_one[0], extra, Path(args.run_one[1]), args.reps)
+        run_one(args.run_one[0], extra, Path(args.run_one[1]), args.reps, finetune=args.finetune)
     elif args.mode in ("latency", "profile"):
         if extra:
             parser.error(f"unknown arguments {extra}")

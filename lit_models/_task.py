@@ -29,6 +29,11 @@ class ZooTask(LightningModule):
             ``None`` for a constant rate.
         compile: ``torch.compile`` the transformer blocks and tensor-input encoders when the trainer sets the model
             up (:func:`zoo.compile.compile_regions`); ``True``, or a dict of ``torch.compile`` options.
+        initial_checkpoint: weights to start training from: a Lightning checkpoint of a task with the same layers,
+            or a plain state dict (:func:`zoo.weights.load_weights`). Only the weights are taken; optimizer,
+            schedule and epoch start afresh (``--ckpt_path`` resumes a run instead, and ``python -m zoo fit`` then
+            skips this). Loaded when ``fit`` sets the task up, after a QAT callback has quantized it, so that
+            quantization-aware fine-tuning of a float model is ``--model.init_args.initial_checkpoint=float.ckpt``.
     """
 
     def __init__(
@@ -37,12 +42,22 @@ class ZooTask(LightningModule):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: ScheduleFactory | None = WarmupCosine,
         compile: bool | dict[str, Any] = False,
+        initial_checkpoint: str | None = None,
     ) -> None:
         super().__init__()
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.compile_options = {} if compile is True else compile
         self.compiled_regions: list[str] = []
+        self.initial_checkpoint = initial_checkpoint
+
+    def setup(self, stage: str) -> None:
+        # in setup, not __init__: rebuilding the task from its hyper-parameters (load_from_checkpoint, zoo convert)
+        # must not need the file; and after the callbacks' setup, so that a QAT callback has quantized the layers
+        if stage == "fit" and self.initial_checkpoint:
+            from zoo.weights import load_weights
+
+            load_weights(self, self.initial_checkpoint, what="model.init_args.initial_checkpoint")
 
     def configure_model(self) -> None:
         if self.compile_options is not False and not self.compiled_regions:

@@ -35,7 +35,7 @@ class VQA(ZooTask):
         label_smoothing: cross-entropy label smoothing.
         optimizer: see :class:`lit_models._task.ZooTask`.
         scheduler: see :class:`lit_models._task.ZooTask`.
-        compile: see :class:`lit_models._task.ZooTask`.
+        compile, initial_checkpoint: see :class:`lit_models._task.ZooTask`.
     """
 
     def __init__(
@@ -51,8 +51,11 @@ class VQA(ZooTask):
         optimizer: OptimizerCallable = torch.optim.AdamW,
         scheduler: ScheduleFactory | None = WarmupCosine,
         compile: bool | dict[str, Any] = False,
+        initial_checkpoint: str | None = None,
     ) -> None:
-        super().__init__(optimizer=optimizer, scheduler=scheduler, compile=compile)
+        super().__init__(
+            optimizer=optimizer, scheduler=scheduler, compile=compile, initial_checkpoint=initial_checkpoint
+        )
         # Under LightningCLI the hyper-parameters are the config (class paths included), so load_from_checkpoint can
         # rebuild the parts; outside it, modules are not hyper-parameters.
         self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["encoders", "fusion"])

@@ -21,8 +21,9 @@ from zoo.errors import ZooUserError
 class ZooCLI(LightningCLI):
     """LightningCLI with any LightningModule as ``model`` and any LightningDataModule as ``data``.
 
-    The datamodule's ``num_classes`` and ``group_names`` are linked into the model at instantiation, and
-    ``--test_after_fit true`` runs ``test`` on the best checkpoint when ``fit`` ends.
+    The datamodule's ``num_classes`` and ``group_names`` are linked into the model at instantiation,
+    ``--test_after_fit true`` runs ``test`` on the best checkpoint when ``fit`` ends, and a resumed fit
+    (``--ckpt_path``) does not read the task's ``initial_checkpoint``.
     """
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
@@ -43,6 +44,11 @@ class ZooCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint (fit only)."
         )
+
+    def before_fit(self) -> None:
+        # a resumed run restores its own weights; its initial checkpoint need not exist any more
+        if self.config_init[self.subcommand].get("ckpt_path") and getattr(self.model, "initial_checkpoint", None):
+            self.model.initial_checkpoint = None
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):

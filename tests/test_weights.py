@@ -1,0 +1,107 @@
+"""``initial_checkpoint``: a float checkpoint starts a QAT fine-tune with its weights, a resumed run does not need the
+file, and a checkpoint of another model or a file that is no checkpoint fails with a clear error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from lightning.pytorch import Callback
+from torch import nn
+
+from zoo.cli import ZooCLI, resolve_config_args
+from zoo.errors import ConfigError, DataError
+from zoo.quant import QATLinear, quantize_
+from zoo.weights import load_weights
+
+TINY = [
+    "--data.init_args.num_images=24",
+    "--data.init_args.val_images=4",
+    "--data.init_args.test_images=4",
+    "--data.init_args.batch_size=8",
+    "--model.init_args.fusion.init_args.depth=2",
+    "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+    "--trainer.max_epochs=1",
+    "--trainer.limit_train_batches=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.val_check_interval=1.0",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+    "--trainer.logger=false",
+]
+
+
+@pytest.fixture(autouse=True)
+def data_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
+
+
+class WeightsAtStart(Callback):
+    """Keeps a copy of the model's state dict as training starts (after setup, before the first step)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if torch.is_tensor(v)}
+
+
+def test_float_checkpoint_initialises_a_qat_fine_tune(tmp_path):
+    float_cli = ZooCLI(args=resolve_config_args(["--config", "vqa.yaml", *TINY]), run=False)
+    torch.nn.init.normal_(float_cli.model.head[1].weight)  # differs from any fresh initialisation
+    expected = float_cli.model.state_dict()
+    torch.save(expected, tmp_path / "float.pt")
+
+    qat_args = ["--config", "vqa_qat.yaml", *TINY, f"--trainer.default_root_dir={tmp_path / 'qat'}"]
+    qat_args.append(f"--model.init_args.initial_checkpoint={tmp_path / 'float.pt'}")
+    qat = ZooCLI(args=resolve_config_args(qat_args), run=False)
+    probe = WeightsAtStart()
+    qat.trainer.callbacks.append(probe)
+    qat.trainer.fit(qat.model, datamodule=qat.datamodule)
+    assert isinstance(qat.model.head[1], QATLinear)  # quantized by the callback, then loaded
+    for key, value in expected.items():
+        assert torch.equal(probe.state[key], value), key
+
+
+def test_resumed_fit_does_not_read_the_initial_checkpoint(tmp_path):
+    first = ["fit", "--config", "vqa.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}"]
+    ZooCLI(args=resolve_config_args(first))
+    (last,) = tmp_path.rglob("last.ckpt")
+    gone = tmp_path / "deleted.ckpt"
+    resumed = ZooCLI(
+        args=resolve_config_args(
+            [*first, "--trainer.max_epochs=2", f"--model.init_args.initial_checkpoint={gone}", f"--ckpt_path={last}"]
+        )
+    )
+    assert resumed.trainer.current_epoch == 2
+    with pytest.raises(DataError, match="deleted.ckpt"):  # a new run does need it
+        ZooCLI(args=resolve_config_args([*first, f"--model.init_args.initial_checkpoint={gone}"]))
+
+
+def _mlp(hidden: int = 8) -> nn.Module:
+    return nn.Sequential(nn.Linear(4, hidden), nn.GELU(), nn.Linear(hidden, 2))
+
+
+def test_lightning_checkpoint_and_quantizer_state_load_both_ways(tmp_path):
+    source = quantize_(_mlp(), weight_bit=4)  # a QAT model's checkpoint into a float model
+    torch.save({"state_dict": source.state_dict(), "epoch": 3}, tmp_path / "qat.ckpt")
+    target = _mlp()
+    assert load_weights(target, tmp_path / "qat.ckpt") == 4
+    assert torch.equal(target[0].weight, source[0].weight)
+
+
+def test_checkpoint_of_another_model_names_the_differences(tmp_path):
+    torch.save(_mlp(hidden=16).state_dict(), tmp_path / "wide.pt")
+    shape = r"wide\.pt does not fit Sequential: 3 of another shape \(0\.bias: \(16,\) in the file, \(8,\) in the model"
+    with pytest.raises(ConfigError, match=shape):
+        load_weights(_mlp(), tmp_path / "wide.pt")
+    torch.save({"0.weight": torch.zeros(8, 4)}, tmp_path / "part.pt")
+    with pytest.raises(ConfigError, match=r"3 missing \(0\.bias, 2\.bias, 2\.weight\)"):
+        load_weights(_mlp(), tmp_path / "part.pt")
+
+
+def test_unreadable_files_are_named(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(DataError, match=r"initial_checkpoint: .*notes\.txt is not a readable PyTorch checkpoint"):
+        load_weights(_mlp(), tmp_path / "notes.txt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(DataError, match="holds no state dict"):
+        load_weights(_mlp(), tmp_path / "list.pt")
+    with pytest.raises(DataError, match="no file"):
+        load_weights(_mlp(), tmp_path / "absent.pt")

@@ -1,0 +1,72 @@
+"""Initialise a model from the weights of a checkpoint: the start of a fine-tuning run, quantization-aware or not.
+
+Unlike resuming (``trainer.fit(ckpt_path=...)``), only the weights are taken: optimizer, schedule, epoch and callback
+state start afresh. Quantizer state (fake-quant observers, learnable scales, bits) is left out of the match, so a
+float checkpoint initialises a model that a QAT callback has already quantized.
+"""
+
+from __future__ import annotations
+
+import pickle
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from zoo.errors import ConfigError, DataError
+
+#: state-dict keys that belong to fake quantizers, not to the float weights (see zoo.quant.qat)
+_QUANT_MARKERS = (".weight_quant.", ".act_quant.")
+
+
+def _is_quantizer_state(key: str) -> bool:
+    return key.endswith("_extra_state") or any(marker in key for marker in _QUANT_MARKERS)
+
+
+def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: a Lightning checkpoint's ``state_dict`` or a plain state dict, read with
+    ``weights_only=True`` onto the CPU. ``what`` names the setting in error messages."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what}: no file {path}")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+        raise DataError(f"{what}: {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+    state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
+    if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
+        raise DataError(f"{what}: {path} holds no state dict (a Lightning checkpoint or a {{name: tensor}} mapping)")
+    return dict(state)
+
+
+def load_weights(module: nn.Module, path: str | Path, *, what: str = "initial_checkpoint") -> int:
+    """Copy the weights saved in ``path`` into ``module``; returns how many tensors were loaded.
+
+    Every parameter and buffer of ``module`` outside its fake quantizers must be in the checkpoint with the same
+    shape, and the checkpoint may hold nothing else (besides quantizer state): a checkpoint of another architecture
+    fails with a :class:`ConfigError` that lists the differences instead of half-loading. Quantizer state is loaded
+    where both sides have it (a QAT checkpoint into a QAT model) and skipped otherwise.
+    """
+    state = read_state_dict(path, what=what)
+    target = module.state_dict()
+    weights = {k for k in target if not _is_quantizer_state(k)}
+    given = {k for k in state if not _is_quantizer_state(k)}
+    missing, unexpected = sorted(weights - given), sorted(given - weights)
+    mismatched = sorted(
+        f"{k}: {tuple(state[k].shape)} in the file, {tuple(target[k].shape)} in the model"
+        for k in weights & given
+        if torch.is_tensor(state[k]) and state[k].shape != target[k].shape
+    )
+    if missing or unexpected or mismatched:
+        problems = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("of another shape", mismatched)):
+            if keys:
+                problems.append(f"{len(keys)} {label} ({', '.join(keys[:4])}{', ...' if len(keys) > 4 else ''})")
+        raise ConfigError(
+            f"{what}: {path} does not fit {type(module).__name__}: " + "; ".join(problems)
+            + ". It must come from a model with the same layers (the same config up to trainer and quantization)."
+        )  # fmt: skip
+    loadable = {k: v for k, v in state.items() if k in weights or k in target}
+    module.load_state_dict(loadable, strict=False)
+    return len(loadable)
