@@ -566,7 +566,7 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true", help="accuracy: all runs at once, one process each")
     parser.add_argument("--work-dir", default=None, help="accuracy: checkpoints, logs (default: <out-dir>/qat_runs)")
     parser.add_argument("--finetune-epochs", type=int, default=None,
-                        help="accuracy: QAT runs fine-tune the float run's final weights for this many epochs")
+                        help="accuracy: QAT runs fine-tune the float run's final weights for this many epochs")  # fmt: skip
     parser.add_argument("--finetune-lr", type=float, default=None, help="accuracy: default --lr / 10")
     parser.add_argument("--finetune-max-time", default=None, help="accuracy: trainer.max_time of each fine-tune")
     parser.add_argument("--run-one", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
