@@ -64,9 +64,12 @@ POLICIES = {
     "mixed": {"weight_bit": 8, "activation_bit": 8, "overrides": dict(DEFAULT_OVERRIDES)},
     "w4": {"weight_bit": 4, "activation_bit": 8, "overrides": {}},
 }
-#: accuracy variants: config, QAT schedule and quantize_ arguments (None: the float run), PTQ policies of the float run
+#: accuracy variants: config, QAT schedule and quantize_ arguments (None: a float run), PTQ policies of the float runs.
+#: float_finetune (with --finetune-epochs only) continues the float run as the QAT fine-tunes do, without
+#: quantization: what the extra epochs alone give, and the weights of a second PTQ baseline (ptq_*_ft).
 TRAINED = {
     "float": ("vqa.yaml", None, None),
+    "float_finetune": ("vqa.yaml", None, None),
     "qat_fixed4": ("vqa_qat.yaml", [4], POLICIES["w4"]),
     "qat_progressive": ("vqa_qat.yaml", [8, 6, 4], POLICIES["w4"]),
     "qat_mixed": ("vqa_qat.yaml", [8, 6, 4], POLICIES["mixed"]),
@@ -384,7 +387,7 @@ def _time_inference(float_model: nn.Module, int_model: nn.Module, data, reps: in
 
 def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: bool = False) -> None:
     """Fit one trained variant in this process, test it (and its integer conversions), write figures to ``out``.
-    The float run also saves its final weights as ``float_final.pt`` beside ``out`` (the start of QAT fine-tunes);
+    A float run also saves its final weights as ``<name>_final.pt`` beside ``out`` (the start of fine-tunes);
     ``finetune``: a QAT run fake-quantizes from its first step (its config's float phase is dropped)."""
     from zoo.callbacks import QATScheduleCallback
     from zoo.cli import ZooCLI, resolve_config_args
@@ -408,10 +411,11 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: 
     # the final weights (the last stage of a schedule), tested as trained: fake-quantized for QAT runs
     model.eval()
     if schedule is None:
-        torch.save(model.state_dict(), out.parent / "float_final.pt")
+        torch.save(model.state_dict(), out.parent / f"{name}_final.pt")
     result["test_trained"] = _test(trainer, model, data)
     if schedule is None:
-        float_model, runs = model, {p: quantize_(copy.deepcopy(model), **PTQ[p]) for p in PTQ}
+        suffix = "" if name == "float" else "_ft"
+        float_model, runs = model, {p + suffix: quantize_(copy.deepcopy(model), **PTQ[p]) for p in PTQ}
     else:  # a float model of the same architecture: the size and latency baseline
         float_model, runs = _float_twin(model), {name: model}
     result["float_bytes"] = state_dict_bytes(float_model)
@@ -422,7 +426,7 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: 
         size = save_converted(converted, work / f"{variant}.pt")
         converted = converted.to(model.device)
         entry = {"bytes": size, "fraction_of_float": round(size / result["float_bytes"], 4)}
-        if variant in PTQ:
+        if schedule is None:  # post-training quantized: the fake-quant model is a separate one
             entry["test_fake_quant"] = _test(trainer, qmodel, data)
         entry["test_converted"] = _test(trainer, converted, data)
         entry["latency"] = _time_inference(float_model, converted, data, reps)
@@ -469,6 +473,10 @@ def accuracy_mode(args, extra: list[str]) -> None:
         if not args.parallel:
             procs[name][0].wait()
 
+    if args.variants is None:
+        args.variants = [v for v in TRAINED if args.finetune_epochs or v != "float_finetune"]
+    if "float_finetune" in args.variants and not args.finetune_epochs:
+        raise SystemExit("--variants float_finetune: only with --finetune-epochs")
     qat_runs = [name for name in args.variants if name != "float"]
     if args.finetune_epochs:  # the float run first; every QAT run starts from its final weights
         if "float" not in args.variants:
@@ -494,8 +502,8 @@ def accuracy_mode(args, extra: list[str]) -> None:
             continue
         results[name] = json.loads(out.read_text())
     rows = _accuracy_rows(results)
-    columns = ["variant", "bits", "test acc", "fake-quant acc", "relational", "non-relational", "vs float", "size",
-               "of float", "GPU vs bf16", "CPU vs fp32"]  # fmt: skip
+    columns = ["variant", "bits", "test acc", "fake-quant acc", "relational", "non-relational", "vs float",
+               "vs float ft", "size", "of float", "GPU vs bf16", "CPU vs fp32"]  # fmt: skip
     print(table(rows, columns))
     path = write_result("qat_accuracy", {"settings": vars(args) | {"common": common}, "runs": results, "rows": rows},
                         Path(args.out_dir))  # fmt: skip
@@ -507,26 +515,31 @@ def _accuracy_rows(results: dict[str, dict]) -> list[dict]:
         return f"{100 * metrics[key]:.2f}%" if key in metrics else ""
 
     float_acc = results.get("float", {}).get("test_trained", {}).get("test/acc")
-    bits = {"float": "fp32/bf16", "ptq_mixed": "W8 attn/W4 FFN-A8", "ptq_w4": "W4A8", "qat_fixed4": "W4A8 [4]",
-            "qat_progressive": "W4A8 [8,6,4]", "qat_mixed": "W8 attn/W4 FFN-A8 [8,6,4]"}  # fmt: skip
+    ft_acc = results.get("float_finetune", {}).get("test_trained", {}).get("test/acc")
+    mixed, w4 = "W8 attn/W4 FFN-A8", "W4A8"
+    bits = {"float": "fp32/bf16", "float_finetune": "fp32/bf16", "ptq_mixed": mixed, "ptq_w4": w4,
+            "ptq_mixed_ft": mixed, "ptq_w4_ft": w4, "qat_fixed4": f"{w4} [4]", "qat_progressive": f"{w4} [8,6,4]",
+            "qat_mixed": f"{mixed} [8,6,4]"}  # fmt: skip
     rows = []
     for name, result in results.items():
-        entries = {name: result["test_trained"]} if name == "float" else {}
+        is_float = TRAINED[name][1] is None
+        entries = {name: result["test_trained"]} if is_float else {}
         for variant, entry in result.get("integer", {}).items():
             entries[variant] = entry["test_converted"]
         for variant, metrics in entries.items():
             entry = result.get("integer", {}).get(variant, {})
             latency = entry.get("latency", {})
             acc = metrics.get("test/acc")
-            fake = entry.get("test_fake_quant") or (result["test_trained"] if variant == name != "float" else {})
+            fake = entry.get("test_fake_quant") or (result["test_trained"] if variant == name and not is_float else {})
             rows.append({
-                "variant": variant + (" (converted)" if variant != "float" else ""),
+                "variant": variant + (" (converted)" if variant != name or not is_float else ""),
                 "bits": bits.get(variant, ""),
                 "test acc": pct(metrics),
                 "fake-quant acc": pct(fake),
                 "relational": pct(metrics, "test/acc_relational"),
                 "non-relational": pct(metrics, "test/acc_non_relational"),
                 "vs float": f"{100 * (acc - float_acc):+.2f}" if acc is not None and float_acc is not None else "",
+                "vs float ft": f"{100 * (acc - ft_acc):+.2f}" if acc is not None and ft_acc is not None else "",
                 "size": f"{entry.get('bytes', result.get('float_bytes', 0)) / 1e6:.2f} MB",
                 "of float": f"{entry.get('fraction_of_float', 1.0):.1%}",
                 "GPU vs bf16": _speed(latency.get("cuda"), "bf16"),
@@ -555,7 +568,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="*", default=None,
                         help="latency: thread counts to time with, e.g. 1 2 (default: torch's)")  # fmt: skip
     # accuracy mode
-    parser.add_argument("--variants", nargs="*", default=list(TRAINED), help=f"trained runs, of {list(TRAINED)}")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help=f"of {list(TRAINED)} (default: all; float_finetune with --finetune-epochs)")  # fmt: skip
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
@@ -566,7 +580,7 @@ def main() -> None:
     parser.add_argument("--parallel", action="store_true", help="accuracy: all runs at once, one process each")
     parser.add_argument("--work-dir", default=None, help="accuracy: checkpoints, logs (default: <out-dir>/qat_runs)")
     parser.add_argument("--finetune-epochs", type=int, default=None,
-                        help="accuracy: QAT runs fine-tune the float run's final weights for this many epochs")  # fmt: skip
+                        help="accuracy: QAT runs fine-tune the float run's weights for this many epochs")  # fmt: skip
     parser.add_argument("--finetune-lr", type=float, default=None, help="accuracy: default --lr / 10")
     parser.add_argument("--finetune-max-time", default=None, help="accuracy: trainer.max_time of each fine-tune")
     parser.add_argument("--run-one", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
