@@ -25,12 +25,13 @@ everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 -> 4, th
 
 By default each QAT run trains from scratch as vqa_qat.yaml does (float for the first half, then the stages). With
 ``--finetune-epochs N`` the float run goes first and every QAT run starts from its final weights
-(``initial_checkpoint``), fake-quantized from the first step, for N epochs at ``--finetune-lr``: the usual QAT
+(``initial_checkpoint``; vqa_qat_finetune.yaml, fake-quantized from the first step) for N epochs at
+``--finetune-lr``, beside ``float_finetune``, the float run continued alike without quantization: the usual QAT
 recipe, and the fair comparison with PTQ, which quantizes the very same float weights. Writes
 ``qat_accuracy_<device>_<date>.json``::
 
     python benchmarks/qat.py --mode accuracy --epochs 16 --parallel                        # H200, bf16-mixed
-    python benchmarks/qat.py --mode accuracy --epochs 16 --finetune-epochs 2 --parallel    # H200, QAT fine-tunes
+    python benchmarks/qat.py --mode accuracy --epochs 14 --finetune-epochs 1 --batch-size 256 --parallel  # H200
     python benchmarks/qat.py --mode accuracy --epochs 1 --limit-train-batches 30           # CPU smoke run
 """
 
@@ -388,11 +389,13 @@ def _time_inference(float_model: nn.Module, int_model: nn.Module, data, reps: in
 def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: bool = False) -> None:
     """Fit one trained variant in this process, test it (and its integer conversions), write figures to ``out``.
     A float run also saves its final weights as ``<name>_final.pt`` beside ``out`` (the start of fine-tunes);
-    ``finetune``: a QAT run fake-quantizes from its first step (its config's float phase is dropped)."""
+    ``finetune``: a QAT run uses vqa_qat_finetune.yaml (fake quantization from the first step, no float phase)."""
     from zoo.callbacks import QATScheduleCallback
     from zoo.cli import ZooCLI, resolve_config_args
 
     config, schedule, quant = TRAINED[name]
+    if finetune and schedule is not None:
+        config = "vqa_qat_finetune.yaml"  # the same callback, start: null; lr and initial checkpoint come as flags
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     history = ValidationHistory()
@@ -400,8 +403,6 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: 
     if schedule is not None:
         (callback,) = [c for c in trainer.callbacks if isinstance(c, QATScheduleCallback)]
         callback.schedule, callback.quant = list(schedule), dict(quant)
-        if finetune:
-            callback.start = None
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     result: dict[str, Any] = {"variant": name, "config": config, "schedule": schedule, "quant": quant,
