@@ -87,6 +87,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=0.0,
         help="resampled runs: fraction of the steps trained on the plain shuffle before the class-aware order",
     )
+    p.add_argument(
+        "--defer-augmentation",
+        action="store_true",
+        help="with --resample-from: the plain phase shuffles the original examples only; the copies join after it",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -180,8 +185,11 @@ def train_and_test(
     eval_x: dict,
     num_classes: int,
     seed: int,
+    originals: int | None = None,
 ) -> dict[str, np.ndarray]:
-    """Train for ``args.steps`` steps; predictions on each of ``eval_x`` (``{"val": x, "test": x}``), int64."""
+    """Train for ``args.steps`` steps; predictions on each of ``eval_x`` (``{"val": x, "test": x}``), int64.
+    ``originals``: the first ``originals`` examples are the un-augmented ones, which alone make the plain phase of
+    deferred re-sampling (the augmented copies re-balance the classes, so they join with the class-aware order)."""
     torch.manual_seed(seed)
     total = args.steps * args.batch_size
     if resample:
@@ -196,7 +204,7 @@ def train_and_test(
         )
         order = sampler.indices(0)
         if args.resample_from > 0:  # deferred re-sampling: the plain shuffle first, the class-aware order after
-            plain = _shuffled_order(len(train_y), total, seed)
+            plain = _shuffled_order(originals or len(train_y), total, seed)
             cut = int(args.resample_from * args.steps) * args.batch_size
             order = np.concatenate([plain[:cut], order[cut:]])
     else:
@@ -369,6 +377,7 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
             eval_x=data["eval_x"],
             num_classes=data["num_classes"],
             seed=seed,
+            originals=len(train_y) if args.defer_augmentation else None,
         )
         for split in per_seed:
             labels = data["eval_y"][split]
