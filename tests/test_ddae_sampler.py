@@ -137,3 +137,61 @@ def test_datamodule_checkpoint_state_resumes_the_training_order_after_the_consum
     resumed = make()
     resumed.load_state_dict(state)
     assert batches(resumed) == expected[3:]
+
+
+def test_deferred_rebalancing_shuffles_the_originals_then_draws_class_aware():
+    labels = _long_tail_labels(np.random.default_rng(2))  # 636 examples; say the last 36 are augmented copies
+    sampler = ClassAwareSampler(labels, class_weights="inverse", rebalance_from_epoch=2, originals=600, seed=4)
+    for epoch in (0, 1):  # plain epochs: each original once, then the first 36 of a second permutation; no copy
+        sampler.set_epoch(epoch)
+        drawn = np.fromiter(sampler, int)
+        assert len(drawn) == len(labels)
+        assert sorted(drawn[:600]) == list(range(600)) and drawn.max() < 600
+    sampler.set_epoch(0)
+    first = list(sampler)
+    sampler.set_epoch(1)
+    assert list(sampler) != first  # a new permutation every epoch
+    sampler.set_epoch(2)  # rebalanced: the six classes about equally often, copies included
+    drawn = np.fromiter(sampler, int)
+    assert drawn.max() >= 600
+    shares = np.bincount(labels[drawn], minlength=6) / len(drawn)
+    assert np.all(np.abs(shares - 1 / 6) < 5 * np.sqrt((1 / 6) * (5 / 6) / len(drawn)))
+    with pytest.raises(ConfigError, match="rebalance_from_epoch"):
+        ClassAwareSampler(labels, rebalance_from_epoch=-1)
+    with pytest.raises(ConfigError, match="originals"):
+        ClassAwareSampler(labels, originals=0)
+
+
+def test_datamodule_defers_rebalancing_and_resumes_in_the_plain_phase(tmp_path):
+    from types import SimpleNamespace
+
+    from datamodules.text_folder import TextFolderDataModule
+
+    rows = [f"text number {i},{'abc'[min(i % 7, 2)]}" for i in range(40)]  # a: 6, b: 6, c: 28
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "\n".join(rows) + "\n")
+
+    def make():
+        dm = TextFolderDataModule(
+            train_file=str(train), class_weights="inverse", rebalance_from_epoch=1, batch_size=4, seed=2
+        )
+        dm.setup("fit")
+        return dm
+
+    dm = make()
+    loader = dm.train_dataloader()
+    plain = [t for b in loader for t in b["text"]]
+    assert sorted(plain) == sorted(r.split(",")[0] for r in rows)  # epoch 0: every example once
+    loader.sampler.set_epoch(1)
+    balanced = [label for b in loader for label in b["label"].tolist()]
+    assert len(balanced) == 40 and balanced.count(2) < 28  # epoch 1: class-aware draws
+    # a checkpoint in the plain phase resumes there
+    first = make()
+    first.train_dataloader()
+    progress = SimpleNamespace(current=SimpleNamespace(processed=2))
+    first.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    resumed = make()
+    resumed.load_state_dict(first.state_dict())
+    assert [t for b in resumed.train_dataloader() for t in b["text"]] == plain[8:]
+    with pytest.raises(ConfigError, match="rebalance_from_epoch=-2"):
+        TextFolderDataModule(train_file=str(train), rebalance_from_epoch=-2)

@@ -78,6 +78,9 @@ class LongTailTextDataModule(L.LightningDataModule):
             training set), ``"inverse"``, ``"sqrt_inverse"``, ``"effective_number"`` or one float per class (see
             :mod:`datamodules.ddae.sampler`). Computed on the training set after augmentation.
         effective_number_beta: ``beta`` of ``"effective_number"``.
+        rebalance_from_epoch: deferred re-balancing: epochs before this one train on a plain shuffle of the original
+            examples (no resampling, no augmented copies), later ones on the class-aware draws over originals and
+            copies (Cao et al. 2019; see :mod:`datamodules.ddae.sampler`). 0: rebalanced from the first epoch.
         sample_quality: ``f(x)`` of the sampler: ``"bertscore"`` (1 for an original example, its BERTScore F1 for an
             augmented copy; the default) or ``"uniform"`` (1 for all).
         augmentation_strength: in ``[0, 1]``; 0 turns augmentation off (see :mod:`datamodules.ddae.augment`).
@@ -108,6 +111,7 @@ class LongTailTextDataModule(L.LightningDataModule):
         seed: int = 0,
         class_weights: str | list[float] = "none",
         effective_number_beta: float = 0.999,
+        rebalance_from_epoch: int = 0,
         sample_quality: str = "bertscore",
         augmentation_strength: float = 0.0,
         max_copies: int = 8,
@@ -129,6 +133,9 @@ class LongTailTextDataModule(L.LightningDataModule):
             raise ConfigError(
                 f"{name}: class_weights must hold {len(class_names)} non-negative floats, got {list(class_weights)}"
             )
+        start = rebalance_from_epoch
+        if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+            raise ConfigError(f"{name}: rebalance_from_epoch={start!r} must be an integer >= 0")
         if not 0 <= effective_number_beta < 1:
             raise ConfigError(f"{name}: effective_number_beta={effective_number_beta} must be in [0, 1)")
         if sample_quality not in ("bertscore", "uniform"):
@@ -149,6 +156,7 @@ class LongTailTextDataModule(L.LightningDataModule):
         self.group_names = list(GROUP_NAMES)
         self.batch_size, self.num_workers, self.pin_memory, self.seed = batch_size, num_workers, pin_memory, seed
         self.class_weights, self.effective_number_beta = class_weights, effective_number_beta
+        self.rebalance_from_epoch = rebalance_from_epoch
         self.sample_quality = sample_quality
         self.augmentation_strength, self.max_copies, self.augmentation_ops = augmentation_strength, max_copies, ops
         self.filter_threshold, self.filter_device, self.filter_batch_size = (
@@ -240,10 +248,11 @@ class LongTailTextDataModule(L.LightningDataModule):
 
     # -- loaders --------------------------------------------------------------------------------------------------
     def train_sampler(self) -> Sampler:
-        """The training order: a :class:`ClassAwareSampler` (``class_weights`` not ``"none"``) or a seeded shuffle."""
+        """The training order: a :class:`ClassAwareSampler` (``class_weights`` not ``"none"``, or deferred
+        re-balancing) or a seeded shuffle."""
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for the training sampler")
-        if self.class_weights == "none":
+        if self.class_weights == "none" and not self.rebalance_from_epoch:
             sampler: Sampler = SeededShuffleSampler(self.train_dataset, self.seed)
         else:
             sampler = ClassAwareSampler(
@@ -253,6 +262,8 @@ class LongTailTextDataModule(L.LightningDataModule):
                 num_classes=self.num_classes,
                 beta=self.effective_number_beta,
                 seed=self.seed,
+                rebalance_from_epoch=self.rebalance_from_epoch,
+                originals=len(self._original_train[0]),  # the dataset holds the originals first, then the copies
             )
         if self._pending_sampler_state is not None:
             sampler.load_state_dict(self._pending_sampler_state)

@@ -17,6 +17,11 @@ examples are drawn most and the augmentations in proportion to how faithful they
 
 A class's total probability is ``w_y * sum_{x in y} f(x)``: with ``f = 1`` and ``"inverse"`` every class is equally
 likely, whatever its size.
+
+Deferred re-balancing (the deferred re-sampling of Cao et al. 2019, "Learning Imbalanced Datasets with Label-
+Distribution-Aware Margin Loss"): with ``rebalance_from_epoch=k``, epochs before ``k`` are plain shuffles of the
+first ``originals`` examples (the un-augmented ones, when augmented copies follow them), so that the representation
+is learnt on the natural distribution, and the class-aware draws over every example begin at epoch ``k``.
 """
 
 from __future__ import annotations
@@ -95,6 +100,9 @@ class ClassAwareSampler(DistributedSampler):
         seed: a non-negative integer.
         num_replicas: number of ranks; the process group's world size (1 without one) by default.
         rank: this process's rank; the process group's by default.
+        rebalance_from_epoch: the first epoch of class-aware draws; earlier epochs shuffle the first ``originals``
+            examples (consecutive permutations, cut to ``num_samples``). 0: class-aware from the start.
+        originals: how many leading examples the plain epochs draw from; all by default.
     """
 
     def __init__(
@@ -109,6 +117,8 @@ class ClassAwareSampler(DistributedSampler):
         seed: int = 0,
         num_replicas: int | None = None,
         rank: int | None = None,
+        rebalance_from_epoch: int = 0,
+        originals: int | None = None,
     ) -> None:
         labels = np.asarray(labels, dtype=np.int64).reshape(-1)
         if len(labels) == 0:
@@ -143,6 +153,13 @@ class ClassAwareSampler(DistributedSampler):
             raise ConfigError(f"ClassAwareSampler: num_replicas={num_replicas} must be >= 1")
         if rank is not None and not 0 <= rank < (num_replicas or 1):
             raise ConfigError(f"ClassAwareSampler: rank={rank} must be in [0, num_replicas={num_replicas})")
+        start = rebalance_from_epoch
+        if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
+            raise ConfigError(f"ClassAwareSampler: rebalance_from_epoch={start!r} must be an integer >= 0")
+        self.rebalance_from_epoch = int(rebalance_from_epoch)
+        self.originals = len(labels) if originals is None else int(originals)
+        if not 1 <= self.originals <= len(labels):
+            raise ConfigError(f"ClassAwareSampler: originals={originals} must be in [1, {len(labels)}]")
         self.seed = int(seed)
         self.epoch = 0
         self.position = 0  # indices of this epoch already handed out by this rank
@@ -190,6 +207,9 @@ class ClassAwareSampler(DistributedSampler):
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch])
         total = self.num_samples * self.num_replicas
+        if epoch < self.rebalance_from_epoch:  # deferred: the natural distribution of the originals
+            passes = -(-total // self.originals)
+            return np.concatenate([rng.permutation(self.originals) for _ in range(passes)])[:total]
         cumulative = np.cumsum(self.probabilities)
         draws = np.searchsorted(cumulative, rng.random(total) * cumulative[-1], side="right")
         return np.minimum(draws, len(self.probabilities) - 1)
