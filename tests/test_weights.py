@@ -86,6 +86,14 @@ def test_lightning_checkpoint_and_quantizer_state_load_both_ways(tmp_path):
     assert torch.equal(target[0].weight, source[0].weight)
 
 
+def test_wrapper_prefixes_of_ddp_and_torch_compile_are_dropped(tmp_path):
+    source = _mlp()
+    torch.save({f"module._orig_mod.{k}": v for k, v in source.state_dict().items()}, tmp_path / "wrapped.pt")
+    target = _mlp()
+    assert load_weights(target, tmp_path / "wrapped.pt") == 4
+    assert torch.equal(target[2].weight, source[2].weight)
+
+
 def test_checkpoint_of_another_model_names_the_differences(tmp_path):
     torch.save(_mlp(hidden=16).state_dict(), tmp_path / "wide.pt")
     shape = r"wide\.pt does not fit Sequential: 3 of another shape \(0\.bias: \(16,\) in the file, \(8,\) in the model"

@@ -26,7 +26,9 @@ def _is_quantizer_state(key: str) -> bool:
 
 def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The state dict in ``path``: a Lightning checkpoint's ``state_dict`` or a plain state dict, read with
-    ``weights_only=True`` onto the CPU. ``what`` names the setting in error messages."""
+    ``weights_only=True`` onto the CPU. The wrappers' prefixes are dropped, as timm's ``clean_state_dict`` does:
+    ``module.`` of ``DistributedDataParallel`` and ``_orig_mod.`` of ``torch.compile``. ``what`` names the setting
+    in error messages."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what}: no file {path}")
@@ -37,7 +39,10 @@ def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, 
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
         raise DataError(f"{what}: {path} holds no state dict (a Lightning checkpoint or a {{name: tensor}} mapping)")
-    return dict(state)
+    state = {k.replace("_orig_mod.", ""): v for k, v in state.items()}
+    if all(k.startswith("module.") for k in state):
+        state = {k[len("module.") :]: v for k, v in state.items()}
+    return state
 
 
 def load_weights(module: nn.Module, path: str | Path, *, what: str = "initial_checkpoint") -> int:
