@@ -73,3 +73,34 @@ def test_mlp_head_maps_texts_to_logits():
 def test_rejects_fewer_than_two_classes():
     with pytest.raises(ValueError, match="num_classes=1"):
         TextClassifier(TransformerTextEncoder(dim=16, depth=1, num_heads=2), num_classes=1)
+
+
+def test_deferred_rebalancing_switches_at_the_configured_epoch_of_a_real_fit(tmp_path):
+    class LabelsSeen(L.Callback):
+        def __init__(self) -> None:
+            self.by_epoch: dict[int, list[int]] = {}
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.by_epoch.setdefault(trainer.current_epoch, []).extend(batch["label"].tolist())
+
+    rng = np.random.default_rng(1)
+    sizes = {"sports": 40, "cooking": 15, "weather": 5}
+    dm = TextFolderDataModule(
+        train_file=_csv(tmp_path / "train.csv", rng, sizes),
+        class_weights="inverse",
+        rebalance_from_epoch=2,
+        batch_size=20,
+    )
+    model = TextClassifier(TransformerTextEncoder(dim=16, depth=1, num_heads=2, max_length=8), num_classes=3)
+    seen = LabelsSeen()
+    trainer = L.Trainer(
+        max_epochs=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, accelerator="cpu", devices=1, callbacks=[seen], limit_val_batches=0,
+    )  # fmt: skip
+    trainer.fit(model, datamodule=dm)
+    index = {name: i for i, name in enumerate(dm.class_names)}
+    natural = sorted(index[label] for label, n in sizes.items() for _ in range(n))
+    for epoch in (0, 1):  # plain epochs: every example exactly once
+        assert sorted(seen.by_epoch[epoch]) == natural
+    rebalanced = np.bincount(seen.by_epoch[2] + seen.by_epoch[3], minlength=3)
+    assert rebalanced[index["weather"]] > 20  # drawn about 40 times in 120, against 10 in the plain epochs
