@@ -32,7 +32,7 @@ class ZooTask(LightningModule):
         initial_checkpoint: weights to start training from: a Lightning checkpoint of a task with the same layers,
             or a plain state dict (:func:`zoo.weights.load_weights`). Only the weights are taken; optimizer,
             schedule and epoch start afresh (``--ckpt_path`` resumes a run instead, and ``python -m zoo fit`` then
-            skips this). Loaded when ``fit`` sets the task up, after a QAT callback has quantized it, so that
+            skips this). Loaded when the first ``fit`` sets the task up, after a QAT callback has quantized it, so that
             quantization-aware fine-tuning of a float model is ``--model.init_args.initial_checkpoint=float.ckpt``.
     """
 
@@ -58,6 +58,7 @@ class ZooTask(LightningModule):
             from zoo.weights import load_weights
 
             load_weights(self, self.initial_checkpoint, what="model.init_args.initial_checkpoint")
+            self.initial_checkpoint = None  # once: a second fit of this task continues from its trained weights
 
     def configure_model(self) -> None:
         if self.compile_options is not False and not self.compiled_regions:

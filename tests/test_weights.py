@@ -59,6 +59,19 @@ def test_float_checkpoint_initialises_a_qat_fine_tune(tmp_path):
         assert torch.equal(probe.state[key], value), key
 
 
+def test_initial_checkpoint_is_read_by_the_first_fit_only(tmp_path):
+    source = ZooCLI(args=resolve_config_args(["--config", "vqa.yaml", *TINY]), run=False).model
+    torch.save(source.state_dict(), tmp_path / "float.pt")
+    init = f"--model.init_args.initial_checkpoint={tmp_path / 'float.pt'}"
+    task = ZooCLI(args=resolve_config_args(["--config", "vqa.yaml", *TINY, init]), run=False).model
+    task.setup("fit")
+    assert torch.equal(task.head[1].weight, source.head[1].weight)
+    with torch.no_grad():
+        task.head[1].weight.add_(1.0)  # "trained"
+    task.setup("fit")  # a second fit of the same task continues from its own weights
+    assert torch.equal(task.head[1].weight, source.head[1].weight + 1.0)
+
+
 def test_resumed_fit_does_not_read_the_initial_checkpoint(tmp_path):
     first = ["fit", "--config", "vqa.yaml", *TINY, f"--trainer.default_root_dir={tmp_path}"]
     ZooCLI(args=resolve_config_args(first))
