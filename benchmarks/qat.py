@@ -594,8 +594,6 @@ def main() -> None:
             parser.error(f"unknown arguments {extra}")
         (latency_mode if args.mode == "latency" else profile_mode)(args)
     else:
-        if args.batch_size is None:
-            args.batch_size = 128
         accuracy_mode(args, extra)
 
 

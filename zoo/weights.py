@@ -15,13 +15,7 @@ import torch
 from torch import nn
 
 from zoo.errors import ConfigError, DataError
-
-#: state-dict keys that belong to fake quantizers, not to the float weights (see zoo.quant.qat)
-_QUANT_MARKERS = (".weight_quant.", ".act_quant.")
-
-
-def _is_quantizer_state(key: str) -> bool:
-    return key.endswith("_extra_state") or any(marker in key for marker in _QUANT_MARKERS)
+from zoo.quant.qat import is_quantizer_state
 
 
 def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -55,8 +49,8 @@ def load_weights(module: nn.Module, path: str | Path, *, what: str = "initial_ch
     """
     state = read_state_dict(path, what=what)
     target = module.state_dict()
-    weights = {k for k in target if not _is_quantizer_state(k)}
-    given = {k for k in state if not _is_quantizer_state(k)}
+    weights = {k for k in target if not is_quantizer_state(k)}
+    given = {k for k in state if not is_quantizer_state(k)}
     missing, unexpected = sorted(weights - given), sorted(given - weights)
     mismatched = sorted(
         f"{k}: {tuple(state[k].shape)} in the file, {tuple(target[k].shape)} in the model"

@@ -405,6 +405,12 @@ def weight_quant_error(layer: QATLayer) -> float:
     return ((quantized - weight).norm() / weight.norm().clamp_min(1e-12)).item()
 
 
+def is_quantizer_state(key: str) -> bool:
+    """Whether a state-dict key belongs to quantization (a fake quantizer's ranges and scales under ``weight_quant``
+    or ``act_quant``, or a QAT layer's extra state), not to the float weights every model of the layers has."""
+    return key.endswith("_extra_state") or ".weight_quant." in key or ".act_quant." in key
+
+
 def restore_qat_layers(module: nn.Module, state_dict: Mapping[str, Any]) -> int:
     """Swap the layers that are fake-quantized in ``state_dict`` (a QAT checkpoint's) for QAT layers of the saved
     configuration, so that ``module.load_state_dict(state_dict)`` then loads it; returns how many were swapped."""
