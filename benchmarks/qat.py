@@ -52,12 +52,21 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
+import torch._inductor.config  # noqa: E402
 from _common import ValidationHistory, launch, table, training_overrides, write_result  # noqa: E402
 from torch import nn  # noqa: E402
 
 from zoo.contracts import Tokens  # noqa: E402
 from zoo.fusion import MIE  # noqa: E402
-from zoo.quant import DEFAULT_OVERRIDES, convert_, quantize_, save_converted, state_dict_bytes  # noqa: E402
+from zoo.quant import (  # noqa: E402
+    DEFAULT_OVERRIDES,
+    QuantizedLinear,
+    convert_,
+    quantize_,
+    save_converted,
+    state_dict_bytes,
+)
+from zoo.quant.convert import onednn_int8_mm, onednn_prepack  # noqa: E402
 
 #: the integer variants, as quantize_ arguments: "mixed" is vqa_qat.yaml's policy (attention 8, FFN 4, the rest 8)
 POLICIES = {
@@ -190,7 +199,25 @@ def _ffn_layer(device: str, reps: int, compile_: bool) -> dict:
         f"{base} GEMMs alone": lambda: (af @ w1f, hf @ w2f),
         "int8 GEMMs alone (torch._int_mm)": lambda: (torch._int_mm(a, w1), torch._int_mm(h, w2)),
     }
+    if device == "cpu":  # the kernel QuantizedLinear runs on x86: oneDNN's GEMM on weights prepacked once
+        p1, p2 = (onednn_prepack(w.t().contiguous()) for w in (w1, w2))
+        s1, s2 = torch.ones(3072), torch.ones(768)
+        z1, z2 = torch.zeros(3072, dtype=torch.int64), torch.zeros(768, dtype=torch.int64)
+        fns["int8 GEMMs alone (oneDNN, prepacked)"] = lambda: (
+            onednn_int8_mm(a, p1, s1, z1),
+            onednn_int8_mm(h, p2, s2, z2),
+        )
     return {"shape": "768 -> 3072 -> 768 FFN, 2048 tokens", **side_by_side(fns, reps=reps, device=device, base=base)}
+
+
+def _without_onednn_packing(model: nn.Module) -> nn.Module:
+    """A copy of a converted model whose integer layers run ``torch._int_mm`` rather than oneDNN's prepacked GEMM
+    (what they ran before the packing): the kernel's share of the speed-up, in the same run."""
+    model = copy.deepcopy(model)
+    for layer in model.modules():
+        if isinstance(layer, QuantizedLinear):
+            layer._packed = None
+    return model
 
 
 def _call(module: nn.Module, inputs: Any, autocast_dtype: torch.dtype | None, device: str) -> Callable[[], Any]:
@@ -227,11 +254,18 @@ def latency_mode(args) -> None:
     }
     if device == "cpu":
         variants["bf16 autocast, float model (reference)"] = (model, torch.bfloat16)
+    if device == "cpu":
+        variants["int8, torch._int_mm (no oneDNN packing)"] = (_without_onednn_packing(int_models["int8"]), None)
     if args.compile:
+        if device == "cpu":
+            # CPU inference compiles with freezing (weights as constants): inductor then prepacks the float linears
+            # for oneDNN and lowers the integer layers' oneDNN GEMM (zoo.quant.convert._inductor_freezing)
+            torch._inductor.config.freezing = True
         compiled_int8 = _compiled(int_models["int8"])
         variants |= {f"{base}_compiled": (_compiled(model), float_dtype), "int8_compiled": (compiled_int8, float_dtype)}
         if device == "cpu":
             variants["int8_compiled, float ops in bf16 autocast"] = (compiled_int8, torch.bfloat16)
+            variants["bf16 autocast, float model compiled (reference)"] = (_compiled(model), torch.bfloat16)
     # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
     # speed-up grows when the GEMMs, not the float operations around them, dominate
     torch.manual_seed(0)
@@ -242,6 +276,8 @@ def latency_mode(args) -> None:
         m: Tokens.dense(torch.randn(wide_batch, t.embeddings.shape[1], 768, device=device)) for m, t in tokens.items()
     }
     wide_variants = {base: wide, "int8": wide_int8}
+    if device == "cpu":
+        wide_variants["int8, torch._int_mm (no oneDNN packing)"] = _without_onednn_packing(wide_int8)
     if args.compile:
         wide_variants |= {f"{base}_compiled": _compiled(wide), "int8_compiled": _compiled(wide_int8)}
     results: dict[str, Any] = {}
@@ -275,7 +311,8 @@ def latency_mode(args) -> None:
         },
         "model": args.ckpt or f"{args.config} (freshly initialised)",
         "policies": {k: v for k, v in POLICIES.items() if k in ("int8", "mixed")},
-        "compile": "torch.compile(dynamic=False) of MIE's TransformerBlocks (see _compiled); the rest eager",
+        "compile": "torch.compile(dynamic=False) of MIE's TransformerBlocks (see _compiled); the rest eager"
+        + ("; inductor freezing on" if device == "cpu" and args.compile else ""),
         "sizes": sizes,
         "latency": results,
         "method": "rounds interleaved across variants; median ms, ratio of medians, median of per-round ratios",

@@ -28,6 +28,10 @@ from zoo.quant import (
     state_dict_bytes,
     unpack_int4,
 )
+from zoo.quant.convert import onednn_prepack
+
+#: oneDNN's int8 GEMM on prepacked weights: x86 CPUs (elsewhere QuantizedLinear runs torch._int_mm)
+ONEDNN = onednn_prepack(torch.zeros(8, 8, dtype=torch.int8)) is not None
 
 
 def _rows_with_varied_ranges(rows: int, cols: int, seed: int) -> torch.Tensor:
@@ -281,6 +285,53 @@ def test_quantizing_a_converted_model_is_refused():
     converted = convert_(quantize_(_mie()))
     with pytest.raises(ConfigError, match="already converted"):
         quantize_(converted)
+
+
+def _int_mm_twin(model: nn.Module) -> nn.Module:
+    twin = copy.deepcopy(model)
+    for layer in twin.modules():
+        if isinstance(layer, QuantizedLinear):
+            layer._packed = None  # the torch._int_mm path
+    return twin
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")
+@pytest.mark.parametrize(("weight_bit", "method"), [(8, "symmetric"), (4, "symmetric"), (4, "asymmetric")])
+def test_onednn_prepacked_gemm_equals_int_mm(weight_bit, method):
+    torch.manual_seed(0)
+    layer = QATLinear(100, 37, weight_bit=weight_bit, quant_method=method).eval()  # 100, 37: no multiple of 8
+    converted = QuantizedLinear.from_qat(layer)
+    assert (converted._packed is not None) == (method == "symmetric")  # zero points take the _int_mm path
+    copied = copy.deepcopy(converted.float())  # the opaque packed weight survives copies and dtype/device moves
+    assert (copied._packed is not None) == (method == "symmetric")
+    assert not any("_packed" in key for key in converted.state_dict())  # derived at load, not saved
+    x = torch.randn(70, 100) * 3
+    with torch.no_grad():
+        got, reference = copied(x), _int_mm_twin(converted)(x)
+    # the same integer dot products; the per-channel and per-token scales multiply in another order
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-6 * reference.abs().max().item())
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")
+@pytest.mark.parametrize("freezing", [True, False])
+def test_compiled_converted_model_runs_onednn_when_frozen_and_int_mm_otherwise(freezing):
+    from torch.profiler import profile
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 96), nn.GELU(), nn.Linear(96, 24))
+    converted = convert_(quantize_(model, weight_bit=8, overrides={})).eval()
+    x = torch.randn(40, 64)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=freezing):
+        compiled = torch.compile(copy.deepcopy(converted), dynamic=False)
+        compiled(x)
+        with profile() as prof:
+            got = compiled(x)
+        expected = converted(x)
+    ops = {event.key for event in prof.key_averages()}
+    assert ("onednn::qlinear_pointwise" in ops) == freezing, ops
+    assert ("aten::_int_mm" in ops) != freezing, ops
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

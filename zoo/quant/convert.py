@@ -28,6 +28,7 @@ import importlib
 import io
 import json
 import math
+import platform
 import sys
 import warnings
 from collections.abc import Mapping
@@ -75,6 +76,37 @@ def unpack_int4(packed: Tensor, length: int) -> Tensor:
     low, high = packed & 15, packed >> 4
     codes = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
     return (codes.to(torch.int16) - 8).to(torch.int8)
+
+
+def onednn_prepack(codes: Tensor) -> Tensor | None:
+    """oneDNN's int8 weight, ``int8 [out, in]`` codes reordered for ``torch.ops.onednn.qlinear_pointwise`` (an opaque
+    tensor), on an x86 CPU with oneDNN; ``None`` elsewhere (the layer then runs ``torch._int_mm``)."""
+    if codes.device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
+        return None
+    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_prepack"):
+        return None
+    try:
+        return torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
+    except RuntimeError:
+        return None
+
+
+def onednn_int8_mm(a: Tensor, packed: Tensor, weight_scale: Tensor, zero_point: Tensor) -> Tensor:
+    """``weight_scale * (a @ w.T)``, float32 ``[M, N]``: oneDNN's int8 GEMM of ``a`` (int8 ``[M, K]``) and a weight
+    prepacked by :func:`onednn_prepack` (int8 ``[N, K]`` codes), scaled per output channel (``[N]``);
+    ``zero_point`` is int64 zeros ``[N]`` (symmetric weights)."""
+    return torch.ops.onednn.qlinear_pointwise(
+        a, 1.0, 0, packed, weight_scale, zero_point, None, 1.0, 0, torch.float32, "none", [], ""
+    )
+
+
+def _inductor_freezing() -> bool:
+    # inductor lowers oneDNN's int8 GEMM only with the prepacked weight as a graph constant, i.e. when freezing
+    # (the usual setting for CPU inference: torch._inductor.config.freezing = True); without it the compiled graph
+    # takes the torch._int_mm path
+    import torch._inductor.config
+
+    return bool(torch._inductor.config.freezing)
 
 
 def _ceil8(n: int) -> int:
@@ -142,6 +174,7 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("_wt", torch.zeros(0, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("_w_colsum", torch.zeros(0, dtype=torch.int32, device=device), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+        self._refresh()
 
     @classmethod
     def from_qat(cls, layer: QATLinear) -> QuantizedLinear:
@@ -195,12 +228,28 @@ class QuantizedLinear(nn.Module):
         # cuBLASLt several times faster (its int8 kernels take the second operand transposed); no copy at 8 bits
         self._wt = w.t()
         self._w_colsum = codes.sum(1, dtype=torch.int32)
+        # oneDNN's prepacked int8 GEMM where there is one (x86 CPUs; symmetric quantization: zero points are
+        # corrected for on the _int_mm path only): the weight is reordered once into the blocked layout the VNNI/AMX
+        # kernels read, where torch._int_mm reorders it at every call
+        symmetric = self.weight_symmetric and self.activation_symmetric
+        self._packed = onednn_prepack(codes) if symmetric else None
+        self._packed_zero_point = torch.zeros(self.out_features, dtype=torch.int64, device=codes.device)
 
     def _apply(self, fn, recurse: bool = True):
-        # after .to(device) and the like, lay the GEMM operand out for the new device
+        # after .to(device) and the like, lay the GEMM operand out for the new device (the opaque prepacked weight
+        # cannot go through fn)
+        self._packed = None
         super()._apply(fn, recurse)
         self._refresh()
         return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # copy.deepcopy and pickle: the prepacked weight is an opaque oneDNN tensor with no storage; rebuilt after
+        return {**self.__dict__, "_packed": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._refresh()
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
@@ -218,20 +267,24 @@ class QuantizedLinear(nn.Module):
         if not (self.activation_symmetric and self.activation_granularity == "per_token"):
             q.clamp_(qmin, qmax)
         q = q.to(torch.int8)
-        acc = int8_mm(q, self._wt)
-        if acc.shape[1] != self.out_features:
-            acc = acc[:, : self.out_features]
-        # (q_x - z_x) . (q_w - z_w) = q_x . q_w - z_x sum(q_w) - z_w sum(q_x) + K z_x z_w
-        if not self.activation_symmetric:
-            z_x = zero_point.to(torch.int32).reshape(-1, 1)
-            acc = acc - z_x * self._w_colsum
-        if not self.weight_symmetric:
-            z_w = self.weight_zero_point.to(torch.int32)
-            correction = q.sum(1, keepdim=True, dtype=torch.int32)
+        if self._packed is not None and (not torch.compiler.is_compiling() or _inductor_freezing()):
+            # s_w (q_x . q_w) per output channel, float32, from oneDNN's int8 GEMM on the prepacked weight
+            y = onednn_int8_mm(q, self._packed, self.weight_scale, self._packed_zero_point).mul_(scale.reshape(-1, 1))
+        else:
+            acc = int8_mm(q, self._wt)
+            if acc.shape[1] != self.out_features:
+                acc = acc[:, : self.out_features]
+            # (q_x - z_x) . (q_w - z_w) = q_x . q_w - z_x sum(q_w) - z_w sum(q_x) + K z_x z_w
             if not self.activation_symmetric:
-                correction = correction - self.in_features * z_x
-            acc = acc - correction * z_w
-        y = acc.float().mul_(scale.reshape(-1, 1)).mul_(self.weight_scale)
+                z_x = zero_point.to(torch.int32).reshape(-1, 1)
+                acc = acc - z_x * self._w_colsum
+            if not self.weight_symmetric:
+                z_w = self.weight_zero_point.to(torch.int32)
+                correction = q.sum(1, keepdim=True, dtype=torch.int32)
+                if not self.activation_symmetric:
+                    correction = correction - self.in_features * z_x
+                acc = acc - correction * z_w
+            y = acc.float().mul_(scale.reshape(-1, 1)).mul_(self.weight_scale)
         if self.bias is not None:
             y = y.add_(self.bias)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
