@@ -324,7 +324,14 @@ def latency_mode(args) -> None:
 
 
 #: operators that are the GEMMs of a linear layer (self time; ``aten::linear`` only dispatches to them)
-GEMMS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::_int_mm")
+GEMMS = (
+    "aten::addmm",
+    "aten::mm",
+    "aten::bmm",
+    "aten::_int_mm",
+    "onednn::qlinear_pointwise",  # QuantizedLinear on x86
+    "mkldnn::_linear_pointwise",  # float linears compiled with freezing
+)
 
 
 def profile_mode(args) -> None:
@@ -338,9 +345,17 @@ def profile_mode(args) -> None:
     g = torch.Generator().manual_seed(0)
     inputs = {"image": torch.randn(batch, 3, 75, 75, generator=g).to(device), "text": _questions(batch)}
     base = "bf16" if device == "cuda" else "fp32"
+    float_dtype = torch.bfloat16 if device == "cuda" else None
+    variants = {base: (model, float_dtype), "int8": (int8, float_dtype)}
+    if device == "cpu" and args.compile:  # where a compiled model's time goes, with the latency mode's settings
+        torch._inductor.config.freezing = True
+        variants |= {
+            "int8_compiled, float ops in bf16 autocast": (_compiled(int8), torch.bfloat16),
+            "bf16 autocast, float model compiled": (_compiled(model), torch.bfloat16),
+        }
     rows, payload = [], {"mode": "profile", "device": device, "cpu_model": _cpu_model(), "batch_size": batch}
-    for name, m in ((base, model), ("int8", int8)):
-        call = _call(m.to(device), inputs, torch.bfloat16 if device == "cuda" else None, device)
+    for name, (m, dtype) in variants.items():
+        call = _call(m.to(device), inputs, dtype, device)
         with torch.inference_mode():
             for _ in range(3):
                 call()
