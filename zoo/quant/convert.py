@@ -6,8 +6,12 @@
 * weights are stored as integer codes with one float32 scale (and, when asymmetric, an int8 zero point) per output
   channel: one byte per weight at 5 to 8 bits, half a byte at 2 to 4 bits (two codes packed per byte);
 * inputs are quantized to int8 codes at run time, one scale per token (the same codes the fake quantizer computed
-  in training), and the product runs as a real integer GEMM, ``torch._int_mm`` (int8 x int8 -> int32: oneDNN's
-  VNNI/AMX kernels on x86 CPUs, cuBLASLt on CUDA), then is rescaled to float.
+  in training), and the product runs as a real integer GEMM (int8 x int8, int32 sums), then is rescaled to float:
+  on x86 CPUs oneDNN's VNNI/AMX GEMM on a weight reordered once into its blocked layout
+  (``torch.ops.onednn.qlinear_pointwise``, the kernel inductor's x86 int8 path lowers to), elsewhere
+  ``torch._int_mm`` (cuBLASLt on CUDA). Under ``torch.compile`` the oneDNN GEMM needs inductor's freezing
+  (``torch._inductor.config.freezing = True``, the usual CPU inference setting); without it compiled graphs take
+  ``torch._int_mm``.
 
 Why ``torch._int_mm`` and not torchao: torchao 0.18 (built for torch 2.11) would add a dependency whose int8
 dynamic-activation path falls back on the CPU to an int32 ``matmul`` in eager mode and to a float ``mm`` under
