@@ -249,7 +249,7 @@ class QuantizedLinear(nn.Module):
 
     def __getstate__(self) -> dict[str, Any]:
         # copy.deepcopy and pickle: the prepacked weight is an opaque oneDNN tensor with no storage; rebuilt after
-        return {**self.__dict__, "_packed": None}
+        return {**super().__getstate__(), "_packed": None}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
