@@ -52,26 +52,45 @@ def data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
 
 
-def test_resumed_run_matches_uninterrupted_run(tmp_path, data_dir):
-    straight = _cli(tmp_path / "straight")
+#: where the bit-identical comparisons run: CPU kernels are deterministic; on a GPU, Lightning's
+#: ``deterministic=True`` (``torch.use_deterministic_algorithms`` plus cuBLAS's fixed workspace) makes them so
+ACCELERATORS = [
+    pytest.param(["--trainer.accelerator=cpu"], id="cpu"),
+    pytest.param(
+        ["--trainer.accelerator=gpu", "--trainer.devices=1", "--trainer.deterministic=true"],
+        id="cuda",
+        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+    ),
+]
+
+
+@pytest.fixture()
+def deterministic_cublas(monkeypatch):
+    # cuBLAS reads it when its handle is created: set before the first GEMM of the test process
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_resumed_run_matches_uninterrupted_run(tmp_path, data_dir, deterministic_cublas, accelerator):
+    straight = _cli(tmp_path / "straight", *accelerator)
     straight.trainer.fit(straight.model, datamodule=straight.datamodule)
     expected_weights = straight.model.state_dict()
     expected_metrics = straight.trainer.validate(straight.model, datamodule=straight.datamodule, verbose=False)[0]
 
-    first = _cli(tmp_path / "resumed")
+    first = _cli(tmp_path / "resumed", *accelerator)
     first.trainer.callbacks.append(StopAfterFirstEpoch())
     first.trainer.fit(first.model, datamodule=first.datamodule)
     assert first.trainer.current_epoch == 1 and first.trainer.global_step == 4
     interrupted = {k: v.clone() for k, v in first.model.state_dict().items()}
 
-    second = _cli(tmp_path / "resumed")
+    second = _cli(tmp_path / "resumed", *accelerator)
     second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=_last_checkpoint(tmp_path / "resumed"))
     assert second.trainer.global_step == straight.trainer.global_step == 8
     weights = second.model.state_dict()
     moved = [k for k in weights if not torch.equal(weights[k], interrupted[k])]
     assert moved, "the resumed run trained"
     for key, value in expected_weights.items():
-        # CPU kernels are deterministic: the same data order, symmetries and schedule give bit-identical weights
+        # deterministic kernels: the same data order, symmetries and schedule give bit-identical weights
         assert torch.equal(weights[key], value), key
     metrics = second.trainer.validate(second.model, datamodule=second.datamodule, verbose=False)[0]
     assert metrics == expected_metrics
@@ -110,17 +129,18 @@ class StopMidEpoch(Callback):
             trainer.should_stop = True
 
 
-def test_run_resumed_mid_epoch_matches_uninterrupted_run(tmp_path, data_dir):
-    straight = _cli(tmp_path / "straight", "--trainer.limit_val_batches=0")
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
+def test_run_resumed_mid_epoch_matches_uninterrupted_run(tmp_path, data_dir, deterministic_cublas, accelerator):
+    straight = _cli(tmp_path / "straight", "--trainer.limit_val_batches=0", *accelerator)
     straight.trainer.fit(straight.model, datamodule=straight.datamodule)
 
     checkpoint = tmp_path / "mid_epoch.ckpt"
-    first = _cli(tmp_path / "resumed", "--trainer.limit_val_batches=0")
+    first = _cli(tmp_path / "resumed", "--trainer.limit_val_batches=0", *accelerator)
     first.trainer.callbacks.append(StopMidEpoch(checkpoint))
     first.trainer.fit(first.model, datamodule=first.datamodule)
     assert torch.load(checkpoint, weights_only=True)["global_step"] == 6
 
-    second = _cli(tmp_path / "resumed", "--trainer.limit_val_batches=0")
+    second = _cli(tmp_path / "resumed", "--trainer.limit_val_batches=0", *accelerator)
     second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=checkpoint)
     assert second.trainer.global_step == straight.trainer.global_step == 8
     expected, weights = straight.model.state_dict(), second.model.state_dict()

@@ -36,10 +36,10 @@ def data_dir(tmp_path, monkeypatch):
 
 
 class WeightsAtStart(Callback):
-    """Keeps a copy of the model's state dict as training starts (after setup, before the first step)."""
+    """Keeps a CPU copy of the model's state dict as training starts (after setup, before the first step)."""
 
     def on_train_start(self, trainer, pl_module):
-        self.state = {k: v.detach().clone() for k, v in pl_module.state_dict().items() if torch.is_tensor(v)}
+        self.state = {k: v.detach().cpu().clone() for k, v in pl_module.state_dict().items() if torch.is_tensor(v)}
 
 
 def test_float_checkpoint_initialises_a_qat_fine_tune(tmp_path):
