@@ -4,13 +4,16 @@ same run.
 
 ``--mode latency`` (any machine, a fresh model or ``--ckpt``): converted integer models against the float model,
 timed side by side (rounds interleaved, medians and the median of per-round ratios), on the CPU against fp32 and on
-a GPU against bf16 autocast, eager and ``torch.compile``d; sizes on disk; and the layer-level 768 -> 3072 -> 768 FFN
-on 2048 tokens. Writes ``benchmarks/results/qat_latency_<device>_<date>.json``::
+a GPU against bf16 autocast, eager and ``torch.compile``d (on the CPU with inductor freezing, so that compiled
+integer layers keep oneDNN's GEMM); on the CPU also the integer model on ``torch._int_mm`` (the kernel before the
+oneDNN packing) and the float model in bf16, eager and compiled, for reference; sizes on disk; and the layer-level
+768 -> 3072 -> 768 FFN on 2048 tokens. Writes ``benchmarks/results/qat_latency_<device>_<date>.json``::
 
-    python benchmarks/qat.py --mode latency                       # CPU here (about 10 minutes on 2 busy cores)
+    python benchmarks/qat.py --mode latency                       # CPU here (2-3 minutes on 2 quiet cores)
     python benchmarks/qat.py --mode latency --device cuda         # H200: bf16 baseline
 
-``--mode profile`` (CPU by default): where the time of one VQA forward goes, fp32 against the converted int8 model,
+``--mode profile`` (CPU by default): where the time of one VQA forward goes, fp32 against the converted int8 model
+(and, on the CPU, the compiled int8 model with bf16 float operations against the float model compiled in bf16),
 from ``torch.profiler`` (self time per operator, per forward); the share of the GEMMs and the bound it puts on any
 speed-up from integer GEMMs alone (Amdahl: total / (total - GEMM time)). Writes ``qat_profile_<device>_<date>.json``::
 
