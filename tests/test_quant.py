@@ -310,6 +310,10 @@ def test_onednn_prepacked_gemm_equals_int_mm(weight_bit, method):
         got, reference = copied(x), _int_mm_twin(converted)(x)
     # the same integer dot products; the per-channel and per-token scales multiply in another order
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-6 * reference.abs().max().item())
+    with torch.no_grad():  # a model cast to bf16 (e.g. by precision="bf16-true") keeps running, in bf16
+        cast = copy.deepcopy(converted).to(torch.bfloat16)(x.bfloat16())
+    assert cast.dtype == torch.bfloat16
+    torch.testing.assert_close(cast.float(), reference, rtol=0.02, atol=0.02 * reference.abs().max().item())
 
 
 @pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")

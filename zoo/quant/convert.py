@@ -238,6 +238,7 @@ class QuantizedLinear(nn.Module):
         symmetric = self.weight_symmetric and self.activation_symmetric
         self._packed = onednn_prepack(codes) if symmetric else None
         self._packed_zero_point = torch.zeros(self.out_features, dtype=torch.int64, device=codes.device)
+        self._packed_scale = self.weight_scale.float()  # oneDNN takes float32 scales, whatever .to(dtype) did
 
     def _apply(self, fn, recurse: bool = True):
         # after .to(device) and the like, lay the GEMM operand out for the new device (the opaque prepacked weight
@@ -273,7 +274,7 @@ class QuantizedLinear(nn.Module):
         q = q.to(torch.int8)
         if self._packed is not None and (not torch.compiler.is_compiling() or _inductor_freezing()):
             # s_w (q_x . q_w) per output channel, float32, from oneDNN's int8 GEMM on the prepacked weight
-            y = onednn_int8_mm(q, self._packed, self.weight_scale, self._packed_zero_point).mul_(scale.reshape(-1, 1))
+            y = onednn_int8_mm(q, self._packed, self._packed_scale, self._packed_zero_point).mul_(scale.reshape(-1, 1))
         else:
             acc = int8_mm(q, self._wt)
             if acc.shape[1] != self.out_features:
