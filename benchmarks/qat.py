@@ -257,7 +257,6 @@ def latency_mode(args) -> None:
     }
     if device == "cpu":
         variants["bf16 autocast, float model (reference)"] = (model, torch.bfloat16)
-    if device == "cpu":
         variants["int8, torch._int_mm (no oneDNN packing)"] = (_without_onednn_packing(int_models["int8"]), None)
     if args.compile:
         if device == "cpu":

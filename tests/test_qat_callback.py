@@ -13,7 +13,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from zoo.callbacks import QATScheduleCallback
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, DataError
 from zoo.layers import TransformerBlock
 from zoo.quant import QuantizedLinear, load_converted
 from zoo.quant.convert import main as convert_main
@@ -261,6 +261,19 @@ def test_float_checkpoint_converts_after_training_with_quant(tmp_path):
     convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls, "--quant", '{"weight_bit": 8}'])
     loaded = load_converted(out, copy.deepcopy(TinyTask()))
     assert loaded.block.ffn.fc1.weight_bit == 4 and loaded.head.weight_bit == 8
+
+
+def test_convert_names_a_missing_or_unreadable_checkpoint(tmp_path):
+    out = str(tmp_path / "out.pt")
+    with pytest.raises(DataError, match=r"--ckpt: no file .*gone\.ckpt"):
+        convert_main(["--ckpt", str(tmp_path / "gone.ckpt"), "--out", out])
+    corrupt = tmp_path / "corrupt.ckpt"
+    corrupt.write_bytes(b"not a checkpoint")
+    with pytest.raises(DataError, match=r"--ckpt: .*corrupt\.ckpt is not a readable PyTorch checkpoint"):
+        convert_main(["--ckpt", str(corrupt), "--out", out])
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    with pytest.raises(DataError, match="has no state_dict"):
+        convert_main(["--ckpt", str(tmp_path / "list.pt"), "--out", out])
 
 
 def test_vqa_qat_config_gives_the_vqa_model_mixed_bits(tmp_path, monkeypatch):

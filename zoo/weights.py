@@ -10,6 +10,7 @@ from __future__ import annotations
 import pickle
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,18 +19,24 @@ from zoo.errors import ConfigError, DataError
 from zoo.quant.qat import is_quantizer_state
 
 
-def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The state dict in ``path``: a Lightning checkpoint's ``state_dict`` or a plain state dict, read with
-    ``weights_only=True`` onto the CPU. The wrappers' prefixes are dropped, as timm's ``clean_state_dict`` does:
-    ``module.`` of ``DistributedDataParallel`` and ``_orig_mod.`` of ``torch.compile``. ``what`` names the setting
-    in error messages."""
+def read_checkpoint(path: str | Path, *, what: str = "checkpoint") -> Any:
+    """What ``torch.load(path, weights_only=True)`` reads onto the CPU; a missing file or one that is no PyTorch
+    checkpoint is a :class:`DataError` naming ``what`` (the setting that gave the path) and the file."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what}: no file {path}")
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
         raise DataError(f"{what}: {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+
+
+def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The state dict in ``path``: a Lightning checkpoint's ``state_dict`` or a plain state dict, read with
+    :func:`read_checkpoint`. The wrappers' prefixes are dropped, as timm's ``clean_state_dict`` does: ``module.`` of
+    ``DistributedDataParallel`` and ``_orig_mod.`` of ``torch.compile``. ``what`` names the setting in error
+    messages."""
+    checkpoint = read_checkpoint(path, what=what)
     state = checkpoint.get("state_dict", checkpoint) if isinstance(checkpoint, Mapping) else None
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
         raise DataError(f"{what}: {path} holds no state dict (a Lightning checkpoint or a {{name: tensor}} mapping)")

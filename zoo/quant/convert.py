@@ -22,7 +22,8 @@ give the integer kernels directly and a plain ``state_dict`` of integer tensors.
 The converted model saves as a plain dictionary of tensors and primitives (:func:`save_converted`) and loads with
 ``torch.load(..., weights_only=True)`` (:func:`load_converted`). 4-bit codes stay packed on disk and are unpacked
 once at load into the int8 matrix the GEMM reads (in memory: the packed codes plus one byte per weight; 8-bit layers
-on the CPU read their saved codes directly); :func:`main` is the ``python -m zoo convert`` command.
+read their saved codes directly; on x86, oneDNN's reordered copy adds one byte per weight); :func:`main` is the
+``python -m zoo convert`` command.
 """
 
 from __future__ import annotations
@@ -569,14 +570,11 @@ def main(argv: list[str] | None = None) -> None:
         "--model-class", help="LightningModule class (module.Class) when the checkpoint does not record one"
     )
     args = parser.parse_args(argv)
+    from zoo.weights import read_checkpoint  # here: zoo.weights imports zoo.quant
+
     ckpt_path = Path(args.ckpt)
-    if not ckpt_path.is_file():
-        raise DataError(f"--ckpt {ckpt_path}: no such file")
-    try:
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unpickling failure means the same thing to the user
-        raise DataError(f"--ckpt {ckpt_path} cannot be loaded as a checkpoint (weights_only=True): {err}") from None
-    if "state_dict" not in checkpoint:
+    checkpoint = read_checkpoint(ckpt_path, what="--ckpt")
+    if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise DataError(f"--ckpt {ckpt_path} has no state_dict: is it a Lightning checkpoint?")
     hparams = checkpoint.get("hyper_parameters")
     model = instantiate_from_hparams(hparams, source=str(ckpt_path), model_class=args.model_class)
