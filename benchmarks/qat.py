@@ -24,7 +24,9 @@ subprocess per run, in parallel with ``--parallel``), tests the final model fake
 float against integer inference on the test batches (on the run's device: the GPU against bf16, or the CPU against
 fp32). Variants: ``float``; ``ptq_mixed``/``ptq_w4`` (the float run quantized after training: mixed W8 attention/W4
 FFN-A8, and W4A8 everywhere); ``qat_fixed4`` (W4A8 everywhere, schedule [4]); ``qat_progressive`` (W4A8
-everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 -> 4, the shipped vqa_qat.yaml policy).
+everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 -> 4, the shipped vqa_qat.yaml policy);
+``qat_mixed_per_tensor`` and ``ptq_mixed_per_tensor`` (the mixed policy with static per-tensor input scales, the
+fastest integer path on x86 CPUs; PTQ observes them on 16 training batches).
 
 By default each QAT run trains from scratch as vqa_qat.yaml does (float for the first half, then the stages). With
 ``--finetune-epochs N`` the float run goes first and every QAT run starts from its final weights
@@ -64,6 +66,7 @@ from zoo.fusion import MIE  # noqa: E402
 from zoo.quant import (  # noqa: E402
     DEFAULT_OVERRIDES,
     QuantizedLinear,
+    calibrating,
     convert_,
     quantize_,
     save_converted,
@@ -71,11 +74,15 @@ from zoo.quant import (  # noqa: E402
 )
 from zoo.quant.convert import onednn_int8_mm, onednn_prepack  # noqa: E402
 
-#: the integer variants, as quantize_ arguments: "mixed" is vqa_qat.yaml's policy (attention 8, FFN 4, the rest 8)
+#: the integer variants, as quantize_ arguments: "mixed" is vqa_qat.yaml's policy (attention 8, FFN 4, the rest 8);
+#: inputs are quantized per token (dynamic) unless the name ends in "_per_tensor" (static scales, observed)
 POLICIES = {
     "int8": {"weight_bit": 8, "activation_bit": 8, "overrides": {}},
     "mixed": {"weight_bit": 8, "activation_bit": 8, "overrides": dict(DEFAULT_OVERRIDES)},
     "w4": {"weight_bit": 4, "activation_bit": 8, "overrides": {}},
+}
+POLICIES |= {
+    f"{name}_per_tensor": {**policy, "activation_granularity": "per_tensor"} for name, policy in POLICIES.items()
 }
 #: accuracy variants: config, QAT schedule and quantize_ arguments (None: a float run), PTQ policies of the float runs.
 #: float_finetune (with --finetune-epochs only) continues the float run as the QAT fine-tunes do, without
@@ -86,8 +93,11 @@ TRAINED = {
     "qat_fixed4": ("vqa_qat.yaml", [4], POLICIES["w4"]),
     "qat_progressive": ("vqa_qat.yaml", [8, 6, 4], POLICIES["w4"]),
     "qat_mixed": ("vqa_qat.yaml", [8, 6, 4], POLICIES["mixed"]),
+    "qat_mixed_per_tensor": ("vqa_qat.yaml", [8, 6, 4], POLICIES["mixed_per_tensor"]),
 }
-PTQ = {"ptq_mixed": POLICIES["mixed"], "ptq_w4": POLICIES["w4"]}
+PTQ = {"ptq_mixed": POLICIES["mixed"], "ptq_w4": POLICIES["w4"], "ptq_mixed_per_tensor": POLICIES["mixed_per_tensor"]}
+#: training batches the per-tensor input scales of a PTQ variant are observed on
+CALIBRATION_BATCHES = 16
 
 
 # -- timing ------------------------------------------------------------------------------------------------------------
@@ -164,12 +174,21 @@ def _questions(batch: int) -> list[str]:
     return [question_text(i % 2, (i // 2) % 3, (i // 6) % 6) for i in range(batch)]
 
 
-def _integer_models(model: nn.Module, out_dir: Path) -> tuple[dict[str, nn.Module], dict[str, dict]]:
+def _integer(model: nn.Module, policy: str, inputs: Any) -> nn.Module:
+    """``model`` quantized with ``POLICIES[policy]`` after training (per-tensor input scales observed on ``inputs``)
+    and converted."""
+    qat = quantize_(copy.deepcopy(model).eval(), **POLICIES[policy])
+    with torch.no_grad(), calibrating(qat):
+        qat(inputs)
+    return convert_(qat)
+
+
+def _integer_models(model: nn.Module, out_dir: Path, inputs: Any) -> tuple[dict[str, nn.Module], dict[str, dict]]:
     models, sizes = {}, {}
     float_bytes = state_dict_bytes(model)
     sizes["float"] = {"bytes": float_bytes, "fraction_of_float": 1.0}
-    for name in ("int8", "mixed"):
-        converted = convert_(quantize_(copy.deepcopy(model), **POLICIES[name]))
+    for name in ("int8", "mixed", "int8_per_tensor"):
+        converted = _integer(model, name, inputs)
         path = out_dir / f"qat_bench_{name}.pt"
         size = save_converted(converted, path)
         path.unlink()
@@ -184,19 +203,24 @@ def _linear_weight_bytes(model: nn.Module) -> dict[str, int]:
 
 
 def _ffn_layer(device: str, reps: int, compile_: bool) -> dict:
-    """The layer-level claim: a 768 -> 3072 -> 768 FFN on 2048 tokens, float against int8 (W8A8 per token)."""
+    """The layer-level claim: a 768 -> 3072 -> 768 FFN on 2048 tokens, float against int8 (W8A8, inputs per token or
+    per tensor)."""
     torch.manual_seed(0)
     ffn = nn.Sequential(nn.Linear(768, 3072), nn.GELU(), nn.Linear(3072, 768)).to(device).eval()
     x = torch.randn(2048, 768, device=device)
-    int8 = convert_(quantize_(copy.deepcopy(ffn), weight_bit=8, activation_bit=8, overrides={}))
+    int8, int8_per_tensor = (_integer(ffn, policy, x) for policy in ("int8", "int8_per_tensor"))
     a, h = (torch.randint(-127, 128, shape, dtype=torch.int8, device=device) for shape in ((2048, 768), (2048, 3072)))
     w1, w2 = (torch.randint(-127, 128, shape, dtype=torch.int8, device=device) for shape in ((768, 3072), (3072, 768)))
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     base = "bf16" if device == "cuda" else "fp32"
     af, hf, w1f, w2f = (t.to(dtype) for t in (a, h, w1, w2))
-    modules = {base: ffn, "int8": int8}
+    modules = {base: ffn, "int8": int8, "int8_per_tensor": int8_per_tensor}
     if compile_:
-        modules |= {f"{base}_compiled": _compiled(ffn), "int8_compiled": _compiled(int8)}
+        modules |= {
+            f"{base}_compiled": _compiled(ffn),
+            "int8_compiled": _compiled(int8),
+            "int8_per_tensor_compiled": _compiled(int8_per_tensor),
+        }
     fns = {name: _call(m, x, dtype if device == "cuda" else None, device) for name, m in modules.items()}
     fns |= {
         f"{base} GEMMs alone": lambda: (af @ w1f, hf @ w2f),
@@ -240,11 +264,12 @@ def latency_mode(args) -> None:
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     model = _vqa_model(args)
-    int_models, sizes = _integer_models(model, out_dir)
-    sizes |= _linear_weight_bytes(model)
     batch = args.batch_size or (256 if device == "cuda" else 64)
     g = torch.Generator().manual_seed(0)
-    inputs = {"image": torch.randn(batch, 3, 75, 75, generator=g).to(device), "text": _questions(batch)}
+    inputs = {"image": torch.randn(batch, 3, 75, 75, generator=g), "text": _questions(batch)}
+    int_models, sizes = _integer_models(model, out_dir, inputs)
+    sizes |= _linear_weight_bytes(model)
+    inputs["image"] = inputs["image"].to(device)
     model = model.to(device)
     int_models = {k: m.to(device) for k, m in int_models.items()}
     with torch.inference_mode():  # the fusion transformer alone is timed on the tokens the encoders give
@@ -254,6 +279,7 @@ def latency_mode(args) -> None:
         base: (model, float_dtype),
         "int8": (int_models["int8"], float_dtype),
         "mixed": (int_models["mixed"], float_dtype),
+        "int8_per_tensor": (int_models["int8_per_tensor"], float_dtype),
     }
     if device == "cpu":
         variants["bf16 autocast, float model (reference)"] = (model, torch.bfloat16)
@@ -264,24 +290,34 @@ def latency_mode(args) -> None:
             # for oneDNN and lowers the integer layers' oneDNN GEMM (zoo.quant.convert._inductor_freezing)
             torch._inductor.config.freezing = True
         compiled_int8 = _compiled(int_models["int8"])
-        variants |= {f"{base}_compiled": (_compiled(model), float_dtype), "int8_compiled": (compiled_int8, float_dtype)}
+        compiled_per_tensor = _compiled(int_models["int8_per_tensor"])
+        variants |= {
+            f"{base}_compiled": (_compiled(model), float_dtype),
+            "int8_compiled": (compiled_int8, float_dtype),
+            "int8_per_tensor_compiled": (compiled_per_tensor, float_dtype),
+        }
         if device == "cpu":
             variants["int8_compiled, float ops in bf16 autocast"] = (compiled_int8, torch.bfloat16)
+            variants["int8_per_tensor_compiled, float ops in bf16 autocast"] = (compiled_per_tensor, torch.bfloat16)
             variants["bf16 autocast, float model compiled (reference)"] = (_compiled(model), torch.bfloat16)
     # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
     # speed-up grows when the GEMMs, not the float operations around them, dominate
     torch.manual_seed(0)
     wide = MIE(modalities=("image", "text"), dim=768, depth=2, num_heads=12, modality_fusion_layers=1).to(device).eval()
-    wide_int8 = convert_(quantize_(copy.deepcopy(wide), **POLICIES["int8"]))
     wide_batch = max(1, batch // 4)
     wide_tokens = {
         m: Tokens.dense(torch.randn(wide_batch, t.embeddings.shape[1], 768, device=device)) for m, t in tokens.items()
     }
-    wide_variants = {base: wide, "int8": wide_int8}
+    wide_int8, wide_per_tensor = (_integer(wide, policy, wide_tokens) for policy in ("int8", "int8_per_tensor"))
+    wide_variants = {base: wide, "int8": wide_int8, "int8_per_tensor": wide_per_tensor}
     if device == "cpu":
         wide_variants["int8, torch._int_mm (no oneDNN packing)"] = _without_onednn_packing(wide_int8)
     if args.compile:
-        wide_variants |= {f"{base}_compiled": _compiled(wide), "int8_compiled": _compiled(wide_int8)}
+        wide_variants |= {
+            f"{base}_compiled": _compiled(wide),
+            "int8_compiled": _compiled(wide_int8),
+            "int8_per_tensor_compiled": _compiled(wide_per_tensor),
+        }
     results: dict[str, Any] = {}
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
@@ -312,7 +348,8 @@ def latency_mode(args) -> None:
             "ffn_layer": "768 -> 3072 -> 768 FFN on 2048 tokens",
         },
         "model": args.ckpt or f"{args.config} (freshly initialised)",
-        "policies": {k: v for k, v in POLICIES.items() if k in ("int8", "mixed")},
+        "policies": {k: v for k, v in POLICIES.items() if k in ("int8", "mixed", "int8_per_tensor")},
+        "calibration": "per-tensor input scales observed on the timed batch (zoo.quant.calibrating)",
         "compile": "torch.compile(dynamic=False) of MIE's TransformerBlocks (see _compiled); the rest eager"
         + ("; inductor freezing on" if device == "cpu" and args.compile else ""),
         "sizes": sizes,
@@ -342,10 +379,11 @@ def profile_mode(args) -> None:
     device = args.device
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     model = _vqa_model(args)
-    int8 = convert_(quantize_(copy.deepcopy(model), **POLICIES["int8"]))
     batch = args.batch_size or (256 if device == "cuda" else 64)
     g = torch.Generator().manual_seed(0)
-    inputs = {"image": torch.randn(batch, 3, 75, 75, generator=g).to(device), "text": _questions(batch)}
+    inputs = {"image": torch.randn(batch, 3, 75, 75, generator=g), "text": _questions(batch)}
+    int8, per_tensor = (_integer(model, policy, inputs) for policy in ("int8", "int8_per_tensor"))
+    inputs["image"] = inputs["image"].to(device)
     base = "bf16" if device == "cuda" else "fp32"
     float_dtype = torch.bfloat16 if device == "cuda" else None
     variants = {base: (model, float_dtype), "int8": (int8, float_dtype)}
@@ -353,6 +391,7 @@ def profile_mode(args) -> None:
         torch._inductor.config.freezing = True
         variants |= {
             "int8_compiled, float ops in bf16 autocast": (_compiled(int8), torch.bfloat16),
+            "int8_per_tensor_compiled": (_compiled(per_tensor), None),
             "bf16 autocast, float model compiled": (_compiled(model), torch.bfloat16),
         }
     rows, payload = [], {"mode": "profile", "device": device, "cpu_model": _cpu_model(), "batch_size": batch}
@@ -470,7 +509,10 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: 
     result["test_trained"] = _test(trainer, model, data)
     if schedule is None:
         suffix = "" if name == "float" else "_ft"
-        float_model, runs = model, {p + suffix: quantize_(copy.deepcopy(model), **PTQ[p]) for p in PTQ}
+        float_model, runs = (
+            model,
+            {p + suffix: _calibrated(quantize_(copy.deepcopy(model), **PTQ[p]), data) for p in PTQ},
+        )
     else:  # a float model of the same architecture: the size and latency baseline
         float_model, runs = _float_twin(model), {name: model}
     result["float_bytes"] = state_dict_bytes(float_model)
@@ -488,6 +530,17 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: 
         result["integer"][variant] = entry
     result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     out.write_text(json.dumps(result, indent=2))
+
+
+def _calibrated(qat: nn.Module, data) -> nn.Module:
+    """``qat`` (a float model quantized after training) with its per-tensor input scales observed on
+    ``CALIBRATION_BATCHES`` training batches."""
+    with torch.no_grad(), calibrating(qat):
+        for i, batch in enumerate(data.train_dataloader()):
+            if i == CALIBRATION_BATCHES:
+                break
+            qat({k: v.to(qat.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    return qat
 
 
 def _qat_named(model: nn.Module):
@@ -574,7 +627,9 @@ def _accuracy_rows(results: dict[str, dict]) -> list[dict]:
     mixed, w4 = "W8 attn/W4 FFN-A8", "W4A8"
     bits = {"float": "fp32/bf16", "float_finetune": "fp32/bf16", "ptq_mixed": mixed, "ptq_w4": w4,
             "ptq_mixed_ft": mixed, "ptq_w4_ft": w4, "qat_fixed4": f"{w4} [4]", "qat_progressive": f"{w4} [8,6,4]",
-            "qat_mixed": f"{mixed} [8,6,4]"}  # fmt: skip
+            "qat_mixed": f"{mixed} [8,6,4]", "ptq_mixed_per_tensor": f"{mixed}, per-tensor A",
+            "ptq_mixed_per_tensor_ft": f"{mixed}, per-tensor A",
+            "qat_mixed_per_tensor": f"{mixed} [8,6,4], per-tensor A"}  # fmt: skip
     rows = []
     for name, result in results.items():
         is_float = TRAINED[name][1] is None

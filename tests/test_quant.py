@@ -18,7 +18,9 @@ from zoo.quant import (
     QATLinear,
     QuantizedEmbedding,
     QuantizedLinear,
+    calibrating,
     convert_,
+    fuse_activations_,
     load_converted,
     pack_int4,
     quant_range,
@@ -335,6 +337,121 @@ def test_compiled_converted_model_runs_onednn_when_frozen_and_int_mm_otherwise(f
     ops = {event.key for event in prof.key_averages()}
     assert ("onednn::qlinear_pointwise" in ops) == freezing, ops
     assert ("aten::_int_mm" in ops) != freezing, ops
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+def _per_tensor_ffn(seed: int = 0, act: nn.Module | None = None) -> nn.Module:
+    """A quantization-aware FFN with per-tensor static inputs whose ranges were observed on a few batches."""
+    from zoo.layers.ffn import FeedForward
+
+    torch.manual_seed(seed)
+    ffn = FeedForward(64, 96)
+    if act is not None:
+        ffn.act = act
+    qat = quantize_(ffn, weight_bit=8, overrides={}, activation_granularity="per_tensor").train()
+    with torch.no_grad():
+        for _ in range(3):
+            qat(torch.randn(50, 64) * 2)
+    return qat.eval()
+
+
+def test_calibrating_observes_per_tensor_inputs_and_leaves_the_model_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.BatchNorm1d(32), nn.Dropout(0.5), nn.Linear(32, 8)).eval()
+    running_mean = model[1].running_mean.clone()
+    qat = quantize_(model, weight_bit=8, overrides={}, activation_granularity="per_tensor")
+    with pytest.raises(ConfigError, match=r"observed no data, e\.g\. '0'.*calibrating"):
+        convert_(copy.deepcopy(qat))  # uncalibrated per-tensor scales would silently wreck the integer model
+    x = torch.randn(64, 16) * 3
+    with torch.no_grad(), calibrating(qat):
+        qat(x)
+        qat(2 * x)
+    assert not any(m.training for m in qat.modules())  # the quantizers are back in eval mode
+    assert torch.equal(qat[1].running_mean, running_mean)  # batch norm did not see the calibration batches
+    observed = qat[0].act_quant.max_val.item()
+    assert x.max().item() < observed < 2 * x.max().item()  # the first batch's range, moved towards the second
+    with torch.no_grad():
+        qat(3 * x)  # outside the block: eval mode, no observing
+    assert qat[0].act_quant.max_val.item() == observed
+    with torch.no_grad():
+        expected, got = qat(x), convert_(copy.deepcopy(qat))(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("act", [nn.GELU(), nn.GELU(approximate="tanh"), nn.ReLU()], ids=["gelu", "tanh", "relu"])
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_ffn_activation_folds_into_fc1_without_changing_outputs(act, granularity, tmp_path):
+    from zoo.layers.ffn import FeedForward
+
+    torch.manual_seed(0)
+    ffn = FeedForward(64, 96)
+    ffn.act = act
+    qat = quantize_(ffn, weight_bit=8, overrides={}, activation_granularity=granularity).train()
+    x = torch.randn(50, 64) * 2
+    qat(x)
+    qat.eval()
+    fused, unfused = convert_(copy.deepcopy(qat)), convert_(copy.deepcopy(qat), fuse_activations=False)
+    assert isinstance(fused.act, nn.Identity) and fused.fc1.activation is not None
+    assert type(unfused.act) is type(act) and unfused.fc1.activation is None
+    assert fuse_activations_(fused) == 0  # folded once
+    with torch.no_grad():
+        got, expected = fused(x), unfused(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
+    # the fold is derived from the model, not saved: loading rebuilds it
+    path = tmp_path / "ffn.pt"
+    save_converted(fused, path)
+    float_ffn = FeedForward(64, 96)
+    float_ffn.act = copy.deepcopy(act)
+    loaded = load_converted(path, float_ffn)
+    assert isinstance(loaded.act, nn.Identity) and loaded.fc1.activation == fused.fc1.activation
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
+
+
+def test_activations_oneDNN_cannot_apply_stay_separate():
+    fused = convert_(_per_tensor_ffn(act=nn.SiLU()))
+    assert isinstance(fused.act, nn.SiLU) and fused.fc1.activation is None
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")
+def test_per_tensor_layer_runs_whole_in_onednn_and_equals_int_mm():
+    from torch.profiler import profile
+
+    converted = convert_(_per_tensor_ffn())
+    assert converted.fc1._packed is not None and converted.fc1.activation == "gelu"
+    x = torch.randn(70, 64) * 2
+    with torch.no_grad():
+        with profile() as prof:
+            got = converted(x)
+        reference = _int_mm_twin(converted)(x)
+    ops = {event.key for event in prof.key_averages()}
+    # scale, bias and GELU in oneDNN's epilogue: no separate pass over the GEMM's output
+    assert "onednn::qlinear_pointwise" in ops and not ops & {"aten::gelu", "aten::mul_", "aten::add_"}, ops
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-6 * reference.abs().max().item())
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = converted(x.bfloat16())
+    with torch.no_grad():
+        cast = copy.deepcopy(converted).to(torch.bfloat16)(x.bfloat16())
+    for out in (autocast, cast):  # written by oneDNN in the input's dtype
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), reference, rtol=0.02, atol=0.02 * reference.abs().max().item())
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")
+def test_compiled_per_tensor_model_keeps_the_fused_onednn_layers():
+    from torch.profiler import profile
+
+    converted = convert_(_per_tensor_ffn())
+    x = torch.randn(40, 64)
+    torch._dynamo.reset()
+    with torch.no_grad(), torch._inductor.config.patch(freezing=True):
+        compiled = torch.compile(copy.deepcopy(converted), dynamic=False)
+        compiled(x)
+        with profile() as prof:
+            got = compiled(x)
+        expected = converted(x)
+    ops = {event.key for event in prof.key_averages()}
+    assert "onednn::qlinear_pointwise" in ops and "aten::_int_mm" not in ops, ops
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5 * expected.abs().max().item())
 
 

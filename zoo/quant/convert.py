@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import ConfigError, DataError
+from zoo.layers.ffn import FeedForward
 from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
 from zoo.quant.qat import QATEmbedding, QATLinear, _replace, qat_layers, quantize_, restore_qat_layers
 
@@ -53,6 +54,7 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedLinear",
     "convert_",
+    "fuse_activations_",
     "int8_mm",
     "load_converted",
     "main",
@@ -96,12 +98,31 @@ def onednn_prepack(codes: Tensor) -> Tensor | None:
         return None
 
 
-def onednn_int8_mm(a: Tensor, packed: Tensor, weight_scale: Tensor, zero_point: Tensor) -> Tensor:
-    """``weight_scale * (a @ w.T)``, float32 ``[M, N]``: oneDNN's int8 GEMM of ``a`` (int8 ``[M, K]``) and a weight
-    prepacked by :func:`onednn_prepack` (int8 ``[N, K]`` codes), scaled per output channel (``[N]``);
-    ``zero_point`` is int64 zeros ``[N]`` (symmetric weights)."""
+#: activations a :class:`QuantizedLinear` applies to its output (:func:`fuse_activations_`), as oneDNN post-ops
+#: ``(name, algorithm)``
+ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def onednn_int8_mm(
+    a: Tensor,
+    packed: Tensor,
+    weight_scale: Tensor,
+    zero_point: Tensor,
+    *,
+    x_scale: float = 1.0,
+    x_zero_point: int = 0,
+    bias: Tensor | None = None,
+    out_dtype: torch.dtype = torch.float32,
+    activation: str | None = None,
+) -> Tensor:
+    """``act(x_scale * weight_scale * ((a - x_zero_point) @ w.T) + bias)``, ``[M, N]`` in ``out_dtype``: oneDNN's int8
+    GEMM of ``a`` (int8 ``[M, K]``) and a weight prepacked by :func:`onednn_prepack` (int8 ``[N, K]`` codes), scaled
+    per output channel (``weight_scale`` float32 ``[N]``; ``zero_point`` int64 zeros ``[N]``, symmetric weights), with
+    the input's scale and zero point, the bias and the activation (a key of :data:`ACTIVATIONS`) applied in the
+    GEMM's epilogue."""
+    post_op, algorithm = ACTIVATIONS[activation] if activation else ("none", "")
     return torch.ops.onednn.qlinear_pointwise(
-        a, 1.0, 0, packed, weight_scale, zero_point, None, 1.0, 0, torch.float32, "none", [], ""
+        a, x_scale, x_zero_point, packed, weight_scale, zero_point, bias, 1.0, 0, out_dtype, post_op, [], algorithm
     )
 
 
@@ -134,9 +155,11 @@ def int8_mm(a: Tensor, b: Tensor) -> Tensor:
 class QuantizedLinear(nn.Module):
     """Integer linear layer: ``[..., in_features] -> [..., out_features]`` in the input's dtype.
 
-    Computes ``y = s_x * s_w * ((q_x - z_x) . (q_w - z_w)) + bias`` with the dot product in int32 (``torch._int_mm``),
-    ``q_x`` the input's codes (per token, dynamic; or per tensor with a stored scale) and ``q_w`` the stored weight
-    codes (per output channel).
+    Computes ``y = act(s_x * s_w * ((q_x - z_x) . (q_w - z_w)) + bias)`` with the dot product in int32 (oneDNN on
+    x86 CPUs, else ``torch._int_mm``), ``q_x`` the input's codes (per token, dynamic; or per tensor with a stored
+    scale), ``q_w`` the stored weight codes (per output channel) and ``act`` the identity unless
+    :func:`fuse_activations_` folded the next activation in. With per-tensor inputs on oneDNN everything after the
+    quantization of the input runs in the GEMM's epilogue.
 
     State dict (all tensors; the configuration is extra state of ints, bools and strings):
     ``qweight`` (int8 ``[out, in]``, or uint8 ``[out, ceil(in/2)]`` packed when ``weight_bit <= 4``), ``weight_scale``
@@ -164,6 +187,8 @@ class QuantizedLinear(nn.Module):
         self.weight_bit, self.activation_bit = weight_bit, activation_bit
         self.weight_symmetric, self.activation_symmetric = weight_symmetric, activation_symmetric
         self.activation_granularity = activation_granularity
+        #: a key of ACTIVATIONS applied to the output, set by fuse_activations_ (derived from the model, not saved)
+        self.activation: str | None = None
         packed = weight_bit <= 4
         shape = (out_features, math.ceil(in_features / 2) if packed else in_features)
         self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8 if packed else torch.int8, device=device))
@@ -233,13 +258,18 @@ class QuantizedLinear(nn.Module):
         # cuBLASLt several times faster (its int8 kernels take the second operand transposed); no copy at 8 bits
         self._wt = w.t()
         self._w_colsum = codes.sum(1, dtype=torch.int32)
-        # oneDNN's prepacked int8 GEMM where there is one (x86 CPUs; symmetric quantization: zero points are
-        # corrected for on the _int_mm path only): the weight is reordered once into the blocked layout the VNNI/AMX
-        # kernels read, where torch._int_mm reorders it at every call
-        symmetric = self.weight_symmetric and self.activation_symmetric
-        self._packed = onednn_prepack(codes) if symmetric else None
+        # oneDNN's prepacked int8 GEMM where there is one (x86 CPUs): the weight is reordered once into the blocked
+        # layout the VNNI/AMX kernels read, where torch._int_mm reorders it at every call. Symmetric weights only, and
+        # a per-token input's zero points are corrected for on the _int_mm path only (oneDNN takes one per tensor)
+        supported = self.weight_symmetric and (self.activation_symmetric or self.activation_granularity == "per_tensor")
+        self._packed = onednn_prepack(codes) if supported else None
         self._packed_zero_point = torch.zeros(self.out_features, dtype=torch.int64, device=codes.device)
-        self._packed_scale = self.weight_scale.float()  # oneDNN takes float32 scales, whatever .to(dtype) did
+        # oneDNN takes float32 scales and bias, whatever .to(dtype) did, and a per-tensor input's as Python numbers
+        # (so that inductor lowers the call)
+        self._packed_scale = self.weight_scale.float()
+        self._packed_bias = None if self.bias is None else self.bias.float()
+        if self._packed is not None and self.activation_granularity == "per_tensor":
+            self._x_scale, self._x_zero_point = float(self.act_scale), int(self.act_zero_point)
 
     def _apply(self, fn, recurse: bool = True):
         # after .to(device) and the like, lay the GEMM operand out for the new device (the opaque prepacked weight
@@ -273,8 +303,26 @@ class QuantizedLinear(nn.Module):
         if not (self.activation_symmetric and self.activation_granularity == "per_token"):
             q.clamp_(qmin, qmax)
         q = q.to(torch.int8)
-        if self._packed is not None and (not torch.compiler.is_compiling() or _inductor_freezing()):
-            # s_w (q_x . q_w) per output channel, float32, from oneDNN's int8 GEMM on the prepacked weight
+        onednn = self._packed is not None and (not torch.compiler.is_compiling() or _inductor_freezing())
+        if onednn and self.activation_granularity == "per_tensor":
+            # the whole layer in oneDNN: the input's scale and zero point, the bias and the activation run in the
+            # GEMM's epilogue, which writes the output once, in the input's dtype
+            out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            y = onednn_int8_mm(
+                q,
+                self._packed,
+                self._packed_scale,
+                self._packed_zero_point,
+                x_scale=self._x_scale,
+                x_zero_point=self._x_zero_point,
+                bias=self._packed_bias,
+                out_dtype=out_dtype,
+                activation=self.activation,
+            )
+            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        if onednn:
+            # s_w (q_x . q_w) per output channel, float32, from oneDNN's int8 GEMM on the prepacked weight; the
+            # per-token scales multiply after it
             y = onednn_int8_mm(q, self._packed, self._packed_scale, self._packed_zero_point).mul_(scale.reshape(-1, 1))
         else:
             acc = int8_mm(q, self._wt)
@@ -293,6 +341,8 @@ class QuantizedLinear(nn.Module):
             y = acc.float().mul_(scale.reshape(-1, 1)).mul_(self.weight_scale)
         if self.bias is not None:
             y = y.add_(self.bias)
+        if self.activation is not None:
+            y = _activation(y, self.activation)
         return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -316,7 +366,40 @@ class QuantizedLinear(nn.Module):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"W{self.weight_bit}A{self.activation_bit}, {self.activation_granularity}"
+            + (f", activation={self.activation}" if self.activation else "")
         )
+
+
+def _activation(y: Tensor, name: str) -> Tensor:
+    if name == "relu":
+        return F.relu(y)
+    return F.gelu(y, approximate="tanh" if name == "gelu_tanh" else "none")
+
+
+def _activation_name(module: nn.Module) -> str | None:
+    # the ACTIVATIONS key of an activation module, None for one oneDNN cannot apply
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    return None
+
+
+def fuse_activations_(module: nn.Module) -> int:
+    """Fold the activation of every :class:`zoo.layers.FeedForward` whose ``fc1`` is a :class:`QuantizedLinear`
+    into that layer (``fc1.activation``; ``act`` becomes ``nn.Identity``), in place; returns how many were folded.
+
+    The outputs do not change. On oneDNN with per-tensor inputs the activation then runs in the GEMM's epilogue
+    instead of as a separate pass over the ``[tokens, hidden]`` output (GELU's ``erf`` alone cost about as much as
+    the layer's integer GEMM at VQA's width). ReLU and GELU (exact or tanh) fold; other activations stay."""
+    count = 0
+    for ffn in module.modules():
+        if isinstance(ffn, FeedForward) and isinstance(ffn.fc1, QuantizedLinear) and ffn.fc1.activation is None:
+            name = _activation_name(ffn.act)
+            if name is not None:
+                ffn.fc1.activation, ffn.act = name, nn.Identity()
+                count += 1
+    return count
 
 
 class QuantizedEmbedding(nn.Embedding):
@@ -397,10 +480,24 @@ class QuantizedEmbedding(nn.Embedding):
             raise ValueError(f"QuantizedEmbedding: state dict configuration {state} differs from this layer's")
 
 
-def convert_(module: nn.Module) -> nn.Module:
+def convert_(module: nn.Module, *, fuse_activations: bool = True) -> nn.Module:
     """Replace every fake-quantized layer of ``module`` by its integer counterpart, in place, at the bit widths the
-    layers run at now; puts ``module`` in eval mode and returns it. Warns when a layer still runs above its target
-    bits (a checkpoint taken before the schedule's last stage)."""
+    layers run at now, and fold FFN activations into them (:func:`fuse_activations_`, unless ``fuse_activations``
+    is false); puts ``module`` in eval mode and returns it. Warns when a layer still runs above its target bits (a
+    checkpoint taken before the schedule's last stage)."""
+    unobserved = [
+        name
+        for name, layer in qat_layers(module)
+        if isinstance(layer, QATLinear)
+        and layer.act_quant.granularity == "per_tensor"
+        and not layer.act_quant.initialized
+    ]
+    if unobserved:
+        raise ConfigError(
+            f"{len(unobserved)} layers with per-tensor inputs have observed no data, e.g. {unobserved[0]!r}: their "
+            "input scales are unknown. Run a few batches through the model under zoo.quant.calibrating(model) (or "
+            "train it with quantization-aware training) before convert_"
+        )
     above = []
     for name, layer in list(qat_layers(module)):
         if layer.weight_quant.bits > layer.target_weight_bit:
@@ -415,6 +512,8 @@ def convert_(module: nn.Module) -> nn.Module:
             f"{above[0]}: was the checkpoint taken before the last stage of the QAT schedule?",
             stacklevel=2,
         )
+    if fuse_activations:
+        fuse_activations_(module)
     return module.eval()
 
 
@@ -484,6 +583,7 @@ def load_converted(
     state_dict = artefact["state_dict"]
     restore_converted_layers(model, state_dict)
     model.load_state_dict(state_dict)
+    fuse_activations_(model)
     return model.to(map_location).eval()
 
 

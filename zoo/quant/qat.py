@@ -15,6 +15,7 @@ swap trains them, and a float checkpoint loads into the quantized model with ``s
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Mapping
 from fnmatch import fnmatchcase
 from typing import Any
@@ -30,6 +31,7 @@ __all__ = [
     "DEFAULT_OVERRIDES",
     "QATEmbedding",
     "QATLinear",
+    "calibrating",
     "freeze_observers",
     "qat_layers",
     "quantize_",
@@ -324,16 +326,13 @@ def quantize_(
                 "learnable_scales": learnable_scales,
                 "observer": observer,
             }
-            replacements.append((name, QATLinear.from_linear(layer, **config)))
+            new: QATLayer = QATLinear.from_linear(layer, **config)
         else:
-            replacements.append(
-                (
-                    name,
-                    QATEmbedding.from_embedding(
-                        layer, weight_bit=config["weight_bit"], quant_method=config["quant_method"]
-                    ),
-                )
+            new = QATEmbedding.from_embedding(
+                layer, weight_bit=config["weight_bit"], quant_method=config["quant_method"]
             )
+        # in the replaced layer's mode: a model quantized in eval mode (post-training) must not observe its inputs
+        replacements.append((name, new.train(layer.training)))
     if strict:
         for pattern, count in hits.items():
             if count == 0:
@@ -391,6 +390,31 @@ def freeze_observers(module: nn.Module, frozen: bool = True) -> int:
             m.freeze_observer(frozen)
             count += 1
     return count
+
+
+@contextlib.contextmanager
+def calibrating(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the per-tensor input quantizers of ``module`` observe every batch it runs on (a moving
+    average of the batch min/max, the first batch setting the range) while the rest of the model keeps its mode:
+    in eval mode, batch norm and dropout are untouched. Post-training quantization with per-tensor inputs::
+
+        model = quantize_(model.eval(), activation_granularity="per_tensor")
+        with torch.no_grad(), calibrating(model):
+            for batch in batches:
+                model(batch)
+        convert_(model)
+    """
+    quantizers = [m for m in module.modules() if isinstance(m, FakeQuantizer) and m.granularity == "per_tensor"]
+    states = [(q.training, q.observer_enabled) for q in quantizers]
+    for q in quantizers:
+        q.train()
+        q.observer_enabled = True
+    try:
+        yield module
+    finally:
+        for q, (training, enabled) in zip(quantizers, states, strict=True):
+            q.train(training)
+            q.observer_enabled = enabled
 
 
 @torch.no_grad()
