@@ -215,9 +215,10 @@ def test_unknown_quant_setting_fails_at_setup_naming_the_key(tmp_path):
         _trainer(tmp_path, 1, schedule).fit(TinyTask(), _loader())
 
 
-def test_qat_checkpoint_converts_with_the_command_and_matches(tmp_path):
+@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
+def test_qat_checkpoint_converts_with_the_command_and_matches(tmp_path, granularity):
     torch.manual_seed(0)
-    schedule = QATScheduleCallback([8, 4], [2], unit="step", quant=QUANT)
+    schedule = QATScheduleCallback([8, 4], [2], unit="step", quant=QUANT | {"activation_granularity": granularity})
     trainer = _trainer(tmp_path, 3, schedule)
     model = TinyTask()
     trainer.fit(model, _loader())
@@ -226,6 +227,8 @@ def test_qat_checkpoint_converts_with_the_command_and_matches(tmp_path):
     convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", f"{TinyTask.__module__}.TinyTask"])
     loaded = load_converted(out)
     assert isinstance(loaded.block.ffn.fc1, QuantizedLinear) and loaded.block.ffn.fc1.weight_bit == 4
+    assert loaded.block.ffn.fc1.activation_granularity == granularity  # per tensor: the scales trained in the run
+    assert loaded.block.ffn.fc1.activation == "gelu" and isinstance(loaded.block.ffn.act, nn.Identity)
     schedule.setup(trainer, loaded, "test")  # testing the integer model with the same trainer: nothing to redo
     x = torch.randn(8, TOKENS, DIM)
     model.eval()
@@ -258,6 +261,9 @@ def test_float_checkpoint_converts_after_training_with_quant(tmp_path):
     cls = f"{TinyTask.__module__}.TinyTask"
     with pytest.raises(ConfigError, match="no quantization-aware layers"):
         convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls])
+    with pytest.raises(ConfigError, match="observed no data.*calibrating"):  # per-tensor PTQ needs calibration
+        per_tensor = '{"weight_bit": 8, "activation_granularity": "per_tensor"}'
+        convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls, "--quant", per_tensor])
     convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls, "--quant", '{"weight_bit": 8}'])
     loaded = load_converted(out, copy.deepcopy(TinyTask()))
     assert loaded.block.ffn.fc1.weight_bit == 4 and loaded.head.weight_bit == 8
