@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from zoo.callbacks import QATScheduleCallback
 from zoo.errors import ConfigError, DataError
 from zoo.layers import TransformerBlock
-from zoo.quant import QuantizedLinear, load_converted
+from zoo.quant import QuantizedLinear, calibrating, load_converted, quantize_
 from zoo.quant.convert import main as convert_main
 
 DIM, TOKENS, CLASSES = 16, 6, 3
@@ -40,8 +40,24 @@ class TinyTask(pl.LightningModule):
         x, y = batch
         return F.cross_entropy(self(x), y)
 
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0])
+
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)
+
+
+class TinyData(pl.LightningDataModule):
+    """Random token sequences and labels; records its hyper-parameters, as LightningCLI datamodules do."""
+
+    def __init__(self, scale: float = 1.0) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        x = self.hparams.scale * torch.randn(64, TOKENS, DIM, generator=g)
+        return DataLoader(TensorDataset(x, torch.randint(0, CLASSES, (64,), generator=g)), batch_size=8)
 
 
 class BitsProbe(pl.Callback):
@@ -267,6 +283,51 @@ def test_float_checkpoint_converts_after_training_with_quant(tmp_path):
     convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls, "--quant", '{"weight_bit": 8}'])
     loaded = load_converted(out, copy.deepcopy(TinyTask()))
     assert loaded.block.ffn.fc1.weight_bit == 4 and loaded.head.weight_bit == 8
+
+
+def test_post_training_per_tensor_quantization_calibrates_on_the_checkpoints_datamodule(tmp_path):
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, 2)
+    model = TinyTask()
+    trainer.fit(model, datamodule=TinyData(scale=3.0))
+    ckpt, out = tmp_path / "float.ckpt", tmp_path / "ptq.pt"
+    trainer.save_checkpoint(ckpt)
+    flags = ["--ckpt", str(ckpt), "--out", str(out), "--model-class", f"{TinyTask.__module__}.TinyTask"]
+    per_tensor = ["--quant", '{"weight_bit": 8, "activation_bit": 8, "activation_granularity": "per_tensor"}']
+    convert_main([*flags, *per_tensor, "--calibrate", "3", "--datamodule-class", f"{TinyData.__module__}.TinyData"])
+    loaded = load_converted(out, copy.deepcopy(TinyTask()))
+    fc1 = loaded.block.ffn.fc1
+    assert fc1.activation_granularity == "per_tensor" and fc1.activation == "gelu"
+    # the scales of the documented Python procedure on the same three batches
+    reference = quantize_(copy.deepcopy(model).eval(), weight_bit=8, activation_granularity="per_tensor")
+    with torch.no_grad(), calibrating(reference):
+        for _, (x, _) in zip(range(3), TinyData(scale=3.0).train_dataloader(), strict=False):
+            reference(x)
+    for name in ("attn.qkv", "attn.proj", "ffn.fc1", "ffn.fc2"):
+        expected_scale = reference.block.get_submodule(name).act_quant.static_qparams()[0]
+        torch.testing.assert_close(loaded.block.get_submodule(name).act_scale, expected_scale.reshape(1))
+    x = 3.0 * torch.randn(8, TOKENS, DIM)
+    model.eval()
+    with torch.no_grad():
+        expected, got = model(x), loaded(x)
+    torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1 * expected.abs().max().item())  # W8A8 error
+
+
+def test_calibrate_needs_post_training_quantization_and_a_datamodule(tmp_path):
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, 1)
+    trainer.fit(TinyTask(), _loader())  # no datamodule: the checkpoint records none
+    ckpt, out = tmp_path / "float.ckpt", str(tmp_path / "ptq.pt")
+    trainer.save_checkpoint(ckpt)
+    flags = ["--ckpt", str(ckpt), "--out", out, "--model-class", f"{TinyTask.__module__}.TinyTask", "--calibrate", "2"]
+    with pytest.raises(ConfigError, match="records no datamodule.*--datamodule-class"):
+        convert_main([*flags, "--quant", '{"activation_granularity": "per_tensor"}'])
+    schedule = QATScheduleCallback([8], quant=QUANT)
+    qat_trainer = _trainer(tmp_path, 1, schedule)
+    qat_trainer.fit(TinyTask(), _loader())
+    qat_trainer.save_checkpoint(ckpt)
+    with pytest.raises(ConfigError, match="--calibrate is for post-training quantization"):
+        convert_main(flags)
 
 
 def test_convert_names_a_missing_or_unreadable_checkpoint(tmp_path):

@@ -438,6 +438,29 @@ def test_per_tensor_layer_runs_whole_in_onednn_and_equals_int_mm():
 
 
 @pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")
+def test_per_tensor_input_zero_point_runs_in_onednn():
+    # symmetric weights with an asymmetric per-tensor input (a layer built directly: quantize_ uses one method for
+    # both): oneDNN takes the input's zero point, where the _int_mm path corrects for it in int32
+    torch.manual_seed(0)
+    layer = QuantizedLinear(48, 20, activation_symmetric=False, activation_granularity="per_tensor")
+    layer.load_state_dict(
+        layer.state_dict()
+        | {
+            "qweight": torch.randint(-127, 128, (20, 48), dtype=torch.int8),
+            "weight_scale": torch.rand(20) / 50,
+            "bias": torch.randn(20),
+            "act_scale": torch.tensor([0.03]),
+            "act_zero_point": torch.tensor([-17.0]),
+        }
+    )
+    assert layer._packed is not None
+    x = torch.randn(30, 48) * 2 + 1
+    with torch.no_grad():
+        got, reference = layer(x), _int_mm_twin(layer)(x)
+    torch.testing.assert_close(got, reference, rtol=0, atol=1e-5 * reference.abs().max().item())
+
+
+@pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")
 def test_compiled_per_tensor_model_keeps_the_fused_onednn_layers():
     from torch.profiler import profile
 

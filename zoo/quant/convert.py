@@ -47,7 +47,15 @@ from torch import Tensor, nn
 from zoo.errors import ConfigError, DataError
 from zoo.layers.ffn import FeedForward
 from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
-from zoo.quant.qat import QATEmbedding, QATLinear, _replace, qat_layers, quantize_, restore_qat_layers
+from zoo.quant.qat import (
+    QATEmbedding,
+    QATLinear,
+    _replace,
+    calibrating,
+    qat_layers,
+    quantize_,
+    restore_qat_layers,
+)
 
 __all__ = [
     "FORMAT",
@@ -588,31 +596,37 @@ def load_converted(
 
 
 def instantiate_from_hparams(
-    hparams: Mapping[str, Any] | None, *, source: str, model_class: str | None = None
-) -> nn.Module:
+    hparams: Mapping[str, Any] | None, *, source: str, model_class: str | None = None, datamodule: bool = False
+) -> Any:
     """Build the (untrained) model that the hyper-parameters of a checkpoint describe: LightningCLI's ``_class_path``
-    form, or any LightningModule class (``module.Class``, imported) called with ``hparams`` as keyword arguments."""
+    form, or any LightningModule class (``module.Class``, imported) called with ``hparams`` as keyword arguments;
+    with ``datamodule=True``, the LightningDataModule of ``datamodule_hyper_parameters`` instead."""
+    from lightning.pytorch import LightningDataModule, LightningModule
+    from lightning.pytorch.cli import instantiate_module
+
+    base, what, flag = (
+        (LightningDataModule, "datamodule", "--datamodule-class")
+        if datamodule
+        else (LightningModule, "model", "--model-class")
+    )
     hparams = dict(hparams or {})
     hparams.pop("_instantiator", None)
     class_path = model_class or hparams.get("_class_path")
     if not class_path:
         raise ConfigError(
-            f"{source}: its hyper-parameters name no model class (the LightningModule did not call "
-            "save_hyperparameters under LightningCLI); give --model-class module.Class"
+            f"{source}: its hyper-parameters name no {what} class (the {base.__name__} did not call "
+            f"save_hyperparameters under LightningCLI); give {flag} module.Class"
         )
     module_name, _, class_name = class_path.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
     except (ImportError, AttributeError, ValueError) as err:
-        raise ConfigError(f"model class {class_path!r} from {source} cannot be imported: {err}") from None
-    from lightning.pytorch import LightningModule
-    from lightning.pytorch.cli import instantiate_module
-
-    if not (isinstance(cls, type) and issubclass(cls, LightningModule)):
-        raise ConfigError(f"model class {class_path!r} from {source} is not a LightningModule")
+        raise ConfigError(f"{what} class {class_path!r} from {source} cannot be imported: {err}") from None
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise ConfigError(f"{what} class {class_path!r} from {source} is not a {base.__name__}")
     if "_class_path" in hparams:
         hparams["_class_path"] = class_path
-        return instantiate_module(LightningModule, hparams)
+        return instantiate_module(base, hparams)
     return cls(**hparams)
 
 
@@ -651,12 +665,37 @@ def _summary(module: nn.Module) -> dict[str, int]:
     return counts
 
 
+def _calibrate(
+    model: nn.Module, checkpoint: Mapping[str, Any], batches: int, *, source: str, datamodule_class: str | None
+) -> None:
+    # the per-tensor input ranges of a post-training quantized model, observed on the first training batches of the
+    # datamodule the checkpoint records, run through the LightningModule's predict_step (by default self(batch))
+    hparams = checkpoint.get("datamodule_hyper_parameters")
+    if hparams is None and datamodule_class is None:
+        raise ConfigError(
+            f"--calibrate: {source} records no datamodule (it was not trained with one that saves its "
+            "hyper-parameters); give --datamodule-class module.Class, or calibrate in Python under "
+            "zoo.quant.calibrating"
+        )
+    data = instantiate_from_hparams(hparams, source=source, model_class=datamodule_class, datamodule=True)
+    data.prepare_data()
+    data.setup("fit")
+    seen = 0
+    with torch.no_grad(), calibrating(model):
+        for seen, batch in enumerate(data.train_dataloader(), start=1):
+            model.predict_step(batch, seen - 1)
+            if seen == batches:
+                break
+    print(f"calibrated the per-tensor input scales on {seen} training batches", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m zoo convert --ckpt RUN.ckpt --out MODEL.pt [--quant JSON] [--model-class module.Class]``.
+    """``python -m zoo convert --ckpt RUN.ckpt --out MODEL.pt [--quant JSON [--calibrate N]] [--model-class C]``.
 
     Converts a checkpoint of a quantization-aware run (``python -m zoo fit --config vqa_qat.yaml``) into an integer
-    model; with ``--quant``, quantizes a float checkpoint after training instead (post-training quantization, no
-    calibration data needed with the default per-token activations). Prints the layers converted and the sizes.
+    model; with ``--quant``, quantizes a float checkpoint after training instead (post-training quantization: no
+    calibration data needed with the default per-token activations; per-tensor ones observe their ranges on
+    ``--calibrate N`` training batches of the checkpoint's datamodule). Prints the layers converted and the sizes.
     """
     parser = argparse.ArgumentParser(prog="python -m zoo convert", description=main.__doc__)
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `python -m zoo fit`")
@@ -667,7 +706,18 @@ def main(argv: list[str] | None = None) -> None:
         'e.g. \'{"weight_bit": 4, "activation_bit": 8}\' ({} for the defaults)',
     )
     parser.add_argument(
+        "--calibrate",
+        type=int,
+        default=0,
+        metavar="N",
+        help="with --quant: run N training batches of the checkpoint's datamodule under zoo.quant.calibrating "
+        "(per-tensor input scales need it)",
+    )
+    parser.add_argument(
         "--model-class", help="LightningModule class (module.Class) when the checkpoint does not record one"
+    )
+    parser.add_argument(
+        "--datamodule-class", help="LightningDataModule class for --calibrate when the checkpoint does not record one"
     )
     args = parser.parse_args(argv)
     from zoo.weights import read_checkpoint  # here: zoo.weights imports zoo.quant
@@ -696,7 +746,11 @@ def main(argv: list[str] | None = None) -> None:
             raise ConfigError(f"--quant is not valid JSON: {err}") from None
         if not isinstance(quant_config, dict):
             raise ConfigError(f"--quant must be a JSON object of quantize_ arguments, got {args.quant!r}")
-        model = quantize_(model, **quant_config)
+        model = quantize_(model.eval(), **quant_config)
+    if args.calibrate:
+        if args.quant is None:
+            raise ConfigError("--calibrate is for post-training quantization (--quant): QAT trained the scales")
+        _calibrate(model, checkpoint, args.calibrate, source=str(ckpt_path), datamodule_class=args.datamodule_class)
     model = convert_(model)
     metadata = {
         "hparams": dict(hparams or {}) | ({"_class_path": args.model_class} if args.model_class else {}),
