@@ -20,7 +20,7 @@ from zoo.quant import (
     QuantizedLinear,
     calibrating,
     convert_,
-    fuse_activations_,
+    fuse_feedforward_,
     load_converted,
     pack_int4,
     quant_range,
@@ -390,10 +390,10 @@ def test_ffn_activation_folds_into_fc1_without_changing_outputs(act, granularity
     x = torch.randn(50, 64) * 2
     qat(x)
     qat.eval()
-    fused, unfused = convert_(copy.deepcopy(qat)), convert_(copy.deepcopy(qat), fuse_activations=False)
+    fused, unfused = convert_(copy.deepcopy(qat)), convert_(copy.deepcopy(qat), fuse=False)
     assert isinstance(fused.act, nn.Identity) and fused.fc1.activation is not None
     assert type(unfused.act) is type(act) and unfused.fc1.activation is None
-    assert fuse_activations_(fused) == 0  # folded once
+    assert fuse_feedforward_(fused) == 0  # folded once
     with torch.no_grad():
         got, expected = fused(x), unfused(x)
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6 * expected.abs().max().item())
@@ -424,17 +424,44 @@ def test_per_tensor_layer_runs_whole_in_onednn_and_equals_int_mm():
         with profile() as prof:
             got = converted(x)
         reference = _int_mm_twin(converted)(x)
-    ops = {event.key for event in prof.key_averages()}
-    # scale, bias and GELU in oneDNN's epilogue: no separate pass over the GEMM's output
-    assert "onednn::qlinear_pointwise" in ops and not ops & {"aten::gelu", "aten::mul_", "aten::add_"}, ops
+    counts = {event.key: event.count for event in prof.key_averages()}
+    # scale, bias and GELU in oneDNN's epilogue: no separate pass over the GEMM's output; and fc1 writes fc2's
+    # input codes, so only fc1's input is quantized (one round_)
+    assert converted.fc1._codes_for == (converted.fc2,)
+    assert counts["onednn::qlinear_pointwise"] == 2 and counts["aten::round_"] == 1, counts
+    assert not set(counts) & {"aten::gelu", "aten::mul_", "aten::add_"}, counts
     torch.testing.assert_close(got, reference, rtol=0, atol=1e-6 * reference.abs().max().item())
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         autocast = converted(x.bfloat16())
     with torch.no_grad():
         cast = copy.deepcopy(converted).to(torch.bfloat16)(x.bfloat16())
-    for out in (autocast, cast):  # written by oneDNN in the input's dtype
-        assert out.dtype == torch.bfloat16
+    # a model cast to bf16 computes in bf16; under autocast fc1 takes bf16 and writes fc2's int8 codes, and fc2
+    # writes the model's float32
+    assert cast.dtype == torch.bfloat16 and autocast.dtype == torch.float32
+    for out in (autocast, cast):
         torch.testing.assert_close(out.float(), reference, rtol=0.02, atol=0.02 * reference.abs().max().item())
+
+
+def test_fc1_writes_fc2_codes_only_for_an_8_bit_per_tensor_fc2():
+    from zoo.layers.ffn import FeedForward
+
+    def converted(**fc2_config):
+        torch.manual_seed(0)
+        qat = quantize_(
+            FeedForward(32, 64), weight_bit=8, overrides={"fc2": fc2_config}, activation_granularity="per_tensor"
+        )
+        qat(torch.randn(20, 32))
+        return convert_(qat)
+
+    chained = converted(weight_bit=8)
+    assert chained.fc1._codes_for == (chained.fc2,)
+    copied = copy.deepcopy(chained)  # the chain follows the copy
+    assert copied.fc1._codes_for[0] is copied.fc2
+    assert not converted(weight_bit=8, activation_bit=6).fc1._codes_for  # 6-bit codes: oneDNN clamps to int8 only
+    per_token = convert_(quantize_(FeedForward(32, 64), weight_bit=8, overrides={}))
+    assert not per_token.fc1._codes_for
+    with pytest.raises(TypeError, match="int8 input codes need a per-tensor input scale"):
+        per_token.fc2(torch.zeros(3, 64, dtype=torch.int8))
 
 
 @pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")

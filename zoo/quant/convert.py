@@ -62,7 +62,7 @@ __all__ = [
     "QuantizedEmbedding",
     "QuantizedLinear",
     "convert_",
-    "fuse_activations_",
+    "fuse_feedforward_",
     "int8_mm",
     "load_converted",
     "main",
@@ -106,7 +106,7 @@ def onednn_prepack(codes: Tensor) -> Tensor | None:
         return None
 
 
-#: activations a :class:`QuantizedLinear` applies to its output (:func:`fuse_activations_`), as oneDNN post-ops
+#: activations a :class:`QuantizedLinear` applies to its output (:func:`fuse_feedforward_`), as oneDNN post-ops
 #: ``(name, algorithm)``
 ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
 
@@ -122,15 +122,30 @@ def onednn_int8_mm(
     bias: Tensor | None = None,
     out_dtype: torch.dtype = torch.float32,
     activation: str | None = None,
+    output_scale: float = 1.0,
+    output_zero_point: int = 0,
 ) -> Tensor:
     """``act(x_scale * weight_scale * ((a - x_zero_point) @ w.T) + bias)``, ``[M, N]`` in ``out_dtype``: oneDNN's int8
     GEMM of ``a`` (int8 ``[M, K]``) and a weight prepacked by :func:`onednn_prepack` (int8 ``[N, K]`` codes), scaled
     per output channel (``weight_scale`` float32 ``[N]``; ``zero_point`` int64 zeros ``[N]``, symmetric weights), with
     the input's scale and zero point, the bias and the activation (a key of :data:`ACTIVATIONS`) applied in the
-    GEMM's epilogue."""
+    GEMM's epilogue. With ``out_dtype=torch.int8`` the epilogue writes codes ``clamp(round(y / output_scale) +
+    output_zero_point, -128, 127)`` instead."""
     post_op, algorithm = ACTIVATIONS[activation] if activation else ("none", "")
     return torch.ops.onednn.qlinear_pointwise(
-        a, x_scale, x_zero_point, packed, weight_scale, zero_point, bias, 1.0, 0, out_dtype, post_op, [], algorithm
+        a,
+        x_scale,
+        x_zero_point,
+        packed,
+        weight_scale,
+        zero_point,
+        bias,
+        output_scale,
+        output_zero_point,
+        out_dtype,
+        post_op,
+        [],
+        algorithm,
     )
 
 
@@ -166,7 +181,7 @@ class QuantizedLinear(nn.Module):
     Computes ``y = act(s_x * s_w * ((q_x - z_x) . (q_w - z_w)) + bias)`` with the dot product in int32 (oneDNN on
     x86 CPUs, else ``torch._int_mm``), ``q_x`` the input's codes (per token, dynamic; or per tensor with a stored
     scale), ``q_w`` the stored weight codes (per output channel) and ``act`` the identity unless
-    :func:`fuse_activations_` folded the next activation in. With per-tensor inputs on oneDNN everything after the
+    :func:`fuse_feedforward_` folded the next activation in. With per-tensor inputs on oneDNN everything after the
     quantization of the input runs in the GEMM's epilogue.
 
     State dict (all tensors; the configuration is extra state of ints, bools and strings):
@@ -195,8 +210,11 @@ class QuantizedLinear(nn.Module):
         self.weight_bit, self.activation_bit = weight_bit, activation_bit
         self.weight_symmetric, self.activation_symmetric = weight_symmetric, activation_symmetric
         self.activation_granularity = activation_granularity
-        #: a key of ACTIVATIONS applied to the output, set by fuse_activations_ (derived from the model, not saved)
+        #: a key of ACTIVATIONS applied to the output, set by fuse_feedforward_ (derived from the model, not saved)
         self.activation: str | None = None
+        #: (the next layer,) when this layer writes that layer's int8 input codes instead of floats on the oneDNN
+        #: per-tensor path; set by fuse_feedforward_ (a tuple, so that the next layer is not a submodule of this one)
+        self._codes_for: tuple[QuantizedLinear, ...] = ()
         packed = weight_bit <= 4
         shape = (out_features, math.ceil(in_features / 2) if packed else in_features)
         self.register_buffer("qweight", torch.zeros(shape, dtype=torch.uint8 if packed else torch.int8, device=device))
@@ -276,7 +294,7 @@ class QuantizedLinear(nn.Module):
         # (so that inductor lowers the call)
         self._packed_scale = self.weight_scale.float()
         self._packed_bias = None if self.bias is None else self.bias.float()
-        if self._packed is not None and self.activation_granularity == "per_tensor":
+        if self.activation_granularity == "per_tensor" and self.act_scale.device.type != "meta":
             self._x_scale, self._x_zero_point = float(self.act_scale), int(self.act_zero_point)
 
     def _apply(self, fn, recurse: bool = True):
@@ -297,25 +315,22 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
-        qmin, qmax = quant_range(self.activation_bit, self.activation_symmetric)
-        if self.activation_granularity == "per_token":
-            scale, zero_point = row_qparams(x2, self.activation_bit, self.activation_symmetric)
-        else:
+        if x.dtype == torch.int8:  # the input's codes, written by the layer before (fuse_feedforward_)
+            if self.activation_granularity != "per_tensor":
+                raise TypeError(
+                    f"{type(self).__name__}: int8 input codes need a per-tensor input scale; this layer quantizes "
+                    f"its input {self.activation_granularity}"
+                )
+            q, out_dtype = x.reshape(-1, self.in_features), self.weight_scale.dtype  # the model's float dtype
             scale, zero_point = self.act_scale, self.act_zero_point
-        # the codes of quantize_codes (what the fake quantizer computed), with fewer passes over the input: a
-        # per-token symmetric scale maps every row into [-qmax, qmax] already, so its clamp is skipped
-        q = torch.div(x2, scale).round_()
-        if not self.activation_symmetric:
-            q.add_(zero_point)
-        if not (self.activation_symmetric and self.activation_granularity == "per_token"):
-            q.clamp_(qmin, qmax)
-        q = q.to(torch.int8)
+        else:
+            q, scale, zero_point = self._quantize_input(x.reshape(-1, self.in_features).float())
+            out_dtype = x.dtype
         onednn = self._packed is not None and (not torch.compiler.is_compiling() or _inductor_freezing())
         if onednn and self.activation_granularity == "per_tensor":
             # the whole layer in oneDNN: the input's scale and zero point, the bias and the activation run in the
-            # GEMM's epilogue, which writes the output once, in the input's dtype
-            out_dtype = x.dtype if x.dtype in (torch.float32, torch.bfloat16) else torch.float32
+            # GEMM's epilogue, which writes the output once, in the input's dtype, or as the next layer's input codes
+            consumer = self._codes_for[0] if self._codes_for and not self.training else None
             y = onednn_int8_mm(
                 q,
                 self._packed,
@@ -324,10 +339,12 @@ class QuantizedLinear(nn.Module):
                 x_scale=self._x_scale,
                 x_zero_point=self._x_zero_point,
                 bias=self._packed_bias,
-                out_dtype=out_dtype,
+                out_dtype=torch.int8 if consumer else out_dtype if out_dtype == torch.bfloat16 else torch.float32,
                 activation=self.activation,
+                output_scale=consumer._x_scale if consumer else 1.0,
+                output_zero_point=consumer._x_zero_point if consumer else 0,
             )
-            return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+            return (y if consumer else y.to(out_dtype)).reshape(*shape[:-1], self.out_features)
         if onednn:
             # s_w (q_x . q_w) per output channel, float32, from oneDNN's int8 GEMM on the prepacked weight; the
             # per-token scales multiply after it
@@ -351,7 +368,23 @@ class QuantizedLinear(nn.Module):
             y = y.add_(self.bias)
         if self.activation is not None:
             y = _activation(y, self.activation)
-        return y.to(x.dtype).reshape(*shape[:-1], self.out_features)
+        return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
+
+    def _quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        # int8 codes of a float32 [rows, in_features] input, with their scale and zero point: the codes of
+        # quantize_codes (what the fake quantizer computed), with fewer passes over the input (a per-token symmetric
+        # scale maps every row into [-qmax, qmax] already, so its clamp is skipped)
+        qmin, qmax = quant_range(self.activation_bit, self.activation_symmetric)
+        if self.activation_granularity == "per_token":
+            scale, zero_point = row_qparams(x, self.activation_bit, self.activation_symmetric)
+        else:
+            scale, zero_point = self.act_scale, self.act_zero_point
+        q = torch.div(x, scale).round_()
+        if not self.activation_symmetric:
+            q.add_(zero_point)
+        if not (self.activation_symmetric and self.activation_granularity == "per_token"):
+            q.clamp_(qmin, qmax)
+        return q.to(torch.int8), scale, zero_point
 
     def get_extra_state(self) -> dict[str, Any]:
         return {
@@ -375,6 +408,7 @@ class QuantizedLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"W{self.weight_bit}A{self.activation_bit}, {self.activation_granularity}"
             + (f", activation={self.activation}" if self.activation else "")
+            + (", writes the next layer's int8 input codes" if self._codes_for else "")
         )
 
 
@@ -393,20 +427,39 @@ def _activation_name(module: nn.Module) -> str | None:
     return None
 
 
-def fuse_activations_(module: nn.Module) -> int:
-    """Fold the activation of every :class:`zoo.layers.FeedForward` whose ``fc1`` is a :class:`QuantizedLinear`
-    into that layer (``fc1.activation``; ``act`` becomes ``nn.Identity``), in place; returns how many were folded.
+def fuse_feedforward_(module: nn.Module) -> int:
+    """Fuse the integer layers of every :class:`zoo.layers.FeedForward` of ``module`` whose ``fc1`` is a
+    :class:`QuantizedLinear`, in place; returns how many FFNs changed. The outputs do not change (up to the rounding
+    noted below).
 
-    The outputs do not change. On oneDNN with per-tensor inputs the activation then runs in the GEMM's epilogue
-    instead of as a separate pass over the ``[tokens, hidden]`` output (GELU's ``erf`` alone cost about as much as
-    the layer's integer GEMM at VQA's width). ReLU and GELU (exact or tanh) fold; other activations stay."""
+    * The activation folds into ``fc1`` (``fc1.activation``; ``act`` becomes ``nn.Identity``): ReLU and GELU (exact
+      or tanh); other activations stay. On oneDNN with per-tensor inputs it then runs in the GEMM's epilogue instead
+      of as a separate pass over the ``[tokens, hidden]`` output (GELU's ``erf`` alone cost about as much as the
+      layer's integer GEMM at VQA's width).
+    * When ``fc1`` and ``fc2`` both take per-tensor inputs and ``fc2`` 8-bit ones, ``fc1`` writes ``fc2``'s int8
+      input codes directly on that path (in eval mode), instead of floats that ``fc2`` would read back to quantize;
+      ``fc2`` then returns the model's float dtype (float32, or bf16 after ``.to(torch.bfloat16)``). oneDNN clamps
+      the codes to ``[-128, 127]`` where a symmetric fake quantizer stops at -127: the two differ only for an
+      output below ``-127.5`` times ``fc2``'s input scale, which a GELU output (at least -0.17) reaches only when
+      ``fc2``'s whole input range is below 0.17.
+    """
     count = 0
     for ffn in module.modules():
-        if isinstance(ffn, FeedForward) and isinstance(ffn.fc1, QuantizedLinear) and ffn.fc1.activation is None:
-            name = _activation_name(ffn.act)
-            if name is not None:
-                ffn.fc1.activation, ffn.act = name, nn.Identity()
-                count += 1
+        if not (isinstance(ffn, FeedForward) and isinstance(ffn.fc1, QuantizedLinear)):
+            continue
+        fc1, fc2, changed = ffn.fc1, ffn.fc2, False
+        name = _activation_name(ffn.act)
+        if fc1.activation is None and name is not None:
+            fc1.activation, ffn.act, changed = name, nn.Identity(), True
+        chain = (
+            type(ffn.act) is nn.Identity
+            and isinstance(fc2, QuantizedLinear)
+            and fc1.activation_granularity == fc2.activation_granularity == "per_tensor"
+            and fc2.activation_bit == 8
+        )
+        if chain and not fc1._codes_for:
+            fc1._codes_for, changed = (fc2,), True
+        count += changed
     return count
 
 
@@ -488,10 +541,10 @@ class QuantizedEmbedding(nn.Embedding):
             raise ValueError(f"QuantizedEmbedding: state dict configuration {state} differs from this layer's")
 
 
-def convert_(module: nn.Module, *, fuse_activations: bool = True) -> nn.Module:
+def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     """Replace every fake-quantized layer of ``module`` by its integer counterpart, in place, at the bit widths the
-    layers run at now, and fold FFN activations into them (:func:`fuse_activations_`, unless ``fuse_activations``
-    is false); puts ``module`` in eval mode and returns it. Warns when a layer still runs above its target bits (a
+    layers run at now, and fuses the integer layers of FFNs (:func:`fuse_feedforward_`, unless ``fuse`` is false);
+    puts ``module`` in eval mode and returns it. Warns when a layer still runs above its target bits (a
     checkpoint taken before the schedule's last stage)."""
     unobserved = [
         name
@@ -520,8 +573,8 @@ def convert_(module: nn.Module, *, fuse_activations: bool = True) -> nn.Module:
             f"{above[0]}: was the checkpoint taken before the last stage of the QAT schedule?",
             stacklevel=2,
         )
-    if fuse_activations:
-        fuse_activations_(module)
+    if fuse:
+        fuse_feedforward_(module)
     return module.eval()
 
 
@@ -591,7 +644,7 @@ def load_converted(
     state_dict = artefact["state_dict"]
     restore_converted_layers(model, state_dict)
     model.load_state_dict(state_dict)
-    fuse_activations_(model)
+    fuse_feedforward_(model)
     return model.to(map_location).eval()
 
 
