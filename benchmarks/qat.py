@@ -174,13 +174,13 @@ def _questions(batch: int) -> list[str]:
     return [question_text(i % 2, (i // 2) % 3, (i // 6) % 6) for i in range(batch)]
 
 
-def _integer(model: nn.Module, policy: str, inputs: Any) -> nn.Module:
+def _integer(model: nn.Module, policy: str, inputs: Any, *, fuse: bool = True) -> nn.Module:
     """``model`` quantized with ``POLICIES[policy]`` after training (per-tensor input scales observed on ``inputs``)
-    and converted."""
+    and converted (``fuse``: with its FFNs fused, ``zoo.quant.fuse_feedforward_``)."""
     qat = quantize_(copy.deepcopy(model).eval(), **POLICIES[policy])
     with torch.no_grad(), calibrating(qat):
         qat(inputs)
-    return convert_(qat)
+    return convert_(qat, fuse=fuse)
 
 
 def _integer_models(model: nn.Module, out_dir: Path, inputs: Any) -> tuple[dict[str, nn.Module], dict[str, dict]]:
@@ -284,6 +284,8 @@ def latency_mode(args) -> None:
     if device == "cpu":
         variants["bf16 autocast, float model (reference)"] = (model, torch.bfloat16)
         variants["int8, torch._int_mm (no oneDNN packing)"] = (_without_onednn_packing(int_models["int8"]), None)
+        # the FFN fusion's share: GELU folded into fc1, fc1 writing fc2's input codes (zoo.quant.fuse_feedforward_)
+        variants["int8_per_tensor, FFN not fused"] = (_integer(model, "int8_per_tensor", inputs, fuse=False), None)
     if args.compile:
         if device == "cpu":
             # CPU inference compiles with freezing (weights as constants): inductor then prepacks the float linears
@@ -299,6 +301,10 @@ def latency_mode(args) -> None:
         if device == "cpu":
             variants["int8_compiled, float ops in bf16 autocast"] = (compiled_int8, torch.bfloat16)
             variants["int8_per_tensor_compiled, float ops in bf16 autocast"] = (compiled_per_tensor, torch.bfloat16)
+            variants["int8_per_tensor_compiled, FFN not fused"] = (
+                _compiled(variants["int8_per_tensor, FFN not fused"][0]),
+                None,
+            )
             variants["bf16 autocast, float model compiled (reference)"] = (_compiled(model), torch.bfloat16)
     # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
     # speed-up grows when the GEMMs, not the float operations around them, dominate
