@@ -415,6 +415,7 @@ def test_ffn_activation_folds_into_fc1_without_changing_outputs(act, granularity
 def test_activations_oneDNN_cannot_apply_stay_separate():
     fused = convert_(_per_tensor_ffn(act=nn.SiLU()))
     assert isinstance(fused.act, nn.SiLU) and fused.fc1.activation is None
+    assert not fused.fc1._codes_for  # fc2's input is SiLU's float output
 
 
 @pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")

@@ -436,12 +436,12 @@ def fuse_feedforward_(module: nn.Module) -> int:
       or tanh); other activations stay. On oneDNN with per-tensor inputs it then runs in the GEMM's epilogue instead
       of as a separate pass over the ``[tokens, hidden]`` output (GELU's ``erf`` alone cost about as much as the
       layer's integer GEMM at VQA's width).
-    * When ``fc1`` and ``fc2`` both take per-tensor inputs and ``fc2`` 8-bit ones, ``fc1`` writes ``fc2``'s int8
-      input codes directly on that path (in eval mode), instead of floats that ``fc2`` would read back to quantize;
-      ``fc2`` then returns the model's float dtype (float32, or bf16 after ``.to(torch.bfloat16)``). oneDNN clamps
-      the codes to ``[-128, 127]`` where a symmetric fake quantizer stops at -127: the two differ only for an
-      output below ``-127.5`` times ``fc2``'s input scale, which a GELU output (at least -0.17) reaches only when
-      ``fc2``'s whole input range is below 0.17.
+    * When the activation folded and ``fc1`` and ``fc2`` both take per-tensor inputs, ``fc2`` 8-bit ones, ``fc1``
+      writes ``fc2``'s int8 input codes directly on that path (in eval mode), instead of floats that ``fc2`` would
+      read back to quantize; ``fc2`` then returns the model's float dtype (float32, or bf16 after
+      ``.to(torch.bfloat16)``). oneDNN clamps the codes to ``[-128, 127]`` where a symmetric fake quantizer stops at
+      -127: the two differ only for an output below ``-127.5`` times ``fc2``'s input scale, which a GELU output (at
+      least -0.17) reaches only when ``fc2``'s whole input range is below 0.17, and a ReLU output never.
     """
     count = 0
     for ffn in module.modules():
@@ -451,8 +451,9 @@ def fuse_feedforward_(module: nn.Module) -> int:
         name = _activation_name(ffn.act)
         if fc1.activation is None and name is not None:
             fc1.activation, ffn.act, changed = name, nn.Identity(), True
-        chain = (
-            type(ffn.act) is nn.Identity
+        chain = (  # after a folded ReLU or GELU, whose outputs are bounded below (see the docstring)
+            fc1.activation is not None
+            and type(ffn.act) is nn.Identity
             and isinstance(fc2, QuantizedLinear)
             and fc1.activation_granularity == fc2.activation_granularity == "per_tensor"
             and fc2.activation_bit == 8
