@@ -143,6 +143,18 @@ def test_bad_value_is_named(elsewhere, capsys):
     assert "modality_fusion_layers=9" in err and "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("flags", "named"),
+    [
+        (["--trainer.devices=0"], "devices='0'"),  # Lightning's MisconfigurationException
+        (["--trainer.limit_train_batches=3"], "`val_check_interval` (200)"),  # a ValueError of its loop's checks
+    ],
+)
+def test_lightning_rejecting_a_trainer_setting_is_one_clear_line(elsewhere, capsys, flags, named):
+    err = _error_of(["fit", "--config", "vqa.yaml", "--trainer.accelerator=cpu", *SMALL, *flags], capsys)
+    assert err.startswith("zoo: error:") and named in err and "Traceback" not in err, err
+
+
 def test_nan_loss_stops_with_a_clear_error(elsewhere, capsys):
     """A learning rate of 1e30 blows the loss up within a few steps: one line, no traceback."""
     err = _error_of(

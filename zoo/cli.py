@@ -12,6 +12,7 @@ import sys
 from importlib import resources
 from pathlib import Path
 
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
@@ -98,14 +99,31 @@ def _one_line(err: BaseException) -> str:
     return lines[-1] if lines else type(err).__name__
 
 
+#: modules whose ValueErrors are Lightning's checks of the trainer's settings (devices, strategy, precision, the
+#: validation interval against the batches): they name the setting, so they are user errors
+_LIGHTNING_CHECKS = ("lightning.pytorch.trainer.connectors.", "lightning.pytorch.loops.fit_loop")
+
+
+def _raised_by_lightning_checks(err: BaseException) -> bool:
+    tb = err.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
+    return isinstance(err, ValueError) and module.startswith(_LIGHTNING_CHECKS)
+
+
 def _user_error(err: BaseException, seen: set[int] | None = None) -> BaseException | None:
     """The user error behind ``err``: itself, one it was raised from, or one grouped in it (jsonargparse wraps the
-    errors raised while it instantiates classes)."""
+    errors raised while it instantiates classes). User errors: the zoo's, a missing file, and Lightning's own
+    complaints about the trainer's settings (``MisconfigurationException``, and the ``ValueError``s of its
+    configuration checks)."""
     seen = seen if seen is not None else set()
     if err is None or id(err) in seen:
         return None
     seen.add(id(err))
-    if isinstance(err, (ZooUserError, FileNotFoundError)):
+    if isinstance(err, (ZooUserError, FileNotFoundError, MisconfigurationException)) or _raised_by_lightning_checks(
+        err
+    ):
         return err
     for inner in (*getattr(err, "exceptions", ()), err.__cause__, err.__context__):
         found = _user_error(inner, seen) if inner is not None else None
