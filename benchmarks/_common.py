@@ -7,6 +7,9 @@ import json
 import os
 import platform
 import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -105,6 +108,29 @@ def launch(cmd: list[str], log: Path, index: int) -> subprocess.Popen:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
+
+
+def finished_runs(
+    procs: dict[str, tuple[subprocess.Popen, Path]], work: Path
+) -> Iterator[tuple[str, dict | None, list[str]]]:
+    """The runs :func:`launch` started (``{name: (process, result JSON path)}``), as each one ends: ``(name, result,
+    names still running)``, ``result`` the JSON the run wrote, or ``None`` when it failed (the tail of its log in
+    ``work`` goes to stderr). A caller that rewrites its summary after each keeps the figures of the finished runs
+    when a time limit kills the call (the device tool ends the whole process group)."""
+    pending = dict(procs)
+    while pending:
+        done = [name for name, (proc, _) in pending.items() if proc.poll() is not None]
+        if not done:
+            time.sleep(2)
+            continue
+        for name in done:
+            proc, out = pending.pop(name)
+            if proc.returncode != 0 or not out.is_file():
+                tail = (work / f"{name}.log").read_text()[-3000:]
+                print(f"run {name} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
+                yield name, None, sorted(pending)
+            else:
+                yield name, json.loads(out.read_text()), sorted(pending)
 
 
 class ValidationHistory(Callback):

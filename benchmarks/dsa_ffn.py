@@ -56,7 +56,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from _common import ValidationHistory, launch, table, training_overrides, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    ValidationHistory,
+    finished_runs,
+    launch,
+    table,
+    training_overrides,
+    write_result,
+)
 
 from zoo.kernels import block_sparse_ffn_torch  # noqa: E402
 from zoo.layers.dsa import DSAFeedForward, active_blocks  # noqa: E402
@@ -526,15 +533,8 @@ def model_benchmark(args) -> dict:
         procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
         if not args.parallel:
             procs[name][0].wait()
-    results, rows = {}, []
-    for name, (proc, out) in procs.items():
-        proc.wait()
-        if proc.returncode != 0 or not out.is_file():
-            print(
-                f"run {name} failed ({proc.returncode}):\n{(work / f'{name}.log').read_text()[-3000:]}", file=sys.stderr
-            )
-            continue
-        results[name] = json.loads(out.read_text())
+    results = {name: result for name, result, _ in finished_runs(procs, work) if result is not None}
+    rows = []
     dense = results.get("dense", {}).get("eval", {}).get("dense")
     for name, result in results.items():
         for threshold, ev in result["eval"].items():

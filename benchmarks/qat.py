@@ -58,7 +58,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
-from _common import ValidationHistory, launch, table, training_overrides, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    ValidationHistory,
+    finished_runs,
+    launch,
+    table,
+    training_overrides,
+    write_result,
+)
 from torch import nn  # noqa: E402
 
 from zoo.contracts import Tokens  # noqa: E402
@@ -66,6 +73,7 @@ from zoo.fusion import MIE  # noqa: E402
 from zoo.quant import (  # noqa: E402
     DEFAULT_OVERRIDES,
     QuantizedLinear,
+    calibrate,
     calibrating,
     convert_,
     quantize_,
@@ -541,11 +549,7 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: 
 def _calibrated(qat: nn.Module, data) -> nn.Module:
     """``qat`` (a float model quantized after training) with its per-tensor input scales observed on
     ``CALIBRATION_BATCHES`` training batches."""
-    with torch.no_grad(), calibrating(qat):
-        for i, batch in enumerate(data.train_dataloader()):
-            if i == CALIBRATION_BATCHES:
-                break
-            qat({k: v.to(qat.device) if torch.is_tensor(v) else v for k, v in batch.items()})
+    calibrate(qat, data.train_dataloader(), CALIBRATION_BATCHES)
     return qat
 
 
@@ -608,19 +612,17 @@ def accuracy_mode(args, extra: list[str]) -> None:
     else:
         for name in args.variants:
             launch_run(name, common)
+    # the summary is rewritten as each run ends, so that a time limit keeps the runs that finished
     results = {}
-    for name, (proc, out) in procs.items():
-        proc.wait()
-        if proc.returncode != 0 or not out.is_file():
-            print(f"run {name} failed ({proc.returncode}):\n{(work / f'{name}.log').read_text()[-3000:]}")
-            continue
-        results[name] = json.loads(out.read_text())
-    rows = _accuracy_rows(results)
-    columns = ["variant", "bits", "test acc", "fake-quant acc", "relational", "non-relational", "vs float",
-               "vs float ft", "size", "of float", "GPU vs bf16", "CPU vs fp32"]  # fmt: skip
-    print(table(rows, columns))
-    path = write_result("qat_accuracy", {"settings": vars(args) | {"common": common}, "runs": results, "rows": rows},
-                        Path(args.out_dir))  # fmt: skip
+    for name, result, pending in finished_runs(procs, work):
+        if result is not None:
+            results[name] = result
+        rows = _accuracy_rows(results)
+        columns = ["variant", "bits", "test acc", "fake-quant acc", "relational", "non-relational", "vs float",
+                   "vs float ft", "size", "of float", "GPU vs bf16", "CPU vs fp32"]  # fmt: skip
+        print(table(rows, columns) + (f"\nstill running: {', '.join(pending)}" if pending else ""), flush=True)
+        payload = {"settings": vars(args) | {"common": common}, "runs": results, "rows": rows, "pending": pending}
+        path = write_result("qat_accuracy", payload, Path(args.out_dir))
     print(f"wrote {path}")
 
 

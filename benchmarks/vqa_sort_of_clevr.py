@@ -21,7 +21,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import ValidationHistory, launch, table, training_overrides, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    ValidationHistory,
+    finished_runs,
+    launch,
+    table,
+    training_overrides,
+    write_result,
+)
 
 PAPER = {
     "CNN+RN (Santoro et al. 2017)": {"relational": 0.94, "non_relational": 0.99},
@@ -150,20 +157,10 @@ def main() -> None:
     # Runs are collected as they finish and the summary is rewritten after each, so that a call stopped by a time
     # limit keeps the figures of the runs that finished (the device tool kills the whole process group).
     results: dict[str, dict] = {}
-    pending = dict(procs)
-    while pending:
-        finished = [name for name, (proc, _) in pending.items() if proc.poll() is not None]
-        if not finished:
-            time.sleep(2)
-            continue
-        for name in finished:
-            proc, out = pending.pop(name)
-            if proc.returncode != 0 or not out.is_file():
-                tail = (work / f"{name}.log").read_text()[-2000:]
-                print(f"run {name} failed ({proc.returncode}):\n{tail}", file=sys.stderr)
-                continue
-            results[name] = json.loads(out.read_text())
-        path = _summarize(results, args, precision, common, pending=sorted(pending))
+    for name, result, pending in finished_runs(procs, work):
+        if result is not None:
+            results[name] = result
+        path = _summarize(results, args, precision, common, pending=pending)
     print(f"wrote {path}")
 
 

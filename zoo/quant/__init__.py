@@ -14,6 +14,7 @@ See ``docs/qat.md``.
 from zoo.quant.convert import (
     QuantizedEmbedding,
     QuantizedLinear,
+    calibrate,
     convert_,
     fuse_feedforward_,
     int8_mm,
@@ -46,6 +47,7 @@ __all__ = [
     "QATLinear",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "calibrate",
     "calibrating",
     "convert_",
     "fuse_feedforward_",

@@ -5,8 +5,9 @@
 
 * weights are stored as integer codes with one float32 scale (and, when asymmetric, an int8 zero point) per output
   channel: one byte per weight at 5 to 8 bits, half a byte at 2 to 4 bits (two codes packed per byte);
-* inputs are quantized to int8 codes at run time, one scale per token (the same codes the fake quantizer computed
-  in training), and the product runs as a real integer GEMM (int8 x int8, int32 sums), then is rescaled to float:
+* inputs are quantized to int8 codes (one scale per token computed at run time, or one per tensor learned or observed
+  in training: the same codes the fake quantizer computed), and the product runs as a real integer GEMM (int8 x int8,
+  int32 sums), then is rescaled to float:
   on x86 CPUs oneDNN's VNNI/AMX GEMM on a weight reordered once into its blocked layout
   (``torch.ops.onednn.qlinear_pointwise``, the kernel inductor's x86 int8 path lowers to), elsewhere
   ``torch._int_mm`` (cuBLASLt on CUDA). Under ``torch.compile`` the oneDNN GEMM needs inductor's freezing
@@ -36,7 +37,7 @@ import math
 import platform
 import sys
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ __all__ = [
     "FORMAT",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "calibrate",
     "convert_",
     "fuse_feedforward_",
     "int8_mm",
@@ -719,11 +721,29 @@ def _summary(module: nn.Module) -> dict[str, int]:
     return counts
 
 
+def calibrate(task: nn.Module, batches: Iterable[Any], num_batches: int) -> int:
+    """Observe the per-tensor input ranges of a task quantized after training (:func:`quantize_` with
+    ``activation_granularity="per_tensor"``) on the first ``num_batches`` of ``batches``, each moved to the task's
+    device and run through its ``predict_step`` (Lightning's default: ``self(batch)``) under :func:`calibrating`;
+    returns how many batches ran: none when the task has no per-tensor input quantizer (per-token scales need no
+    calibration)."""
+    from lightning.pytorch.utilities import move_data_to_device
+
+    if not any(isinstance(m, QATLinear) and m.act_quant.granularity == "per_tensor" for m in task.modules()):
+        return 0
+    device, seen = next(task.parameters()).device, 0
+    with torch.no_grad(), calibrating(task):
+        for seen, batch in enumerate(batches, start=1):
+            task.predict_step(move_data_to_device(batch, device), seen - 1)
+            if seen == num_batches:
+                break
+    return seen
+
+
 def _calibrate(
     model: nn.Module, checkpoint: Mapping[str, Any], batches: int, *, source: str, datamodule_class: str | None
 ) -> None:
-    # the per-tensor input ranges of a post-training quantized model, observed on the first training batches of the
-    # datamodule the checkpoint records, run through the LightningModule's predict_step (by default self(batch))
+    # --calibrate: the first training batches of the datamodule the checkpoint records
     hparams = checkpoint.get("datamodule_hyper_parameters")
     if hparams is None and datamodule_class is None:
         raise ConfigError(
@@ -734,12 +754,7 @@ def _calibrate(
     data = instantiate_from_hparams(hparams, source=source, model_class=datamodule_class, datamodule=True)
     data.prepare_data()
     data.setup("fit")
-    seen = 0
-    with torch.no_grad(), calibrating(model):
-        for seen, batch in enumerate(data.train_dataloader(), start=1):
-            model.predict_step(batch, seen - 1)
-            if seen == batches:
-                break
+    seen = calibrate(model, data.train_dataloader(), batches)
     print(f"calibrated the per-tensor input scales on {seen} training batches", file=sys.stderr)
 
 
