@@ -1,7 +1,7 @@
 """Quantization-aware training and integer inference.
 
-* :func:`quantize_` (``task.quantize(**quant_config)`` on the zoo's tasks) swaps ``nn.Linear``/``nn.Embedding``
-  layers for fake-quantized ones, with per-layer bit widths from module-name patterns
+* :func:`quantize_` (``task.quantize(**quant_config)`` on the zoo's tasks) swaps ``nn.Linear``/``nn.Conv2d``/
+  ``nn.Embedding`` layers for fake-quantized ones, with per-layer bit widths from module-name patterns
   (:mod:`zoo.quant.qat`, :mod:`zoo.quant.fake_quant`);
 * :class:`zoo.callbacks.QATScheduleCallback` steps the bit widths during training (e.g. 8 -> 6 -> 4);
 * :func:`convert_` turns the trained model into integer layers (int8 GEMMs, 4-bit weights packed),
@@ -11,6 +11,7 @@
 See ``docs/qat.md``.
 """
 
+from zoo.quant.conv import QuantizedConv2d, fuse_convolutions_
 from zoo.quant.convert import (
     QuantizedEmbedding,
     QuantizedLinear,
@@ -27,6 +28,7 @@ from zoo.quant.convert import (
 from zoo.quant.fake_quant import FakeQuantizer, fake_quantize, qparams_from_range, quant_range
 from zoo.quant.qat import (
     DEFAULT_OVERRIDES,
+    QATConv2d,
     QATEmbedding,
     QATLinear,
     calibrating,
@@ -43,13 +45,16 @@ from zoo.quant.qat import (
 __all__ = [
     "DEFAULT_OVERRIDES",
     "FakeQuantizer",
+    "QATConv2d",
     "QATEmbedding",
     "QATLinear",
+    "QuantizedConv2d",
     "QuantizedEmbedding",
     "QuantizedLinear",
     "calibrate",
     "calibrating",
     "convert_",
+    "fuse_convolutions_",
     "fuse_feedforward_",
     "fake_quantize",
     "enable_fake_quant",

@@ -1,6 +1,7 @@
 """Real integer inference for a model trained with :func:`zoo.quant.quantize_`.
 
-:func:`convert_` replaces every :class:`~zoo.quant.qat.QATLinear` by a :class:`QuantizedLinear` and every
+:func:`convert_` replaces every :class:`~zoo.quant.qat.QATLinear` by a :class:`QuantizedLinear`, every
+:class:`~zoo.quant.qat.QATConv2d` by a :class:`~zoo.quant.conv.QuantizedConv2d` (:mod:`zoo.quant.conv`) and every
 :class:`~zoo.quant.qat.QATEmbedding` by a :class:`QuantizedEmbedding`:
 
 * weights are stored as integer codes with one float32 scale (and, when asymmetric, an int8 zero point) per output
@@ -34,7 +35,6 @@ import importlib
 import io
 import json
 import math
-import platform
 import sys
 import warnings
 from collections.abc import Iterable, Mapping
@@ -47,8 +47,19 @@ from torch import Tensor, nn
 
 from zoo.errors import ConfigError, DataError
 from zoo.layers.ffn import FeedForward
+from zoo.quant.conv import QuantizedConv2d, fuse_convolutions_
 from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
+from zoo.quant.kernels import (
+    ceil8,
+    inductor_freezing,
+    int8_mm,
+    onednn_int8_mm,
+    onednn_prepack,
+    pack_int4,
+    unpack_int4,
+)
 from zoo.quant.qat import (
+    QATConv2d,
     QATEmbedding,
     QATLinear,
     _replace,
@@ -75,106 +86,6 @@ __all__ = [
 ]
 
 FORMAT = "zoo.quant.converted/1"
-
-
-def pack_int4(codes: Tensor) -> Tensor:
-    """Pack integer codes in ``[-8, 7]`` two per byte along the last dimension: ``[..., K] -> uint8 [..., ceil(K/2)]``
-    (element ``2i`` in the low nibble, ``2i + 1`` in the high one, both offset by 8)."""
-    if codes.numel() and (codes.min() < -8 or codes.max() > 7):
-        raise ValueError("pack_int4: codes must lie in [-8, 7]")
-    u = (codes.to(torch.int16) + 8).to(torch.uint8)
-    if u.shape[-1] % 2:
-        u = F.pad(u, (0, 1), value=8)
-    return u[..., 0::2] | (u[..., 1::2] << 4)
-
-
-def unpack_int4(packed: Tensor, length: int) -> Tensor:
-    """Inverse of :func:`pack_int4`: ``uint8 [..., ceil(length/2)] -> int8 [..., length]``."""
-    low, high = packed & 15, packed >> 4
-    codes = torch.stack([low, high], dim=-1).reshape(*packed.shape[:-1], -1)[..., :length]
-    return (codes.to(torch.int16) - 8).to(torch.int8)
-
-
-def onednn_prepack(codes: Tensor) -> Tensor | None:
-    """oneDNN's int8 weight, ``int8 [out, in]`` codes reordered for ``torch.ops.onednn.qlinear_pointwise`` (an opaque
-    tensor), on an x86 CPU with oneDNN; ``None`` elsewhere (the layer then runs ``torch._int_mm``)."""
-    if codes.device.type != "cpu" or platform.machine().lower() not in ("x86_64", "amd64"):
-        return None
-    if not torch.backends.mkldnn.is_available() or not hasattr(torch.ops.onednn, "qlinear_prepack"):
-        return None
-    try:
-        return torch.ops.onednn.qlinear_prepack(codes.contiguous(), None)
-    except RuntimeError:
-        return None
-
-
-#: activations a :class:`QuantizedLinear` applies to its output (:func:`fuse_feedforward_`), as oneDNN post-ops
-#: ``(name, algorithm)``
-ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
-
-
-def onednn_int8_mm(
-    a: Tensor,
-    packed: Tensor,
-    weight_scale: Tensor,
-    zero_point: Tensor,
-    *,
-    x_scale: float = 1.0,
-    x_zero_point: int = 0,
-    bias: Tensor | None = None,
-    out_dtype: torch.dtype = torch.float32,
-    activation: str | None = None,
-    output_scale: float = 1.0,
-    output_zero_point: int = 0,
-) -> Tensor:
-    """``act(x_scale * weight_scale * ((a - x_zero_point) @ w.T) + bias)``, ``[M, N]`` in ``out_dtype``: oneDNN's int8
-    GEMM of ``a`` (int8 ``[M, K]``) and a weight prepacked by :func:`onednn_prepack` (int8 ``[N, K]`` codes), scaled
-    per output channel (``weight_scale`` float32 ``[N]``; ``zero_point`` int64 zeros ``[N]``, symmetric weights), with
-    the input's scale and zero point, the bias and the activation (a key of :data:`ACTIVATIONS`) applied in the
-    GEMM's epilogue. With ``out_dtype=torch.int8`` the epilogue writes codes ``clamp(round(y / output_scale) +
-    output_zero_point, -128, 127)`` instead."""
-    post_op, algorithm = ACTIVATIONS[activation] if activation else ("none", "")
-    return torch.ops.onednn.qlinear_pointwise(
-        a,
-        x_scale,
-        x_zero_point,
-        packed,
-        weight_scale,
-        zero_point,
-        bias,
-        output_scale,
-        output_zero_point,
-        out_dtype,
-        post_op,
-        [],
-        algorithm,
-    )
-
-
-def _inductor_freezing() -> bool:
-    # inductor lowers oneDNN's int8 GEMM only with the prepacked weight as a graph constant, i.e. when freezing
-    # (the usual setting for CPU inference: torch._inductor.config.freezing = True); without it the compiled graph
-    # takes the torch._int_mm path
-    import torch._inductor.config
-
-    return bool(torch._inductor.config.freezing)
-
-
-def _ceil8(n: int) -> int:
-    return 8 * math.ceil(n / 8)
-
-
-def int8_mm(a: Tensor, b: Tensor) -> Tensor:
-    """``int8 [M, K] @ int8 [K', N] -> int32 [M, N]`` through ``torch._int_mm``; ``b`` may have zero rows appended
-    (``K' >= K``, as :class:`QuantizedLinear` pads to multiples of 8). On CUDA, ``_int_mm`` needs ``M > 16`` and ``K``,
-    ``N`` multiples of 8: rows are padded here and sliced off."""
-    if a.shape[1] != b.shape[0]:
-        a = F.pad(a, (0, b.shape[0] - a.shape[1]))
-    rows = a.shape[0]
-    if a.is_cuda and rows <= 16:
-        a = F.pad(a, (0, 0, 0, 17 - rows))
-    out = torch._int_mm(a.contiguous(), b)
-    return out[:rows] if out.shape[0] != rows else out
 
 
 class QuantizedLinear(nn.Module):
@@ -279,7 +190,7 @@ class QuantizedLinear(nn.Module):
     def _refresh(self) -> None:
         w = codes = self.int_weight()
         if w.is_cuda:  # cuBLASLt wants K and N multiples of 8: zero rows and columns added, sliced off the output
-            padded = torch.zeros(_ceil8(self.out_features), _ceil8(self.in_features), dtype=torch.int8, device=w.device)
+            padded = torch.zeros(ceil8(self.out_features), ceil8(self.in_features), dtype=torch.int8, device=w.device)
             padded[: self.out_features, : self.in_features] = w
             w = padded
         # the column-major view of [N, K]: oneDNN runs 5-15% faster on it than on a row-major [K, N] copy, and
@@ -328,7 +239,7 @@ class QuantizedLinear(nn.Module):
         else:
             q, scale, zero_point = self._quantize_input(x.reshape(-1, self.in_features).float())
             out_dtype = x.dtype
-        onednn = self._packed is not None and (not torch.compiler.is_compiling() or _inductor_freezing())
+        onednn = self._packed is not None and (not torch.compiler.is_compiling() or inductor_freezing())
         if onednn and self.activation_granularity == "per_tensor":
             # the whole layer in oneDNN: the input's scale and zero point, the bias and the activation run in the
             # GEMM's epilogue, which writes the output once, in the input's dtype, or as the next layer's input codes
@@ -546,13 +457,15 @@ class QuantizedEmbedding(nn.Embedding):
 
 def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     """Replace every fake-quantized layer of ``module`` by its integer counterpart, in place, at the bit widths the
-    layers run at now, and fuses the integer layers of FFNs (:func:`fuse_feedforward_`, unless ``fuse`` is false);
-    puts ``module`` in eval mode and returns it. Warns when a layer still runs above its target bits (a
-    checkpoint taken before the schedule's last stage)."""
+    layers run at now, and fuses the integer layers of FFNs and of convolution stems (:func:`fuse_feedforward_`,
+    :func:`~zoo.quant.conv.fuse_convolutions_`, unless ``fuse`` is false); puts ``module`` in eval mode and returns
+    it. A ``BatchNorm2d`` that follows a fake-quantized convolution in an ``nn.Sequential`` folds into the integer
+    convolution (its running statistics) and is replaced by ``nn.Identity``. Warns when a layer still runs above its
+    target bits (a checkpoint taken before the schedule's last stage)."""
     unobserved = [
         name
         for name, layer in qat_layers(module)
-        if isinstance(layer, QATLinear)
+        if isinstance(layer, QATLinear | QATConv2d)
         and layer.act_quant.granularity == "per_tensor"
         and not layer.act_quant.initialized
     ]
@@ -566,7 +479,17 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     for name, layer in list(qat_layers(module)):
         if layer.weight_quant.bits > layer.target_weight_bit:
             above.append(f"{name} ({layer.weight_quant.bits} > {layer.target_weight_bit})")
-        new = QuantizedLinear.from_qat(layer) if isinstance(layer, QATLinear) else QuantizedEmbedding.from_qat(layer)
+        if isinstance(layer, QATConv2d):
+            batch_norm = _next_in_sequential(module, name)
+            if not (type(batch_norm) is nn.BatchNorm2d and batch_norm.track_running_stats):
+                batch_norm = None
+            new: nn.Module = QuantizedConv2d.from_qat(layer, batch_norm)
+            if batch_norm is not None:
+                _replace(module, _sibling(name, 1), nn.Identity())
+        elif isinstance(layer, QATLinear):
+            new = QuantizedLinear.from_qat(layer)
+        else:
+            new = QuantizedEmbedding.from_qat(layer)
         if not name:
             return new.eval()
         _replace(module, name, new)
@@ -578,7 +501,22 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
         )
     if fuse:
         fuse_feedforward_(module)
+        fuse_convolutions_(module)
     return module.eval()
+
+
+def _sibling(name: str, offset: int) -> str:
+    parent, _, index = name.rpartition(".")
+    return f"{parent}.{int(index) + offset}" if parent else str(int(index) + offset)
+
+
+def _next_in_sequential(root: nn.Module, name: str) -> nn.Module | None:
+    # the module after `name` in its parent, when that parent is an nn.Sequential
+    parent_name, _, index = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    if not (isinstance(parent, nn.Sequential) and index.isdigit() and int(index) + 1 < len(parent)):
+        return None
+    return parent[int(index) + 1]
 
 
 def restore_converted_layers(module: nn.Module, state_dict: Mapping[str, Any]) -> int:
@@ -590,8 +528,12 @@ def restore_converted_layers(module: nn.Module, state_dict: Mapping[str, Any]) -
             continue
         name = key[: -len("._extra_state")]
         device = next((t.device for k, t in state_dict.items() if k.startswith(name + ".") and torch.is_tensor(t)))
-        if state["zoo_converted"] == "linear":
-            new: nn.Module = QuantizedLinear(
+        if state["zoo_converted"] == "conv2d":
+            new: nn.Module = QuantizedConv2d.from_extra_state(state, device)
+            if state["folded_batch_norm"]:  # saved without the batch norm it absorbed
+                _replace(module, _sibling(name, 1), nn.Identity())
+        elif state["zoo_converted"] == "linear":
+            new = QuantizedLinear(
                 state["in_features"],
                 state["out_features"],
                 bias=state["bias"],
@@ -648,6 +590,7 @@ def load_converted(
     restore_converted_layers(model, state_dict)
     model.load_state_dict(state_dict)
     fuse_feedforward_(model)
+    fuse_convolutions_(model)
     return model.to(map_location).eval()
 
 
@@ -713,6 +656,8 @@ def _summary(module: nn.Module) -> dict[str, int]:
     for m in module.modules():
         if isinstance(m, QuantizedLinear):
             key = f"linear W{m.weight_bit}A{m.activation_bit}"
+        elif isinstance(m, QuantizedConv2d):
+            key = f"conv2d W{m.weight_bit}A{m.activation_bit}"
         elif isinstance(m, QuantizedEmbedding):
             key = f"embedding W{m.weight_bit}"
         else:
@@ -723,13 +668,15 @@ def _summary(module: nn.Module) -> dict[str, int]:
 
 def calibrate(task: nn.Module, batches: Iterable[Any], num_batches: int) -> int:
     """Observe the per-tensor input ranges of a task quantized after training (:func:`quantize_` with
-    ``activation_granularity="per_tensor"``) on the first ``num_batches`` of ``batches``, each moved to the task's
-    device and run through its ``predict_step`` (Lightning's default: ``self(batch)``) under :func:`calibrating`;
-    returns how many batches ran: none when the task has no per-tensor input quantizer (per-token scales need no
-    calibration)."""
+    ``activation_granularity="per_tensor"``, or with convolutions, whose inputs are always per tensor) on the first
+    ``num_batches`` of ``batches``, each moved to the task's device and run through its ``predict_step``
+    (Lightning's default: ``self(batch)``) under :func:`calibrating`; returns how many batches ran: none when the task
+    has no per-tensor input quantizer (per-token scales need no calibration)."""
     from lightning.pytorch.utilities import move_data_to_device
 
-    if not any(isinstance(m, QATLinear) and m.act_quant.granularity == "per_tensor" for m in task.modules()):
+    if not any(
+        isinstance(m, QATLinear | QATConv2d) and m.act_quant.granularity == "per_tensor" for m in task.modules()
+    ):
         return 0
     device, seen = next(task.parameters()).device, 0
     with torch.no_grad(), calibrating(task):

@@ -1,13 +1,15 @@
-"""Quantization-aware training: :func:`quantize_` swaps a model's ``nn.Linear`` (and ``nn.Embedding``) layers, chosen
-by module-name patterns, for fake-quantized ones that train in floating point while simulating integer rounding.
+"""Quantization-aware training: :func:`quantize_` swaps a model's ``nn.Linear`` (and ``nn.Conv2d``, ``nn.Embedding``)
+layers, chosen by module-name patterns, for fake-quantized ones that train in floating point while simulating integer
+rounding.
 
     from zoo.quant import quantize_
     quantize_(model, weight_bit=4, activation_bit=8, quant_method="symmetric")   # or task.quantize(**quant_config)
 
 Per-layer bit widths come from ``overrides``, a mapping ``{pattern: bits}`` whose patterns are ``fnmatch`` patterns
 over module names (``*`` also crosses dots). The default is :data:`DEFAULT_OVERRIDES`: attention projections 8-bit,
-FFN layers 4-bit; every other ``nn.Linear`` gets ``weight_bit``. A pattern also matches everything inside the module
-it names (``"head"`` covers ``head.1`` and ``head.4``); when several patterns match a layer, the last one wins.
+FFN layers 4-bit; every other ``nn.Linear`` gets ``weight_bit``, every ``nn.Conv2d`` ``conv_bit`` (8). A pattern
+also matches everything inside the module it names (``"head"`` covers ``head.1`` and ``head.4``); when several
+patterns match a layer, the last one wins.
 
 Layers keep their ``weight``/``bias`` parameters (the same tensor objects), so an optimizer built before or after the
 swap trains them, and a float checkpoint loads into the quantized model with ``strict=False``.
@@ -29,11 +31,13 @@ from zoo.quant.fake_quant import FakeQuantizer, Granularity, Observer, QuantMeth
 
 __all__ = [
     "DEFAULT_OVERRIDES",
+    "QATConv2d",
     "QATEmbedding",
     "QATLinear",
     "calibrating",
     "freeze_observers",
     "qat_layers",
+    "quantizable_conv",
     "quantize_",
     "restore_qat_layers",
     "set_schedule_bits",
@@ -52,6 +56,7 @@ _LINEAR_DEFAULTS: dict[str, Any] = {
     "learnable_scales": False,
     "observer": "minmax",
 }
+_CONV_DEFAULTS: dict[str, Any] = {k: v for k, v in _LINEAR_DEFAULTS.items() if k != "activation_granularity"}
 
 
 class QATLinear(nn.Module):
@@ -215,7 +220,137 @@ class QATEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-QATLayer = QATLinear | QATEmbedding
+class QATConv2d(nn.Module):
+    """``nn.Conv2d`` with fake-quantized weights (per output channel, symmetric) and inputs (per tensor, static:
+    observed, or learned with LSQ): ``[B, in_channels, H, W] -> [B, out_channels, H', W']``.
+
+    The granularities are those of oneDNN's int8 convolution, which :func:`zoo.quant.convert_` turns the layer into:
+    one input scale and zero point per tensor, symmetric weights. ``quant_method`` therefore sets the inputs' method
+    only. A ``BatchNorm2d`` that follows the layer in an ``nn.Sequential`` stays a float module in training and folds
+    into the integer layer's per-channel scales and bias at conversion, which leaves the codes unchanged.
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv2d`` (numeric
+            padding, zero-padded).
+        weight_bit: the layer's target weight bit width (2..8).
+        activation_bit: input bit width (2..8).
+        quant_method: ``"symmetric"`` or ``"asymmetric"`` inputs.
+        learnable_scales: LSQ scales for the weight and the input.
+        observer: weight-range observer, ``"minmax"`` or ``"mse"``.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        weight_bit: int = 8,
+        activation_bit: int = 8,
+        quant_method: QuantMethod = "symmetric",
+        learnable_scales: bool = False,
+        observer: Observer = "minmax",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        base = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)  # fmt: skip
+        config = dict(weight_bit=weight_bit, activation_bit=activation_bit, quant_method=quant_method,
+                      learnable_scales=learnable_scales, observer=observer)  # fmt: skip
+        self._setup(base, **config)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d | QATConv2d, **config: Any) -> QATConv2d:
+        """A QAT layer that shares ``conv``'s weight and bias parameters; ``config`` as the constructor."""
+        if not quantizable_conv(conv):
+            raise ConfigError(
+                f"QATConv2d: only zero-padded nn.Conv2d with numeric padding quantize; got {conv} "
+                f"(padding={conv.padding!r}, padding_mode={conv.padding_mode!r})"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        unknown = sorted(set(config) - set(_CONV_DEFAULTS))
+        if unknown:
+            raise ConfigError(f"QATConv2d: {unknown[0]} is not a setting; use {', '.join(_CONV_DEFAULTS)}")
+        layer._setup(conv, **(_CONV_DEFAULTS | config))
+        return layer
+
+    def _setup(
+        self,
+        conv: nn.Conv2d | QATConv2d,
+        weight_bit: int,
+        activation_bit: int,
+        quant_method: QuantMethod,
+        learnable_scales: bool,
+        observer: Observer,
+    ) -> None:
+        symmetric = check_method(quant_method)
+        self.weight, self.bias = conv.weight, conv.bias
+        self.out_channels, in_per_group, *kernel = conv.weight.shape
+        self.in_channels = in_per_group * conv.groups
+        self.kernel_size = tuple(kernel)
+        self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
+        self.groups = conv.groups
+        self.target_weight_bit = check_bits(weight_bit, "weight_bit")
+        self.config = {
+            "weight_bit": weight_bit,
+            "activation_bit": check_bits(activation_bit, "activation_bit"),
+            "quant_method": quant_method,
+            "learnable_scales": learnable_scales,
+            "observer": observer,
+        }
+        factory = {"device": conv.weight.device}
+        self.weight_quant = FakeQuantizer(
+            bits=weight_bit,
+            symmetric=True,
+            granularity="per_channel",
+            channels=self.out_channels,
+            learnable=learnable_scales,
+            observer=observer,
+        ).to(**factory)
+        self.act_quant = FakeQuantizer(
+            bits=activation_bit, symmetric=symmetric, granularity="per_tensor", learnable=learnable_scales
+        ).to(**factory)
+        self.weight_quant.observe(self.weight.flatten(1))
+
+    @property
+    def padding_mode(self) -> str:
+        return "zeros"
+
+    def forward(self, x: Tensor) -> Tensor:
+        # the quantizers work on [out, in * kh * kw] rows: one scale per output channel
+        weight = self.weight_quant(self.weight.flatten(1)).view_as(self.weight)
+        return F.conv2d(self.act_quant(x), weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"zoo_qat": "conv2d", "bias": self.bias is not None, **self.config}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        self.config = {k: state[k] for k in self.config}
+        self.target_weight_bit = state["weight_bit"]
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+            f"padding={self.padding}, groups={self.groups}, bias={self.bias is not None}"
+        )
+
+
+def quantizable_conv(conv: nn.Module) -> bool:
+    """Whether :func:`quantize_` fake-quantizes ``conv``: an ``nn.Conv2d`` itself (not a subclass, whose forward may
+    differ: timm's ``Conv2dSame`` pads at run time) with numeric zero padding, or a :class:`QATConv2d`."""
+    if isinstance(conv, QATConv2d):
+        return True
+    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+
+
+QATLayer = QATLinear | QATConv2d | QATEmbedding
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -263,24 +398,31 @@ def quantize_(
     learnable_scales: bool = False,
     observer: Observer = "minmax",
     embedding_bit: int | None = 8,
+    conv_bit: int | None = 8,
 ) -> nn.Module:
     """Prepare ``module`` for quantization-aware training, in place; returns it (or the replacement when ``module``
     itself is an ``nn.Linear``).
 
     Args:
-        module: any model; its ``nn.Linear`` layers become :class:`QATLinear`, its ``nn.Embedding`` layers
-            :class:`QATEmbedding` (weight-only, per row).
+        module: any model; its ``nn.Linear`` layers become :class:`QATLinear`, its ``nn.Conv2d`` layers
+            :class:`QATConv2d` (inputs per tensor, whatever ``activation_granularity`` says; see
+            :func:`quantizable_conv` for which), its ``nn.Embedding`` layers :class:`QATEmbedding` (weight-only, per
+            row).
         weight_bit: weight bits of every ``nn.Linear`` no override pattern matches (2..8).
-        activation_bit: input bits of every quantized ``nn.Linear`` (2..8).
+        activation_bit: input bits of every quantized ``nn.Linear`` and ``nn.Conv2d`` (2..8).
         quant_method: ``"symmetric"`` or ``"asymmetric"``.
         overrides: ``{pattern: value}``; ``value`` is the weight bits, a mapping with any of ``weight_bit``,
             ``activation_bit``, ``quant_method``, or ``None`` to keep the matched layers in floating point.
             ``None`` (the default) means :data:`DEFAULT_OVERRIDES`; give ``{}`` for ``weight_bit`` everywhere. A given
             pattern that matches no layer is an error.
-        activation_granularity: ``"per_token"`` (dynamic) or ``"per_tensor"`` (static, observed).
+        activation_granularity: ``"per_token"`` (dynamic) or ``"per_tensor"`` (static, observed) inputs of the
+            ``nn.Linear`` layers.
         learnable_scales: learn scales with LSQ (weights, and per-tensor inputs).
         observer: weight-range observer, ``"minmax"`` or ``"mse"``.
         embedding_bit: weight bits of every ``nn.Embedding`` no override matches; ``None`` leaves them in float.
+        conv_bit: weight bits of every ``nn.Conv2d`` no override matches; ``None`` leaves them in float. Their
+            inputs are quantized per tensor, so a model with convolutions needs calibrating before a post-training
+            conversion even with per-token inputs elsewhere.
 
     Raises:
         ConfigError: a bit width outside 2..8, an unknown method or setting, or a pattern that matches nothing; the
@@ -291,6 +433,8 @@ def quantize_(
     check_method(quant_method)
     if embedding_bit is not None:
         check_bits(embedding_bit, "embedding_bit")
+    if conv_bit is not None:
+        check_bits(conv_bit, "conv_bit")
     if activation_granularity not in ("per_token", "per_tensor"):
         raise ConfigError(f"activation_granularity={activation_granularity!r} must be 'per_token' or 'per_tensor'")
     if observer not in ("minmax", "mse"):
@@ -303,15 +447,16 @@ def quantize_(
     layers = [
         (name, m)
         for name, m in module.named_modules()
-        if isinstance(m, nn.Linear | nn.Embedding | QATLinear | QATEmbedding)
+        if isinstance(m, nn.Linear | nn.Embedding | QATLinear | QATEmbedding) or quantizable_conv(m)
     ]
     if not layers:
-        raise ConfigError(f"{type(module).__name__} has no nn.Linear or nn.Embedding layer to quantize")
+        raise ConfigError(f"{type(module).__name__} has no nn.Linear, nn.Conv2d or nn.Embedding layer to quantize")
     hits = {pattern: 0 for pattern, _ in rules}
     replacements = []
     for name, layer in layers:
         is_linear = isinstance(layer, nn.Linear | QATLinear)
-        base_bits = weight_bit if is_linear else embedding_bit
+        is_conv = isinstance(layer, nn.Conv2d | QATConv2d)
+        base_bits = weight_bit if is_linear else conv_bit if is_conv else embedding_bit
         config: dict[str, Any] | None = None if base_bits is None else {"weight_bit": base_bits}
         for pattern, value in rules:
             if _matches(name, pattern):
@@ -327,6 +472,8 @@ def quantize_(
                 "observer": observer,
             }
             new: QATLayer = QATLinear.from_linear(layer, **config)
+        elif is_conv:
+            new = QATConv2d.from_conv(layer, **config, learnable_scales=learnable_scales, observer=observer)
         else:
             new = QATEmbedding.from_embedding(
                 layer, weight_bit=config["weight_bit"], quant_method=config["quant_method"]
@@ -338,7 +485,8 @@ def quantize_(
             if count == 0:
                 examples = ", ".join(repr(n) for n, _ in layers[:3])
                 raise ConfigError(
-                    f"overrides[{pattern!r}] matches no nn.Linear or nn.Embedding of {type(module).__name__}; "
+                    f"overrides[{pattern!r}] matches no nn.Linear, nn.Conv2d or nn.Embedding of "
+                    f"{type(module).__name__}; "
                     f"layer names look like {examples}"
                 )
     for name, new in replacements:
@@ -355,7 +503,7 @@ def _is_converted(module: nn.Module) -> bool:
 def qat_layers(module: nn.Module) -> Iterator[tuple[str, QATLayer]]:
     """``(name, layer)`` for every fake-quantized layer of ``module``."""
     for name, m in module.named_modules():
-        if isinstance(m, QATLinear | QATEmbedding):
+        if isinstance(m, QATLinear | QATConv2d | QATEmbedding):
             yield name, m
 
 
@@ -424,6 +572,7 @@ def weight_quant_error(layer: QATLayer) -> float:
     if isinstance(layer, QATEmbedding):
         quantized = layer.weight_quant(weight)
     else:
+        weight = weight.flatten(1)  # a convolution's [out, in, kh, kw] as [out, in * kh * kw]
         codes, scale, zero_point = layer.weight_quant.codes(weight)
         quantized = (codes - zero_point) * scale
     return ((quantized - weight).norm() / weight.norm().clamp_min(1e-12)).item()
@@ -444,11 +593,13 @@ def restore_qat_layers(module: nn.Module, state_dict: Mapping[str, Any]) -> int:
             continue
         name = key[: -len("._extra_state")]
         layer = module.get_submodule(name)
-        if isinstance(layer, QATLinear | QATEmbedding):
+        if isinstance(layer, QATLinear | QATConv2d | QATEmbedding):
             continue
         if value["zoo_qat"] == "linear":
             config = {k: value[k] for k in _LINEAR_DEFAULTS}
             _replace(module, name, QATLinear.from_linear(layer, **config))
+        elif value["zoo_qat"] == "conv2d":
+            _replace(module, name, QATConv2d.from_conv(layer, **{k: value[k] for k in _CONV_DEFAULTS}))
         else:
             _replace(
                 module,
