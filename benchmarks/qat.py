@@ -92,6 +92,8 @@ POLICIES = {
 POLICIES |= {
     f"{name}_per_tensor": {**policy, "activation_granularity": "per_tensor"} for name, policy in POLICIES.items()
 }
+#: the convolutions (the image encoder's stem: 8-bit by default, quantize_'s conv_bit) left in float: their share
+POLICIES["int8_per_tensor_float_convs"] = {**POLICIES["int8_per_tensor"], "conv_bit": None}
 #: accuracy variants: config, QAT schedule and quantize_ arguments (None: a float run), PTQ policies of the float runs.
 #: float_finetune (with --finetune-epochs only) continues the float run as the QAT fine-tunes do, without
 #: quantization: what the extra epochs alone give, and the weights of a second PTQ baseline (ptq_*_ft).
@@ -313,6 +315,10 @@ def latency_mode(args) -> None:
                 _compiled(variants["int8_per_tensor, FFN not fused"][0]),
                 None,
             )
+            variants["int8_per_tensor_compiled, convolutions in float"] = (
+                _compiled(_integer(model, "int8_per_tensor_float_convs", inputs)),
+                None,
+            )
             variants["bf16 autocast, float model compiled (reference)"] = (_compiled(model), torch.bfloat16)
     # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
     # speed-up grows when the GEMMs, not the float operations around them, dominate
@@ -362,7 +368,11 @@ def latency_mode(args) -> None:
             "ffn_layer": "768 -> 3072 -> 768 FFN on 2048 tokens",
         },
         "model": args.ckpt or f"{args.config} (freshly initialised)",
-        "policies": {k: v for k, v in POLICIES.items() if k in ("int8", "mixed", "int8_per_tensor")},
+        "policies": {
+            k: v
+            for k, v in POLICIES.items()
+            if k in ("int8", "mixed", "int8_per_tensor", "int8_per_tensor_float_convs")
+        },
         "calibration": "per-tensor input scales observed on the timed batch (zoo.quant.calibrating)",
         "compile": "torch.compile(dynamic=False) of MIE's TransformerBlocks (see _compiled); the rest eager"
         + ("; inductor freezing on" if device == "cpu" and args.compile else ""),
@@ -493,10 +503,13 @@ def _time_inference(float_model: nn.Module, int_model: nn.Module, data, reps: in
     return out
 
 
-def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: bool = False) -> None:
+def run_one(
+    name: str, overrides: list[str], out: Path, reps: int, *, finetune: bool = False, ptq: list[str] | None = None
+) -> None:
     """Fit one trained variant in this process, test it (and its integer conversions), write figures to ``out``.
     A float run also saves its final weights as ``<name>_final.pt`` beside ``out`` (the start of fine-tunes);
-    ``finetune``: a QAT run uses vqa_qat_finetune.yaml (fake quantization from the first step, no float phase)."""
+    ``finetune``: a QAT run uses vqa_qat_finetune.yaml (fake quantization from the first step, no float phase);
+    ``ptq``: the post-training variants of a float run (default: all of ``PTQ``)."""
     from zoo.callbacks import QATScheduleCallback
     from zoo.cli import ZooCLI, resolve_config_args
 
@@ -525,7 +538,7 @@ def run_one(name: str, overrides: list[str], out: Path, reps: int, *, finetune: 
         suffix = "" if name == "float" else "_ft"
         float_model, runs = (
             model,
-            {p + suffix: _calibrated(quantize_(copy.deepcopy(model), **PTQ[p]), data) for p in PTQ},
+            {p + suffix: _calibrated(quantize_(copy.deepcopy(model), **PTQ[p]), data) for p in ptq or PTQ},
         )
     else:  # a float model of the same architecture: the size and latency baseline
         float_model, runs = _float_twin(model), {name: model}
@@ -560,14 +573,19 @@ def _qat_named(model: nn.Module):
 
 
 def _float_twin(model: nn.Module) -> nn.Module:
-    """A float copy of a QAT model: every fake-quantized layer back to ``nn.Linear`` / ``nn.Embedding``."""
-    from zoo.quant import QATEmbedding
+    """A float copy of a QAT model: every fake-quantized layer back to ``nn.Linear`` / ``nn.Conv2d`` /
+    ``nn.Embedding``."""
+    from zoo.quant import QATConv2d, QATEmbedding
     from zoo.quant.qat import _replace
 
     twin = copy.deepcopy(model)
     for name, layer in list(_qat_named(twin)):
         if isinstance(layer, QATEmbedding):
             plain: nn.Module = nn.Embedding(layer.num_embeddings, layer.embedding_dim, padding_idx=layer.padding_idx)
+        elif isinstance(layer, QATConv2d):
+            plain = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                              layer.dilation, layer.groups, bias=layer.bias is not None)  # fmt: skip
+            plain.bias = layer.bias
         else:
             plain = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
             plain.bias = layer.bias
@@ -585,7 +603,8 @@ def accuracy_mode(args, extra: list[str]) -> None:
 
     def launch_run(name: str, flags: list[str]) -> None:
         out = work / f"{name}.json"
-        cmd = [sys.executable, __file__, "--run-one", name, str(out), "--reps", str(args.reps), *flags,
+        cmd = [sys.executable, __file__, "--run-one", name, str(out), "--reps", str(args.reps),
+               "--ptq", *(args.ptq or PTQ), *flags,
                f"--trainer.default_root_dir={work / name}"]  # fmt: skip
         procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
         if not args.parallel:
@@ -701,11 +720,13 @@ def main() -> None:
                         help="accuracy: QAT runs fine-tune the float run's weights for this many epochs")  # fmt: skip
     parser.add_argument("--finetune-lr", type=float, default=None, help="accuracy: default --lr / 10")
     parser.add_argument("--finetune-max-time", default=None, help="accuracy: trainer.max_time of each fine-tune")
+    parser.add_argument("--ptq", nargs="*", choices=list(PTQ), default=None,
+                        help="accuracy: post-training variants of the float runs (default: all)")  # fmt: skip
     parser.add_argument("--run-one", nargs=2, metavar=("VARIANT", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--finetune", action="store_true", help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.run_one:
-        run_one(args.run_one[0], extra, Path(args.run_one[1]), args.reps, finetune=args.finetune)
+        run_one(args.run_one[0], extra, Path(args.run_one[1]), args.reps, finetune=args.finetune, ptq=args.ptq)
     elif args.mode in ("latency", "profile"):
         if extra:
             parser.error(f"unknown arguments {extra}")
