@@ -215,3 +215,15 @@ def test_compiled_converted_stem_runs_onednn_convolutions_when_frozen():
         expected = converted(x).embeddings
     assert "onednn::qconv2d_pointwise" in {event.key for event in prof.key_averages()}
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-4 * expected.abs().max().item())
+
+
+def test_converted_layers_name_the_expected_input_shape():
+    from zoo.quant import QuantizedLinear
+
+    converted = convert_(_calibrated(_stem()))
+    with pytest.raises(ValueError, match=r"expected input \[B, 3, H, W\], got \[2, 4, 21, 21\]"):
+        converted(torch.randn(2, 4, 21, 21))
+    linear = convert_(quantize_(nn.Linear(6, 4), overrides={}))
+    assert isinstance(linear, QuantizedLinear)
+    with pytest.raises(ValueError, match=r"expected input \[\.\.\., 6\], got \[3, 5\]"):
+        linear(torch.randn(3, 5))

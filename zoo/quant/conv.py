@@ -180,6 +180,10 @@ class QuantizedConv2d(nn.Module):
         return q.to(torch.uint8).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"{type(self).__name__}: expected input [B, {self.in_channels}, H, W], got {list(x.shape)}"
+            )
         if x.dtype == torch.uint8:  # the input's codes, written by the layer before (fuse_convolutions_)
             q, out_dtype = x, self.weight_scale.dtype
         else:

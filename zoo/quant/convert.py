@@ -228,6 +228,8 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
+        if not shape or shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: expected input [..., {self.in_features}], got {list(shape)}")
         if x.dtype == torch.int8:  # the input's codes, written by the layer before (fuse_feedforward_)
             if self.activation_granularity != "per_tensor":
                 raise TypeError(
