@@ -227,3 +227,19 @@ def test_converted_layers_name_the_expected_input_shape():
     assert isinstance(linear, QuantizedLinear)
     with pytest.raises(ValueError, match=r"expected input \[\.\.\., 6\], got \[3, 5\]"):
         linear(torch.randn(3, 5))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_converted_stem_on_cuda_matches_cpu():
+    # on CUDA the convolutions run in floating point on the dequantized codes (no int8 convolution there)
+    converted = convert_(_calibrated(_stem(), conv_bit=4))
+    x = torch.randn(3, 3, 21, 21)
+    with torch.no_grad():
+        cpu = converted(x).embeddings
+        gpu = copy.deepcopy(converted).cuda()
+        got = gpu(x.cuda()).embeddings.cpu()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            got_bf16 = gpu(x.cuda()).embeddings.float().cpu()
+    assert all(m._packed is None for m in gpu.modules() if isinstance(m, QuantizedConv2d))
+    torch.testing.assert_close(got, cpu, rtol=0, atol=2e-3 * cpu.abs().max().item())
+    torch.testing.assert_close(got_bf16, cpu, rtol=0.05, atol=0.05 * cpu.abs().max().item())
