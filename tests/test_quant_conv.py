@@ -245,3 +245,66 @@ def test_converted_stem_on_cuda_matches_cpu():
     torch.testing.assert_close(got, cpu, rtol=0, atol=0.02 * cpu.abs().max().item())
     assert (got - cpu).norm() / cpu.norm() < 5e-3
     assert (got_bf16 - cpu).norm() / cpu.norm() < 0.05  # bf16 convolutions: their own rounding
+
+
+def _conv1d_stack(seed: int = 0) -> nn.Module:
+    """Conv1d -> BatchNorm1d -> ReLU -> Conv1d -> ReLU, with trained-looking batch-norm statistics."""
+    torch.manual_seed(seed)
+    stack = nn.Sequential(
+        nn.Conv1d(6, 12, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm1d(12),
+        nn.ReLU(),
+        nn.Conv1d(12, 10, 5, padding=2, dilation=1),
+        nn.ReLU(),
+    ).train()
+    with torch.no_grad():
+        for _ in range(3):
+            stack(torch.randn(8, 6, 30))
+        stack[1].weight.uniform_(-1.5, 1.5)
+    return stack.eval()
+
+
+@pytest.mark.parametrize("conv_bit", [8, 4])
+def test_conv1d_stack_converts_with_folded_batch_norm_and_saves(conv_bit, tmp_path):
+    from zoo.quant import QATConv1d, QuantizedConv1d
+
+    qat = quantize_(_conv1d_stack(), overrides={}, conv_bit=conv_bit, quant_method="asymmetric")
+    assert isinstance(qat[0], QATConv1d) and qat[0].target_weight_bit == conv_bit
+    with torch.no_grad(), calibrating(qat):
+        for _ in range(3):
+            qat(torch.randn(8, 6, 30))
+    converted = convert_(copy.deepcopy(qat))
+    assert isinstance(converted[0], QuantizedConv1d) and type(converted[1]) is nn.Identity
+    assert converted[0]._codes_for == (converted[3],) and converted[3].activation == "relu"
+    x = torch.randn(4, 6, 30)
+    with torch.no_grad():
+        expected, got = qat(x), converted(x)
+    assert got.shape == expected.shape == (4, 10, 15)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    assert (got - expected).norm() / expected.norm() < 2e-3
+    path = tmp_path / "stack.pt"
+    save_converted(converted, path)
+    loaded = load_converted(path, _conv1d_stack(seed=1))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), got)
+    with pytest.raises(ValueError, match=r"expected input \[B, 6, L\]"):
+        converted(torch.randn(4, 6, 5, 5))
+
+
+def test_audio_encoder_quantizes_its_conv1d_stem():
+    from zoo.encoders import SpectrogramAudioEncoder
+    from zoo.quant import QuantizedConv1d
+
+    torch.manual_seed(0)
+    encoder = SpectrogramAudioEncoder(n_mels=16, dim=32, depth=1, num_heads=4).eval()
+    inputs = {"waveform": torch.randn(3, 8000), "lengths": torch.tensor([8000, 6000, 3000])}
+    qat = quantize_(copy.deepcopy(encoder), weight_bit=8, overrides={})
+    with torch.no_grad(), calibrating(qat):
+        qat(inputs)
+    converted = convert_(copy.deepcopy(qat))
+    assert [type(m) for m in converted.stem][::2] == [QuantizedConv1d, QuantizedConv1d]
+    assert converted.stem[0].activation is None, "GELU stays separate: oneDNN's int8 convolution has no GELU post-op"
+    with torch.no_grad():
+        expected, got = qat(inputs), converted(inputs)
+    assert torch.equal(got.mask, expected.mask)
+    assert (got.embeddings - expected.embeddings).norm() / expected.embeddings.norm() < 1e-2

@@ -11,7 +11,7 @@
 See ``docs/qat.md``.
 """
 
-from zoo.quant.conv import QuantizedConv2d, fuse_convolutions_
+from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
 from zoo.quant.convert import (
     QuantizedEmbedding,
     QuantizedLinear,
@@ -28,6 +28,7 @@ from zoo.quant.convert import (
 from zoo.quant.fake_quant import FakeQuantizer, fake_quantize, qparams_from_range, quant_range
 from zoo.quant.qat import (
     DEFAULT_OVERRIDES,
+    QATConv1d,
     QATConv2d,
     QATEmbedding,
     QATLinear,
@@ -45,9 +46,11 @@ from zoo.quant.qat import (
 __all__ = [
     "DEFAULT_OVERRIDES",
     "FakeQuantizer",
+    "QATConv1d",
     "QATConv2d",
     "QATEmbedding",
     "QATLinear",
+    "QuantizedConv1d",
     "QuantizedConv2d",
     "QuantizedEmbedding",
     "QuantizedLinear",

@@ -19,9 +19,9 @@ from torch import Tensor, nn
 
 from zoo.quant.fake_quant import quant_range
 from zoo.quant.kernels import inductor_freezing, onednn_conv_prepack, onednn_int8_conv, pack_int4, unpack_int4
-from zoo.quant.qat import QATConv2d
+from zoo.quant.qat import QATConv1d, QATConv2d
 
-__all__ = ["QuantizedConv2d", "fold_batch_norm", "fuse_convolutions_"]
+__all__ = ["QuantizedConv1d", "QuantizedConv2d", "fold_batch_norm", "fuse_convolutions_"]
 
 #: oneDNN's int8 convolution reads unsigned codes: a layer's int8 codes ``q`` (zero point ``z``) travel as
 #: ``q + 128`` with zero point ``z + 128``, which stands for the same values
@@ -96,6 +96,18 @@ class QuantizedConv2d(nn.Module):
     def from_qat(cls, layer: QATConv2d, batch_norm: nn.BatchNorm2d | None = None) -> QuantizedConv2d:
         """The integer layer computing what ``layer`` simulates at its current bit widths, followed by
         ``batch_norm`` (in eval mode: its running statistics) when given."""
+        return cls._from_qat(layer, batch_norm, layer.kernel_size, layer.stride, layer.padding, layer.dilation)
+
+    @classmethod
+    def _from_qat(
+        cls,
+        layer: QATConv1d | QATConv2d,
+        batch_norm: nn.Module | None,
+        kernel_size: tuple[int, int],
+        stride: tuple[int, int],
+        padding: tuple[int, int],
+        dilation: tuple[int, int],
+    ) -> QuantizedConv2d:
         wq, aq = layer.weight_quant, layer.act_quant
         codes, scale, _ = wq.codes(layer.weight.flatten(1))
         scale = scale.reshape(-1).float()
@@ -105,10 +117,10 @@ class QuantizedConv2d(nn.Module):
         out = cls(
             layer.in_channels,
             layer.out_channels,
-            layer.kernel_size,
-            stride=layer.stride,
-            padding=layer.padding,
-            dilation=layer.dilation,
+            kernel_size,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
             groups=layer.groups,
             bias=bias is not None,
             weight_bit=wq.bits,
@@ -118,7 +130,7 @@ class QuantizedConv2d(nn.Module):
             device=layer.weight.device,
         )
         codes = codes.to(torch.int8)
-        out.qweight = pack_int4(codes) if wq.bits <= 4 else codes.view_as(layer.weight)
+        out.qweight = pack_int4(codes) if wq.bits <= 4 else codes.view(out.qweight.shape)
         out.weight_scale = scale.clone()
         if bias is not None:
             out.bias = bias.clone()
@@ -185,7 +197,7 @@ class QuantizedConv2d(nn.Module):
                 f"{type(self).__name__}: expected input [B, {self.in_channels}, H, W], got {list(x.shape)}"
             )
         if x.dtype == torch.uint8:  # the input's codes, written by the layer before (fuse_convolutions_)
-            q, out_dtype = x, self.weight_scale.dtype
+            q, out_dtype = x.contiguous(memory_format=torch.channels_last), self.weight_scale.dtype
         else:
             q, out_dtype = self.quantize_input(x), x.dtype
         onednn = self._packed is not None and (not torch.compiler.is_compiling() or inductor_freezing())
@@ -252,9 +264,30 @@ class QuantizedConv2d(nn.Module):
         )
 
 
+class QuantizedConv1d(QuantizedConv2d):
+    """Integer 1-D convolution, ``[B, in_channels, L] -> [B, out_channels, L']``: computed as a 2-D one of height 1
+    (the same kernels, :class:`QuantizedConv2d`), which is also how its geometry is stored (``kernel_size`` ``[1, k]``,
+    ``qweight`` ``[out, in / groups, 1, k]``)."""
+
+    @classmethod
+    def from_qat(cls, layer: QATConv1d, batch_norm: nn.BatchNorm1d | None = None) -> QuantizedConv1d:
+        """The integer layer computing what ``layer`` simulates at its current bit widths, followed by
+        ``batch_norm`` (in eval mode: its running statistics) when given."""
+        (k,), (s,), (p,), (d,) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+        return cls._from_qat(layer, batch_norm, (1, k), (1, s), (0, p), (1, d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 3 or x.shape[1] != self.in_channels:
+            raise ValueError(f"{type(self).__name__}: expected input [B, {self.in_channels}, L], got {list(x.shape)}")
+        return super().forward(x.unsqueeze(2)).squeeze(2)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "zoo_converted": "conv1d"}
+
+
 @torch.no_grad()
 def fold_batch_norm(
-    codes: Tensor, scale: Tensor, bias: Tensor | None, batch_norm: nn.BatchNorm2d
+    codes: Tensor, scale: Tensor, bias: Tensor | None, batch_norm: nn.BatchNorm1d | nn.BatchNorm2d
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fold an eval-mode ``batch_norm`` into a convolution's symmetric per-channel weight: ``(codes [out, K], scale
     [out], bias [out] or None)`` -> the same three for ``bn(conv(x))``.
@@ -301,7 +334,7 @@ def fuse_convolutions_(module: nn.Module) -> int:
             chain = (
                 conv.activation == "relu"
                 and following
-                and isinstance(following[0], QuantizedConv2d)
+                and type(following[0]) is type(conv)
                 and following[0].activation_bit == 8
             )
             if chain and not conv._codes_for:

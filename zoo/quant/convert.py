@@ -47,7 +47,7 @@ from torch import Tensor, nn
 
 from zoo.errors import ConfigError, DataError
 from zoo.layers.ffn import FeedForward
-from zoo.quant.conv import QuantizedConv2d, fuse_convolutions_
+from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
 from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
 from zoo.quant.kernels import (
     ceil8,
@@ -59,6 +59,7 @@ from zoo.quant.kernels import (
     unpack_int4,
 )
 from zoo.quant.qat import (
+    QATConv1d,
     QATConv2d,
     QATEmbedding,
     QATLinear,
@@ -467,7 +468,7 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     unobserved = [
         name
         for name, layer in qat_layers(module)
-        if isinstance(layer, QATLinear | QATConv2d)
+        if isinstance(layer, QATLinear | QATConv1d | QATConv2d)
         and layer.act_quant.granularity == "per_tensor"
         and not layer.act_quant.initialized
     ]
@@ -481,11 +482,13 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     for name, layer in list(qat_layers(module)):
         if layer.weight_quant.bits > layer.target_weight_bit:
             above.append(f"{name} ({layer.weight_quant.bits} > {layer.target_weight_bit})")
-        if isinstance(layer, QATConv2d):
+        if isinstance(layer, QATConv1d | QATConv2d):
+            one_d = isinstance(layer, QATConv1d)
             batch_norm = _next_in_sequential(module, name)
-            if not (type(batch_norm) is nn.BatchNorm2d and batch_norm.track_running_stats):
+            norm_type = nn.BatchNorm1d if one_d else nn.BatchNorm2d
+            if not (type(batch_norm) is norm_type and batch_norm.track_running_stats):
                 batch_norm = None
-            new: nn.Module = QuantizedConv2d.from_qat(layer, batch_norm)
+            new: nn.Module = (QuantizedConv1d if one_d else QuantizedConv2d).from_qat(layer, batch_norm)
             if batch_norm is not None:
                 _replace(module, _sibling(name, 1), nn.Identity())
         elif isinstance(layer, QATLinear):
@@ -530,8 +533,9 @@ def restore_converted_layers(module: nn.Module, state_dict: Mapping[str, Any]) -
             continue
         name = key[: -len("._extra_state")]
         device = next((t.device for k, t in state_dict.items() if k.startswith(name + ".") and torch.is_tensor(t)))
-        if state["zoo_converted"] == "conv2d":
-            new: nn.Module = QuantizedConv2d.from_extra_state(state, device)
+        if state["zoo_converted"] in ("conv1d", "conv2d"):
+            conv_class = QuantizedConv1d if state["zoo_converted"] == "conv1d" else QuantizedConv2d
+            new: nn.Module = conv_class.from_extra_state(state, device)
             if state["folded_batch_norm"]:  # saved without the batch norm it absorbed
                 _replace(module, _sibling(name, 1), nn.Identity())
         elif state["zoo_converted"] == "linear":
@@ -659,7 +663,7 @@ def _summary(module: nn.Module) -> dict[str, int]:
         if isinstance(m, QuantizedLinear):
             key = f"linear W{m.weight_bit}A{m.activation_bit}"
         elif isinstance(m, QuantizedConv2d):
-            key = f"conv2d W{m.weight_bit}A{m.activation_bit}"
+            key = f"{m.get_extra_state()['zoo_converted']} W{m.weight_bit}A{m.activation_bit}"
         elif isinstance(m, QuantizedEmbedding):
             key = f"embedding W{m.weight_bit}"
         else:
@@ -677,7 +681,8 @@ def calibrate(task: nn.Module, batches: Iterable[Any], num_batches: int) -> int:
     from lightning.pytorch.utilities import move_data_to_device
 
     if not any(
-        isinstance(m, QATLinear | QATConv2d) and m.act_quant.granularity == "per_tensor" for m in task.modules()
+        isinstance(m, QATLinear | QATConv1d | QATConv2d) and m.act_quant.granularity == "per_tensor"
+        for m in task.modules()
     ):
         return 0
     device, seen = next(task.parameters()).device, 0

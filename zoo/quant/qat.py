@@ -31,6 +31,7 @@ from zoo.quant.fake_quant import FakeQuantizer, Granularity, Observer, QuantMeth
 
 __all__ = [
     "DEFAULT_OVERRIDES",
+    "QATConv1d",
     "QATConv2d",
     "QATEmbedding",
     "QATLinear",
@@ -220,70 +221,47 @@ class QATEmbedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}"
 
 
-class QATConv2d(nn.Module):
-    """``nn.Conv2d`` with fake-quantized weights (per output channel, symmetric) and inputs (per tensor, static:
-    observed, or learned with LSQ): ``[B, in_channels, H, W] -> [B, out_channels, H', W']``.
+class _QATConv(nn.Module):
+    """What :class:`QATConv1d` and :class:`QATConv2d` share: fake-quantized weights (per output channel, symmetric)
+    and inputs (per tensor, static: observed, or learned with LSQ).
 
     The granularities are those of oneDNN's int8 convolution, which :func:`zoo.quant.convert_` turns the layer into:
     one input scale and zero point per tensor, symmetric weights. ``quant_method`` therefore sets the inputs' method
-    only. A ``BatchNorm2d`` that follows the layer in an ``nn.Sequential`` stays a float module in training and folds
-    into the integer layer's per-channel scales and bias at conversion, which leaves the codes unchanged.
-
-    Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv2d`` (numeric
-            padding, zero-padded).
-        weight_bit: the layer's target weight bit width (2..8).
-        activation_bit: input bit width (2..8).
-        quant_method: ``"symmetric"`` or ``"asymmetric"`` inputs.
-        learnable_scales: LSQ scales for the weight and the input.
-        observer: weight-range observer, ``"minmax"`` or ``"mse"``.
+    only. A batch norm that follows the layer in an ``nn.Sequential`` stays a float module in training and folds into
+    the integer layer's per-channel scales and bias at conversion, which leaves the codes unchanged.
     """
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        weight_bit: int = 8,
-        activation_bit: int = 8,
-        quant_method: QuantMethod = "symmetric",
-        learnable_scales: bool = False,
-        observer: Observer = "minmax",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
+    _float_type: type[nn.Module]
+    _kind: str
+
+    def __init__(self, base: nn.Module, **config: Any) -> None:
         super().__init__()
-        base = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         device=device, dtype=dtype)  # fmt: skip
-        config = dict(weight_bit=weight_bit, activation_bit=activation_bit, quant_method=quant_method,
-                      learnable_scales=learnable_scales, observer=observer)  # fmt: skip
         self._setup(base, **config)
 
+    @staticmethod
+    def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, *args: Any) -> Tensor:
+        raise NotImplementedError
+
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d | QATConv2d, **config: Any) -> QATConv2d:
+    def from_conv(cls, conv: nn.Module, **config: Any) -> _QATConv:
         """A QAT layer that shares ``conv``'s weight and bias parameters; ``config`` as the constructor."""
-        if not quantizable_conv(conv):
+        if not (isinstance(conv, cls) or (type(conv) is cls._float_type and quantizable_conv(conv))):
             raise ConfigError(
-                f"QATConv2d: only zero-padded nn.Conv2d with numeric padding quantize; got {conv} "
-                f"(padding={conv.padding!r}, padding_mode={conv.padding_mode!r})"
+                f"{cls.__name__}: only a zero-padded {cls._float_type.__name__} with numeric padding quantizes; got "
+                f"{conv} (padding={getattr(conv, 'padding', None)!r}, "
+                f"padding_mode={getattr(conv, 'padding_mode', None)!r})"
             )
         layer = cls.__new__(cls)
         nn.Module.__init__(layer)
         unknown = sorted(set(config) - set(_CONV_DEFAULTS))
         if unknown:
-            raise ConfigError(f"QATConv2d: {unknown[0]} is not a setting; use {', '.join(_CONV_DEFAULTS)}")
+            raise ConfigError(f"{cls.__name__}: {unknown[0]} is not a setting; use {', '.join(_CONV_DEFAULTS)}")
         layer._setup(conv, **(_CONV_DEFAULTS | config))
         return layer
 
     def _setup(
         self,
-        conv: nn.Conv2d | QATConv2d,
+        conv: nn.Module,
         weight_bit: int,
         activation_bit: int,
         quant_method: QuantMethod,
@@ -324,12 +302,12 @@ class QATConv2d(nn.Module):
         return "zeros"
 
     def forward(self, x: Tensor) -> Tensor:
-        # the quantizers work on [out, in * kh * kw] rows: one scale per output channel
+        # the quantizers work on [out, in * kernel] rows: one scale per output channel
         weight = self.weight_quant(self.weight.flatten(1)).view_as(self.weight)
-        return F.conv2d(self.act_quant(x), weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+        return self._conv(self.act_quant(x), weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
     def get_extra_state(self) -> dict[str, Any]:
-        return {"zoo_qat": "conv2d", "bias": self.bias is not None, **self.config}
+        return {"zoo_qat": self._kind, "bias": self.bias is not None, **self.config}
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.config = {k: state[k] for k in self.config}
@@ -342,15 +320,92 @@ class QATConv2d(nn.Module):
         )
 
 
+class QATConv2d(_QATConv):
+    """``nn.Conv2d`` with fake-quantized weights (per output channel, symmetric) and inputs (per tensor):
+    ``[B, in_channels, H, W] -> [B, out_channels, H', W']``. A ``BatchNorm2d`` after it in an ``nn.Sequential`` folds
+    into the integer layer at conversion (see the base class, ``_QATConv``).
+
+    Args:
+        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv2d`` (numeric
+            padding, zero-padded).
+        weight_bit: the layer's target weight bit width (2..8).
+        activation_bit: input bit width (2..8).
+        quant_method: ``"symmetric"`` or ``"asymmetric"`` inputs.
+        learnable_scales: LSQ scales for the weight and the input.
+        observer: weight-range observer, ``"minmax"`` or ``"mse"``.
+    """
+
+    _float_type, _kind = nn.Conv2d, "conv2d"
+    _conv = staticmethod(F.conv2d)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int | tuple[int, int],
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        dilation: int | tuple[int, int] = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        weight_bit: int = 8,
+        activation_bit: int = 8,
+        quant_method: QuantMethod = "symmetric",
+        learnable_scales: bool = False,
+        observer: Observer = "minmax",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        base = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)  # fmt: skip
+        super().__init__(base, weight_bit=weight_bit, activation_bit=activation_bit, quant_method=quant_method,
+                         learnable_scales=learnable_scales, observer=observer)  # fmt: skip
+
+
+class QATConv1d(_QATConv):
+    """``nn.Conv1d`` with fake-quantized weights (per output channel, symmetric) and inputs (per tensor):
+    ``[B, in_channels, L] -> [B, out_channels, L']``; converted into a 2-D integer convolution of height 1. Arguments
+    as :class:`QATConv2d`'s, with the geometry of ``nn.Conv1d``."""
+
+    _float_type, _kind = nn.Conv1d, "conv1d"
+    _conv = staticmethod(F.conv1d)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        stride: int = 1,
+        padding: int = 0,
+        dilation: int = 1,
+        groups: int = 1,
+        bias: bool = True,
+        *,
+        weight_bit: int = 8,
+        activation_bit: int = 8,
+        quant_method: QuantMethod = "symmetric",
+        learnable_scales: bool = False,
+        observer: Observer = "minmax",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        base = nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
+                         device=device, dtype=dtype)  # fmt: skip
+        super().__init__(base, weight_bit=weight_bit, activation_bit=activation_bit, quant_method=quant_method,
+                         learnable_scales=learnable_scales, observer=observer)  # fmt: skip
+
+
 def quantizable_conv(conv: nn.Module) -> bool:
-    """Whether :func:`quantize_` fake-quantizes ``conv``: an ``nn.Conv2d`` itself (not a subclass, whose forward may
-    differ: timm's ``Conv2dSame`` pads at run time) with numeric zero padding, or a :class:`QATConv2d`."""
-    if isinstance(conv, QATConv2d):
+    """Whether :func:`quantize_` fake-quantizes ``conv``: an ``nn.Conv1d`` or ``nn.Conv2d`` itself (not a subclass,
+    whose forward may differ: timm's ``Conv2dSame`` pads at run time) with numeric zero padding, or a QAT
+    convolution."""
+    if isinstance(conv, _QATConv):
         return True
-    return type(conv) is nn.Conv2d and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
+    return type(conv) in (nn.Conv1d, nn.Conv2d) and conv.padding_mode == "zeros" and not isinstance(conv.padding, str)
 
 
-QATLayer = QATLinear | QATConv2d | QATEmbedding
+QATLayer = QATLinear | QATConv1d | QATConv2d | QATEmbedding
 
 
 def _matches(name: str, pattern: str) -> bool:
@@ -405,7 +460,8 @@ def quantize_(
 
     Args:
         module: any model; its ``nn.Linear`` layers become :class:`QATLinear`, its ``nn.Conv2d`` layers
-            :class:`QATConv2d` (inputs per tensor, whatever ``activation_granularity`` says; see
+            :class:`QATConv2d` (``nn.Conv1d``: :class:`QATConv1d`; inputs per tensor, whatever
+            ``activation_granularity`` says; see
             :func:`quantizable_conv` for which), its ``nn.Embedding`` layers :class:`QATEmbedding` (weight-only, per
             row).
         weight_bit: weight bits of every ``nn.Linear`` no override pattern matches (2..8).
@@ -420,9 +476,9 @@ def quantize_(
         learnable_scales: learn scales with LSQ (weights, and per-tensor inputs).
         observer: weight-range observer, ``"minmax"`` or ``"mse"``.
         embedding_bit: weight bits of every ``nn.Embedding`` no override matches; ``None`` leaves them in float.
-        conv_bit: weight bits of every ``nn.Conv2d`` no override matches; ``None`` leaves them in float. Their
-            inputs are quantized per tensor, so a model with convolutions needs calibrating before a post-training
-            conversion even with per-token inputs elsewhere.
+        conv_bit: weight bits of every ``nn.Conv1d`` and ``nn.Conv2d`` no override matches; ``None`` leaves them in
+            float. Their inputs are quantized per tensor, so a model with convolutions needs calibrating before a
+            post-training conversion even with per-token inputs elsewhere.
 
     Raises:
         ConfigError: a bit width outside 2..8, an unknown method or setting, or a pattern that matches nothing; the
@@ -455,7 +511,7 @@ def quantize_(
     replacements = []
     for name, layer in layers:
         is_linear = isinstance(layer, nn.Linear | QATLinear)
-        is_conv = isinstance(layer, nn.Conv2d | QATConv2d)
+        is_conv = quantizable_conv(layer)
         base_bits = weight_bit if is_linear else conv_bit if is_conv else embedding_bit
         config: dict[str, Any] | None = None if base_bits is None else {"weight_bit": base_bits}
         for pattern, value in rules:
@@ -473,7 +529,8 @@ def quantize_(
             }
             new: QATLayer = QATLinear.from_linear(layer, **config)
         elif is_conv:
-            new = QATConv2d.from_conv(layer, **config, learnable_scales=learnable_scales, observer=observer)
+            conv_class = QATConv1d if isinstance(layer, nn.Conv1d | QATConv1d) else QATConv2d
+            new = conv_class.from_conv(layer, **config, learnable_scales=learnable_scales, observer=observer)
         else:
             new = QATEmbedding.from_embedding(
                 layer, weight_bit=config["weight_bit"], quant_method=config["quant_method"]
@@ -503,7 +560,7 @@ def _is_converted(module: nn.Module) -> bool:
 def qat_layers(module: nn.Module) -> Iterator[tuple[str, QATLayer]]:
     """``(name, layer)`` for every fake-quantized layer of ``module``."""
     for name, m in module.named_modules():
-        if isinstance(m, QATLinear | QATConv2d | QATEmbedding):
+        if isinstance(m, QATLinear | _QATConv | QATEmbedding):
             yield name, m
 
 
@@ -593,13 +650,14 @@ def restore_qat_layers(module: nn.Module, state_dict: Mapping[str, Any]) -> int:
             continue
         name = key[: -len("._extra_state")]
         layer = module.get_submodule(name)
-        if isinstance(layer, QATLinear | QATConv2d | QATEmbedding):
+        if isinstance(layer, QATLinear | _QATConv | QATEmbedding):
             continue
         if value["zoo_qat"] == "linear":
             config = {k: value[k] for k in _LINEAR_DEFAULTS}
             _replace(module, name, QATLinear.from_linear(layer, **config))
-        elif value["zoo_qat"] == "conv2d":
-            _replace(module, name, QATConv2d.from_conv(layer, **{k: value[k] for k in _CONV_DEFAULTS}))
+        elif value["zoo_qat"] in ("conv1d", "conv2d"):
+            conv_class = QATConv1d if value["zoo_qat"] == "conv1d" else QATConv2d
+            _replace(module, name, conv_class.from_conv(layer, **{k: value[k] for k in _CONV_DEFAULTS}))
         else:
             _replace(
                 module,
