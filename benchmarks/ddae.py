@@ -49,7 +49,9 @@ import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+
+from _common import machine  # noqa: E402
 
 from datamodules._common import SeededShuffleSampler  # noqa: E402
 from datamodules.ddae.augment import TextAugmenter  # noqa: E402
@@ -91,6 +93,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--defer-augmentation",
         action="store_true",
         help="with --resample-from: the plain phase shuffles the original examples only; the copies join after it",
+    )
+    p.add_argument(
+        "--retrain-classifier",
+        action="store_true",
+        help="with --resample-from: the re-balanced phase trains the last Linear layer alone, the rest frozen "
+        "(classifier re-training, Kang et al. 2020)",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -226,7 +234,15 @@ def train_and_test(
     optimizer = torch.optim.AdamW(groups, lr=args.lr, weight_decay=args.weight_decay)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=args.steps, pct_start=0.05)
     model.train()
+    frozen_at = int(args.resample_from * args.steps) if resample and args.retrain_classifier else None
     for step in range(args.steps):
+        if step == frozen_at:  # classifier re-training: only the last Linear layer learns from here on
+            classifier = [m for m in model.modules() if isinstance(m, nn.Linear)][-1]
+            for param in model.parameters():
+                param.requires_grad_(False)
+            for param in classifier.parameters():
+                param.requires_grad_(True)
+            model.eval()  # the frozen body's dropout off, as for the features of a trained model
         batch = order[step * args.batch_size : (step + 1) * args.batch_size]
         inputs = (
             train_x[torch.as_tensor(batch, device=device)]
@@ -283,6 +299,7 @@ def environment(device: str) -> dict[str, str]:
             for name in ("torch", "lightning", "torchmetrics", "transformers", "bert-score", "nlpaug")
         },
         "load_average": " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "git_commit": machine()["git_commit"],
     }
     if device.startswith("cuda") and torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
