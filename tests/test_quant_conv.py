@@ -64,6 +64,9 @@ def test_conv_weight_fake_quant_error_within_half_a_step_per_output_channel(bits
     error = (w_hat - w64).abs().amax((1, 2, 3))
     assert (error <= step / 2 + 1e-7).all(), (error, step)
     assert weight_quant_error(layer) > 0
+    built = QATConv2d(6, 5, 3, padding=1, weight_bit=bits, dtype=torch.float64)  # nn.Conv2d's arguments, and the bits
+    assert built(torch.randn(2, 6, 8, 8, dtype=torch.float64)).shape == (2, 5, 8, 8)
+    assert built.weight_quant.bits == bits and built.padding == (1, 1)
 
 
 def test_quantize_swaps_plain_zero_padded_convs_only():

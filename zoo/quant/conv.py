@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.quant.fake_quant import quant_range
-from zoo.quant.kernels import inductor_freezing, onednn_conv_prepack, onednn_int8_conv, pack_int4, unpack_int4
+from zoo.quant.kernels import (
+    PrepackedLayer,
+    inductor_freezing,
+    onednn_conv_prepack,
+    onednn_int8_conv,
+    pack_int4,
+    unpack_int4,
+)
 from zoo.quant.qat import QATConv1d, QATConv2d
 
 __all__ = ["QuantizedConv1d", "QuantizedConv2d", "fold_batch_norm", "fuse_convolutions_"]
@@ -28,7 +35,7 @@ __all__ = ["QuantizedConv1d", "QuantizedConv2d", "fold_batch_norm", "fuse_convol
 _UINT8_OFFSET = 128
 
 
-class QuantizedConv2d(nn.Module):
+class QuantizedConv2d(PrepackedLayer):
     """Integer 2-D convolution: ``[B, in_channels, H, W] -> [B, out_channels, H', W']`` (channels-last) in the input's
     float dtype, or uint8 codes of the next layer's input (:func:`fuse_convolutions_`).
 
@@ -88,8 +95,6 @@ class QuantizedConv2d(nn.Module):
         self.register_buffer("bias", torch.zeros(out_channels, device=device) if bias else None)
         self.register_buffer("act_scale", torch.ones(1, device=device))
         self.register_buffer("act_zero_point", torch.zeros(1, device=device))
-        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
-        self._packed: Tensor | None = None
         self._refresh()
 
     @classmethod
@@ -168,21 +173,6 @@ class QuantizedConv2d(nn.Module):
             dilation=self.dilation,
             groups=self.groups,
         )
-
-    def _apply(self, fn, recurse: bool = True):
-        # after .to(device) and the like, prepack again (the opaque oneDNN weight cannot go through fn)
-        self._packed = None
-        super()._apply(fn, recurse)
-        self._refresh()
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        # copy.deepcopy and pickle: the prepacked weight is an opaque oneDNN tensor with no storage; rebuilt after
-        return {**super().__getstate__(), "_packed": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._refresh()
 
     def quantize_input(self, x: Tensor) -> Tensor:
         """The uint8 codes of a float input, channels-last: the fake quantizer's codes plus 128."""

@@ -50,6 +50,7 @@ from zoo.layers.ffn import FeedForward
 from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
 from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
 from zoo.quant.kernels import (
+    PrepackedLayer,
     ceil8,
     inductor_freezing,
     int8_mm,
@@ -89,7 +90,7 @@ __all__ = [
 FORMAT = "zoo.quant.converted/1"
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(PrepackedLayer):
     """Integer linear layer: ``[..., in_features] -> [..., out_features]`` in the input's dtype.
 
     Computes ``y = act(s_x * s_w * ((q_x - z_x) . (q_w - z_w)) + bias)`` with the dot product in int32 (oneDNN on
@@ -143,7 +144,6 @@ class QuantizedLinear(nn.Module):
         # zero-point corrections need. Derived from the state dict, so not saved.
         self.register_buffer("_wt", torch.zeros(0, dtype=torch.int8, device=device), persistent=False)
         self.register_buffer("_w_colsum", torch.zeros(0, dtype=torch.int32, device=device), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
         self._refresh()
 
     @classmethod
@@ -210,22 +210,6 @@ class QuantizedLinear(nn.Module):
         self._packed_bias = None if self.bias is None else self.bias.float()
         if self.activation_granularity == "per_tensor" and self.act_scale.device.type != "meta":
             self._x_scale, self._x_zero_point = float(self.act_scale), int(self.act_zero_point)
-
-    def _apply(self, fn, recurse: bool = True):
-        # after .to(device) and the like, lay the GEMM operand out for the new device (the opaque prepacked weight
-        # cannot go through fn)
-        self._packed = None
-        super()._apply(fn, recurse)
-        self._refresh()
-        return self
-
-    def __getstate__(self) -> dict[str, Any]:
-        # copy.deepcopy and pickle: the prepacked weight is an opaque oneDNN tensor with no storage; rebuilt after
-        return {**super().__getstate__(), "_packed": None}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self._refresh()
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape

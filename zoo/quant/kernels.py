@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import math
 import platform
+from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 __all__ = [
     "ACTIVATIONS",
+    "PrepackedLayer",
     "ceil8",
     "inductor_freezing",
     "int8_mm",
@@ -207,3 +209,33 @@ def onednn_int8_conv(
         [],
         algorithm,
     )
+
+
+class PrepackedLayer(nn.Module):
+    """Base of the integer layers that hold a weight prepacked for oneDNN in ``_packed``: an opaque tensor outside
+    the state dict, which ``_refresh()`` (each layer's own) derives from the saved buffers after ``load_state_dict``,
+    ``.to()`` and the like, ``copy.deepcopy`` and unpickling."""
+
+    _packed: Tensor | None = None
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+
+    def _refresh(self) -> None:
+        raise NotImplementedError
+
+    def _apply(self, fn, recurse: bool = True):
+        # the opaque prepacked weight cannot go through fn: dropped, then derived again on the new device or dtype
+        self._packed = None
+        super()._apply(fn, recurse)
+        self._refresh()
+        return self
+
+    def __getstate__(self) -> dict[str, Any]:
+        # the prepacked weight has no storage to copy or pickle; rebuilt after
+        return {**super().__getstate__(), "_packed": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._refresh()

@@ -234,9 +234,19 @@ class _QATConv(nn.Module):
     _float_type: type[nn.Module]
     _kind: str
 
-    def __init__(self, base: nn.Module, **config: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        weight_bit: int = 8,
+        activation_bit: int = 8,
+        quant_method: QuantMethod = "symmetric",
+        learnable_scales: bool = False,
+        observer: Observer = "minmax",
+        **conv_kwargs: Any,
+    ) -> None:
         super().__init__()
-        self._setup(base, **config)
+        conv = self._float_type(*args, **conv_kwargs)
+        self._setup(conv, weight_bit, activation_bit, quant_method, learnable_scales, observer)
 
     @staticmethod
     def _conv(x: Tensor, weight: Tensor, bias: Tensor | None, *args: Any) -> Tensor:
@@ -326,8 +336,8 @@ class QATConv2d(_QATConv):
     into the integer layer at conversion (see the base class, ``_QATConv``).
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as ``nn.Conv2d`` (numeric
-            padding, zero-padded).
+        *args, **conv_kwargs: those of ``nn.Conv2d`` (``in_channels``, ``out_channels``, ``kernel_size``, ...,
+            ``device``, ``dtype``; numeric padding, zero-padded).
         weight_bit: the layer's target weight bit width (2..8).
         activation_bit: input bit width (2..8).
         quant_method: ``"symmetric"`` or ``"asymmetric"`` inputs.
@@ -338,62 +348,14 @@ class QATConv2d(_QATConv):
     _float_type, _kind = nn.Conv2d, "conv2d"
     _conv = staticmethod(F.conv2d)
 
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int | tuple[int, int],
-        stride: int | tuple[int, int] = 1,
-        padding: int | tuple[int, int] = 0,
-        dilation: int | tuple[int, int] = 1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        weight_bit: int = 8,
-        activation_bit: int = 8,
-        quant_method: QuantMethod = "symmetric",
-        learnable_scales: bool = False,
-        observer: Observer = "minmax",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        base = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         device=device, dtype=dtype)  # fmt: skip
-        super().__init__(base, weight_bit=weight_bit, activation_bit=activation_bit, quant_method=quant_method,
-                         learnable_scales=learnable_scales, observer=observer)  # fmt: skip
-
 
 class QATConv1d(_QATConv):
     """``nn.Conv1d`` with fake-quantized weights (per output channel, symmetric) and inputs (per tensor):
     ``[B, in_channels, L] -> [B, out_channels, L']``; converted into a 2-D integer convolution of height 1. Arguments
-    as :class:`QATConv2d`'s, with the geometry of ``nn.Conv1d``."""
+    as :class:`QATConv2d`'s, with those of ``nn.Conv1d``."""
 
     _float_type, _kind = nn.Conv1d, "conv1d"
     _conv = staticmethod(F.conv1d)
-
-    def __init__(
-        self,
-        in_channels: int,
-        out_channels: int,
-        kernel_size: int,
-        stride: int = 1,
-        padding: int = 0,
-        dilation: int = 1,
-        groups: int = 1,
-        bias: bool = True,
-        *,
-        weight_bit: int = 8,
-        activation_bit: int = 8,
-        quant_method: QuantMethod = "symmetric",
-        learnable_scales: bool = False,
-        observer: Observer = "minmax",
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-    ) -> None:
-        base = nn.Conv1d(in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias,
-                         device=device, dtype=dtype)  # fmt: skip
-        super().__init__(base, weight_bit=weight_bit, activation_bit=activation_bit, quant_method=quant_method,
-                         learnable_scales=learnable_scales, observer=observer)  # fmt: skip
 
 
 def quantizable_conv(conv: nn.Module) -> bool:
