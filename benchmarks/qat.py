@@ -85,14 +85,15 @@ from zoo.quant.convert import onednn_int8_mm, onednn_prepack  # noqa: E402
 #: the integer variants, as quantize_ arguments: "mixed" is vqa_qat.yaml's policy (attention 8, FFN 4, the rest 8);
 #: inputs are quantized per token (dynamic) unless the name ends in "_per_tensor" (static scales, observed)
 POLICIES = {
-    "int8": {"weight_bit": 8, "activation_bit": 8, "overrides": {}},
-    "mixed": {"weight_bit": 8, "activation_bit": 8, "overrides": dict(DEFAULT_OVERRIDES)},
-    "w4": {"weight_bit": 4, "activation_bit": 8, "overrides": {}},
+    "int8": {"weight_bit": 8, "activation_bit": 8, "overrides": {}, "conv_bit": 8},
+    "mixed": {"weight_bit": 8, "activation_bit": 8, "overrides": dict(DEFAULT_OVERRIDES), "conv_bit": 8},
+    "w4": {"weight_bit": 4, "activation_bit": 8, "overrides": {}, "conv_bit": 8},
 }
 POLICIES |= {
     f"{name}_per_tensor": {**policy, "activation_granularity": "per_tensor"} for name, policy in POLICIES.items()
 }
-#: the convolutions (the image encoder's stem: 8-bit by default, quantize_'s conv_bit) left in float: their share
+#: the convolutions (the image encoder's stem, 8-bit in every policy above, as in the QAT configs) left in float:
+#: their share
 POLICIES["int8_per_tensor_float_convs"] = {**POLICIES["int8_per_tensor"], "conv_bit": None}
 #: accuracy variants: config, QAT schedule and quantize_ arguments (None: a float run), PTQ policies of the float runs.
 #: float_finetune (with --finetune-epochs only) continues the float run as the QAT fine-tunes do, without

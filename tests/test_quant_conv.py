@@ -44,7 +44,7 @@ def _stem(seed: int = 0, *, negative_gamma: bool = True) -> nn.Module:
 
 
 def _calibrated(model: nn.Module, **quant) -> nn.Module:
-    qat = quantize_(copy.deepcopy(model), overrides={}, **quant)
+    qat = quantize_(copy.deepcopy(model), overrides={}, **({"conv_bit": 8} | quant))
     with torch.no_grad(), calibrating(qat):
         for seed in range(3):
             qat(torch.randn(8, 3, 21, 21, generator=torch.Generator().manual_seed(seed)))
@@ -81,11 +81,11 @@ def test_quantize_swaps_plain_zero_padded_convs_only():
         nn.Flatten(),
         nn.Linear(4, 2),
     )
-    quantize_(model, overrides={})
+    quantize_(model, overrides={}, conv_bit=8)
     assert [type(m).__name__ for m in model][:4] == ["QATConv2d", "Conv2d", "Conv2d", "SameConv"]
     assert model[0].weight_quant.bits == 8 and model[0].act_quant.granularity == "per_tensor"
-    floats = quantize_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)), overrides={}, conv_bit=None)
-    assert type(floats[0]) is nn.Conv2d and type(floats[1]).__name__ == "QATLinear"
+    floats = quantize_(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Linear(4, 2)), overrides={})
+    assert type(floats[0]) is nn.Conv2d and type(floats[1]).__name__ == "QATLinear", "convolutions are opt-in"
 
 
 def test_conv_overrides_and_invalid_conv_bit():
@@ -172,7 +172,7 @@ def test_deepcopy_keeps_the_chain_and_the_prepacked_weight():
 
 
 def test_unobserved_conv_inputs_refuse_to_convert_and_calibrate_runs_for_per_token_models():
-    qat = quantize_(_stem(), overrides={}, activation_granularity="per_token")
+    qat = quantize_(_stem(), overrides={}, activation_granularity="per_token", conv_bit=8)
     with pytest.raises(ConfigError, match="observed no data"):
         convert_(copy.deepcopy(qat))
 
@@ -192,7 +192,7 @@ def test_unobserved_conv_inputs_refuse_to_convert_and_calibrate_runs_for_per_tok
 def test_qat_conv_trains_and_restores_from_its_state_dict():
     from zoo.quant import restore_qat_layers
 
-    qat = quantize_(_stem(), overrides={}, learnable_scales=True).train()
+    qat = quantize_(_stem(), overrides={}, learnable_scales=True, conv_bit=8).train()
     qat(torch.randn(4, 3, 21, 21)).embeddings.sum().backward()
     conv = qat.stages[0]
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() > 0
@@ -301,7 +301,7 @@ def test_audio_encoder_quantizes_its_conv1d_stem():
     torch.manual_seed(0)
     encoder = SpectrogramAudioEncoder(n_mels=16, dim=32, depth=1, num_heads=4).eval()
     inputs = {"waveform": torch.randn(3, 8000), "lengths": torch.tensor([8000, 6000, 3000])}
-    qat = quantize_(copy.deepcopy(encoder), weight_bit=8, overrides={})
+    qat = quantize_(copy.deepcopy(encoder), weight_bit=8, overrides={}, conv_bit=8)
     with torch.no_grad(), calibrating(qat):
         qat(inputs)
     converted = convert_(copy.deepcopy(qat))

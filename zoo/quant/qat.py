@@ -7,9 +7,9 @@ rounding.
 
 Per-layer bit widths come from ``overrides``, a mapping ``{pattern: bits}`` whose patterns are ``fnmatch`` patterns
 over module names (``*`` also crosses dots). The default is :data:`DEFAULT_OVERRIDES`: attention projections 8-bit,
-FFN layers 4-bit; every other ``nn.Linear`` gets ``weight_bit``, every ``nn.Conv2d`` ``conv_bit`` (8). A pattern
-also matches everything inside the module it names (``"head"`` covers ``head.1`` and ``head.4``); when several
-patterns match a layer, the last one wins.
+FFN layers 4-bit; every other ``nn.Linear`` gets ``weight_bit``; convolutions are quantized only when ``conv_bit`` is
+given (their inputs need calibrated scales). A pattern also matches everything inside the module it names (``"head"``
+covers ``head.1`` and ``head.4``); when several patterns match a layer, the last one wins.
 
 Layers keep their ``weight``/``bias`` parameters (the same tensor objects), so an optimizer built before or after the
 swap trains them, and a float checkpoint loads into the quantized model with ``strict=False``.
@@ -415,7 +415,7 @@ def quantize_(
     learnable_scales: bool = False,
     observer: Observer = "minmax",
     embedding_bit: int | None = 8,
-    conv_bit: int | None = 8,
+    conv_bit: int | None = None,
 ) -> nn.Module:
     """Prepare ``module`` for quantization-aware training, in place; returns it (or the replacement when ``module``
     itself is an ``nn.Linear``).
@@ -438,9 +438,10 @@ def quantize_(
         learnable_scales: learn scales with LSQ (weights, and per-tensor inputs).
         observer: weight-range observer, ``"minmax"`` or ``"mse"``.
         embedding_bit: weight bits of every ``nn.Embedding`` no override matches; ``None`` leaves them in float.
-        conv_bit: weight bits of every ``nn.Conv1d`` and ``nn.Conv2d`` no override matches; ``None`` leaves them in
-            float. Their inputs are quantized per tensor, so a model with convolutions needs calibrating before a
-            post-training conversion even with per-token inputs elsewhere.
+        conv_bit: weight bits of every ``nn.Conv1d`` and ``nn.Conv2d`` no override matches; ``None`` (the default)
+            leaves them in float. Their inputs are quantized per tensor, so a model with quantized convolutions needs
+            calibrating before a post-training conversion even with per-token inputs elsewhere; ``None`` keeps the
+            defaults free of calibration, as per-token inputs do.
 
     Raises:
         ConfigError: a bit width outside 2..8, an unknown method or setting, or a pattern that matches nothing; the
