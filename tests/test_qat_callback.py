@@ -277,7 +277,7 @@ def test_float_checkpoint_converts_after_training_with_quant(tmp_path):
     cls = f"{TinyTask.__module__}.TinyTask"
     with pytest.raises(ConfigError, match="no quantization-aware layers"):
         convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls])
-    with pytest.raises(ConfigError, match="observed no data.*calibrating"):  # per-tensor PTQ needs calibration
+    with pytest.raises(ConfigError, match="per tensor.*add --calibrate N"):  # per-tensor PTQ needs calibration
         per_tensor = '{"weight_bit": 8, "activation_granularity": "per_tensor"}'
         convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls, "--quant", per_tensor])
     convert_main(["--ckpt", str(ckpt), "--out", str(out), "--model-class", cls, "--quant", '{"weight_bit": 8}'])

@@ -718,7 +718,7 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         metavar="N",
         help="with --quant: run N training batches of the checkpoint's datamodule under zoo.quant.calibrating "
-        "(per-tensor input scales need it)",
+        "(per-tensor input scales need it: activation_granularity per_tensor, and quantized convolutions)",
     )
     parser.add_argument(
         "--model-class", help="LightningModule class (module.Class) when the checkpoint does not record one"
@@ -758,6 +758,14 @@ def main(argv: list[str] | None = None) -> None:
         if args.quant is None:
             raise ConfigError("--calibrate is for post-training quantization (--quant): QAT trained the scales")
         _calibrate(model, checkpoint, args.calibrate, source=str(ckpt_path), datamodule_class=args.datamodule_class)
+    elif args.quant is not None and any(
+        isinstance(m, QATLinear | QATConv1d | QATConv2d) and m.act_quant.granularity == "per_tensor"
+        for m in model.modules()
+    ):
+        raise ConfigError(
+            f"--quant {args.quant} quantizes inputs per tensor (activation_granularity per_tensor, or conv_bit for "
+            "the convolutions), whose scales must be observed: add --calibrate N (N training batches)"
+        )
     model = convert_(model)
     metadata = {
         "hparams": dict(hparams or {}) | ({"_class_path": args.model_class} if args.model_class else {}),
