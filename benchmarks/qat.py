@@ -6,8 +6,10 @@ same run.
 timed side by side (rounds interleaved, medians and the median of per-round ratios), on the CPU against fp32 and on
 a GPU against bf16 autocast, eager and ``torch.compile``d (on the CPU with inductor freezing, so that compiled
 integer layers keep oneDNN's GEMM); on the CPU also the integer model on ``torch._int_mm`` (the kernel before the
-oneDNN packing) and the float model in bf16, eager and compiled, for reference; sizes on disk; and the layer-level
-768 -> 3072 -> 768 FFN on 2048 tokens. Writes ``benchmarks/results/qat_latency_<device>_<date>.json``::
+oneDNN packing), the per-tensor model without the FFN fusion and with its convolutions in float (their shares), and
+the float model in bf16, eager and compiled, for reference; sizes on disk; and the layer-level 768 -> 3072 -> 768
+FFN on 2048 tokens. Every integer policy quantizes the image encoder's convolutions too (``conv_bit`` 8). Writes
+``benchmarks/results/qat_latency_<device>_<date>.json``::
 
     python benchmarks/qat.py --mode latency                       # CPU here (2-3 minutes on 2 quiet cores)
     python benchmarks/qat.py --mode latency --device cuda         # H200: bf16 baseline
@@ -26,7 +28,8 @@ fp32). Variants: ``float``; ``ptq_mixed``/``ptq_w4`` (the float run quantized af
 FFN-A8, and W4A8 everywhere); ``qat_fixed4`` (W4A8 everywhere, schedule [4]); ``qat_progressive`` (W4A8
 everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 -> 4, the shipped vqa_qat.yaml policy);
 ``qat_mixed_per_tensor`` and ``ptq_mixed_per_tensor`` (the mixed policy with static per-tensor input scales, the
-fastest integer path on x86 CPUs; PTQ observes them on 16 training batches).
+fastest integer path on x86 CPUs; PTQ observes them on 16 training batches). ``--ptq`` picks the post-training
+variants (default: all).
 
 By default each QAT run trains from scratch as vqa_qat.yaml does (float for the first half, then the stages). With
 ``--finetune-epochs N`` the float run goes first and every QAT run starts from its final weights
