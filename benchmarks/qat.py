@@ -11,7 +11,7 @@ the float model in bf16, eager and compiled, for reference; sizes on disk; and t
 FFN on 2048 tokens. Every integer policy quantizes the image encoder's convolutions too (``conv_bit`` 8). Writes
 ``benchmarks/results/qat_latency_<device>_<date>.json``::
 
-    python benchmarks/qat.py --mode latency                       # CPU here (2-3 minutes on 2 quiet cores)
+    python benchmarks/qat.py --mode latency                       # CPU here (about 4 minutes on 2 quiet cores)
     python benchmarks/qat.py --mode latency --device cuda         # H200: bf16 baseline
 
 ``--mode profile`` (CPU by default): where the time of one VQA forward goes, fp32 against the converted int8 model
