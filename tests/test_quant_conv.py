@@ -311,3 +311,28 @@ def test_audio_encoder_quantizes_its_conv1d_stem():
         expected, got = qat(inputs), converted(inputs)
     assert torch.equal(got.mask, expected.mask)
     assert (got.embeddings - expected.embeddings).norm() / expected.embeddings.norm() < 1e-2
+
+
+def test_grouped_dilated_and_strided_convolutions_convert_exactly():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 3, padding=2, dilation=2, groups=8, bias=False),  # depthwise, dilated
+        nn.BatchNorm2d(8),
+        nn.ReLU(),
+        nn.Conv2d(8, 16, (1, 3), stride=(1, 2), padding=(0, 1), groups=2),  # grouped, rectangular, strided
+        nn.ReLU(),
+    ).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2), model[1].weight.uniform_(-1, 1)
+    qat = quantize_(copy.deepcopy(model), overrides={}, conv_bit=8)
+    with torch.no_grad(), calibrating(qat):
+        for _ in range(3):
+            qat(torch.randn(4, 8, 12, 12))
+    converted = convert_(copy.deepcopy(qat))
+    assert converted[0]._codes_for == (converted[3],)
+    x = torch.randn(4, 8, 12, 12)
+    with torch.no_grad():
+        expected, got = qat(x), converted(x)
+    assert got.shape == (4, 16, 12, 6)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0.02 * expected.abs().max().item())
+    assert (got - expected).norm() / expected.norm() < 2e-3

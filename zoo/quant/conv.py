@@ -247,7 +247,10 @@ class QuantizedConv2d(PrepackedLayer):
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={tuple(self.kernel_size)}, "
-            f"stride={tuple(self.stride)}, padding={tuple(self.padding)}, W{self.weight_bit}A{self.activation_bit}"
+            f"stride={tuple(self.stride)}, padding={tuple(self.padding)}"
+            + (f", dilation={tuple(self.dilation)}" if any(d != 1 for d in self.dilation) else "")
+            + (f", groups={self.groups}" if self.groups != 1 else "")
+            + f", W{self.weight_bit}A{self.activation_bit}"
             + (", batch norm folded" if self.folded_batch_norm else "")
             + (f", activation={self.activation}" if self.activation else "")
             + (", writes the next layer's uint8 input codes" if self._codes_for else "")
