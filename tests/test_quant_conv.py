@@ -323,7 +323,9 @@ def test_grouped_dilated_and_strided_convolutions_convert_exactly():
         nn.ReLU(),
     ).eval()
     with torch.no_grad():
-        model[1].running_mean.uniform_(-1, 1), model[1].running_var.uniform_(0.5, 2), model[1].weight.uniform_(-1, 1)
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2)
+        model[1].weight.uniform_(-1, 1)
     qat = quantize_(copy.deepcopy(model), overrides={}, conv_bit=8)
     with torch.no_grad(), calibrating(qat):
         for _ in range(3):
