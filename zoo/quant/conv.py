@@ -1,6 +1,7 @@
-"""Integer convolution: :class:`QuantizedConv2d`, what :func:`zoo.quant.convert_` makes of a
-:class:`~zoo.quant.qat.QATConv2d`, and :func:`fuse_convolutions_`, which chains the integer convolutions of an
-``nn.Sequential`` stem.
+"""Integer convolution: :class:`QuantizedConv2d` and :class:`QuantizedConv1d` (run as a 2-D one of height 1), what
+:func:`zoo.quant.convert_` makes of a :class:`~zoo.quant.qat.QATConv2d` or :class:`~zoo.quant.qat.QATConv1d`;
+:func:`fold_batch_norm`, which folds the batch norm after one into it; and :func:`fuse_convolutions_`, which chains
+the integer convolutions of an ``nn.Sequential`` stem.
 
 On x86 CPUs the layer runs oneDNN's int8 convolution (``torch.ops.onednn.qconv2d_pointwise``, VNNI/AMX; the kernel
 inductor's x86 int8 path lowers to) on uint8 input codes, with the rescaling, bias and a folded ReLU in its epilogue.
