@@ -197,7 +197,6 @@ class QuantizedConv2d(PrepackedLayer):
             y = F.conv2d(x_hat, self.dequantized_weight(), self._packed_bias, self.stride, self.padding, self.dilation,
                          self.groups)  # fmt: skip
             return (F.relu(y) if self.activation == "relu" else y).to(out_dtype)
-        consumer = self._codes_for[0] if self._codes_for and not self.training else None
         y = onednn_int8_conv(
             q,
             self._packed,
@@ -210,12 +209,9 @@ class QuantizedConv2d(PrepackedLayer):
             padding=self.padding,
             dilation=self.dilation,
             groups=self.groups,
-            out_dtype=torch.uint8 if consumer else out_dtype if out_dtype == torch.bfloat16 else torch.float32,
-            activation=self.activation,
-            output_scale=consumer._x_scale if consumer else 1.0,
-            output_zero_point=consumer._x_zero_point if consumer else 0,
+            **self._epilogue(out_dtype, torch.uint8),
         )
-        return y if consumer else y.to(out_dtype)
+        return y if y.dtype == torch.uint8 else y.to(out_dtype)
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -230,7 +230,6 @@ class QuantizedLinear(PrepackedLayer):
         if onednn and self.activation_granularity == "per_tensor":
             # the whole layer in oneDNN: the input's scale and zero point, the bias and the activation run in the
             # GEMM's epilogue, which writes the output once, in the input's dtype, or as the next layer's input codes
-            consumer = self._codes_for[0] if self._codes_for and not self.training else None
             y = onednn_int8_mm(
                 q,
                 self._packed,
@@ -239,12 +238,9 @@ class QuantizedLinear(PrepackedLayer):
                 x_scale=self._x_scale,
                 x_zero_point=self._x_zero_point,
                 bias=self._packed_bias,
-                out_dtype=torch.int8 if consumer else out_dtype if out_dtype == torch.bfloat16 else torch.float32,
-                activation=self.activation,
-                output_scale=consumer._x_scale if consumer else 1.0,
-                output_zero_point=consumer._x_zero_point if consumer else 0,
+                **self._epilogue(out_dtype, torch.int8),
             )
-            return (y if consumer else y.to(out_dtype)).reshape(*shape[:-1], self.out_features)
+            return (y if y.dtype == torch.int8 else y.to(out_dtype)).reshape(*shape[:-1], self.out_features)
         if onednn:
             # s_w (q_x . q_w) per output channel, float32, from oneDNN's int8 GEMM on the prepacked weight; the
             # per-token scales multiply after it

@@ -217,10 +217,32 @@ class PrepackedLayer(nn.Module):
     ``.to()`` and the like, ``copy.deepcopy`` and unpickling."""
 
     _packed: Tensor | None = None
+    # each layer's own, set in its __init__ and _refresh (see QuantizedLinear, QuantizedConv2d)
+    activation: str | None
+    _codes_for: tuple[PrepackedLayer, ...]
+    _x_scale: float
+    _x_zero_point: int
 
     def __init__(self) -> None:
         super().__init__()
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+
+    def _epilogue(self, out_dtype: torch.dtype, codes_dtype: torch.dtype) -> dict[str, Any]:
+        """Keyword arguments of a oneDNN call's output: the next layer's input codes (``codes_dtype``, at its input
+        scale and zero point) when this layer writes them, in eval mode; else the output in ``out_dtype`` where
+        oneDNN writes it (bf16), float32 otherwise. Either way with ``activation`` applied."""
+        consumer = self._codes_for[0] if self._codes_for and not self.training else None
+        if consumer is None:
+            return {
+                "out_dtype": out_dtype if out_dtype == torch.bfloat16 else torch.float32,
+                "activation": self.activation,
+            }
+        return {
+            "out_dtype": codes_dtype,
+            "activation": self.activation,
+            "output_scale": consumer._x_scale,
+            "output_zero_point": consumer._x_zero_point,
+        }
 
     def _refresh(self) -> None:
         raise NotImplementedError
