@@ -230,10 +230,6 @@ class QuantizedConv2d(PrepackedLayer):
             "folded_batch_norm": self.folded_batch_norm,
         }
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if state != self.get_extra_state():
-            raise ValueError(f"QuantizedConv2d: state dict configuration {state} differs from this layer's")
-
     @classmethod
     def from_extra_state(cls, state: dict[str, Any], device: torch.device) -> QuantizedConv2d:
         """An empty layer of the configuration ``get_extra_state`` saved, for ``load_state_dict`` to fill."""

@@ -295,10 +295,6 @@ class QuantizedLinear(PrepackedLayer):
             "activation_granularity": self.activation_granularity,
         }
 
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        if state != self.get_extra_state():
-            raise ValueError(f"QuantizedLinear: state dict configuration {state} differs from this layer's")
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -247,6 +247,11 @@ class PrepackedLayer(nn.Module):
     def _refresh(self) -> None:
         raise NotImplementedError
 
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        # the configuration is fixed when the layer is built (restore_converted_layers builds it from this very state)
+        if state != self.get_extra_state():
+            raise ValueError(f"{type(self).__name__}: state dict configuration {state} differs from this layer's")
+
     def _apply(self, fn, recurse: bool = True):
         # the opaque prepacked weight cannot go through fn: dropped, then derived again on the new device or dtype
         self._packed = None
