@@ -86,8 +86,9 @@ class MIE(Fusion):
         if fusion_schedule == "learned":
             self.cross_modal_bias = nn.Parameter(initial[:, None].expand(F, num_heads).clone())  # [F, H]
         else:
-            # [F, 1]: every head shares the bias, so the fused layers' masks stay [B, 1, T, T]; a [B, H, T, T] mask
-            # cost 3 ms per layer to build and slowed SDPA on the CPU (batch 64, T = 117)
+            # [F, 1]: every head shares the bias, so the fused layers' masks stay [B, 1, T, T]; building [B, H, T, T]
+            # ones took 10.9 ms of a VQA forward on the CPU (batch 64, T = 117; benchmarks/results/
+            # qat_profile_cpu_2026-11-29_ffn_fused.json)
             self.register_buffer("cross_modal_bias", initial[:, None].clone(), persistent=False)  # from the config
 
     @property

@@ -21,6 +21,8 @@ from torch import Tensor, nn
 from zoo.quant.fake_quant import quant_range
 from zoo.quant.kernels import (
     PrepackedLayer,
+    activation_key,
+    apply_activation,
     inductor_freezing,
     onednn_conv_prepack,
     onednn_int8_conv,
@@ -178,8 +180,8 @@ class QuantizedConv2d(PrepackedLayer):
     def quantize_input(self, x: Tensor) -> Tensor:
         """The uint8 codes of a float input, channels-last: the fake quantizer's codes plus 128."""
         qmin, qmax = quant_range(self.activation_bit, self.activation_symmetric)
-        offset = int(self.act_zero_point) + _UINT8_OFFSET
-        q = torch.div(x.float(), self._x_scale).round_().add_(offset).clamp_(qmin + _UINT8_OFFSET, qmax + _UINT8_OFFSET)
+        q = torch.div(x.float(), self._x_scale).round_().add_(self._x_zero_point)
+        q = q.clamp_(qmin + _UINT8_OFFSET, qmax + _UINT8_OFFSET)
         return q.to(torch.uint8).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -196,7 +198,7 @@ class QuantizedConv2d(PrepackedLayer):
             x_hat = (q.float() - self._x_zero_point) * self._x_scale
             y = F.conv2d(x_hat, self.dequantized_weight(), self._packed_bias, self.stride, self.padding, self.dilation,
                          self.groups)  # fmt: skip
-            return (F.relu(y) if self.activation == "relu" else y).to(out_dtype)
+            return apply_activation(y, self.activation).to(out_dtype)
         y = onednn_int8_conv(
             q,
             self._packed,
@@ -312,7 +314,7 @@ def fuse_convolutions_(module: nn.Module) -> int:
                 continue
             following = [m for m in children[i + 1 :] if type(m) is not nn.Identity]
             changed = False
-            if conv.activation is None and following and type(following[0]) is nn.ReLU:
+            if conv.activation is None and following and activation_key(following[0]) == "relu":
                 conv.activation, changed = "relu", True
                 index = children.index(following[0])
                 sequential[index] = children[index] = nn.Identity()

@@ -42,7 +42,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import ConfigError, DataError
@@ -51,6 +50,8 @@ from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
 from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
 from zoo.quant.kernels import (
     PrepackedLayer,
+    activation_key,
+    apply_activation,
     ceil8,
     inductor_freezing,
     int8_mm,
@@ -262,9 +263,7 @@ class QuantizedLinear(PrepackedLayer):
             y = acc.float().mul_(scale.reshape(-1, 1)).mul_(self.weight_scale)
         if self.bias is not None:
             y = y.add_(self.bias)
-        if self.activation is not None:
-            y = _activation(y, self.activation)
-        return y.to(out_dtype).reshape(*shape[:-1], self.out_features)
+        return apply_activation(y, self.activation).to(out_dtype).reshape(*shape[:-1], self.out_features)
 
     def _quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         # int8 codes of a float32 [rows, in_features] input, with their scale and zero point: the codes of
@@ -304,21 +303,6 @@ class QuantizedLinear(PrepackedLayer):
         )
 
 
-def _activation(y: Tensor, name: str) -> Tensor:
-    if name == "relu":
-        return F.relu(y)
-    return F.gelu(y, approximate="tanh" if name == "gelu_tanh" else "none")
-
-
-def _activation_name(module: nn.Module) -> str | None:
-    # the ACTIVATIONS key of an activation module, None for one oneDNN cannot apply
-    if type(module) is nn.ReLU:
-        return "relu"
-    if type(module) is nn.GELU:
-        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
-    return None
-
-
 def fuse_feedforward_(module: nn.Module) -> int:
     """Fuse the integer layers of every :class:`zoo.layers.FeedForward` of ``module`` whose ``fc1`` is a
     :class:`QuantizedLinear`, in place; returns how many FFNs changed. The outputs do not change (up to the rounding
@@ -340,7 +324,7 @@ def fuse_feedforward_(module: nn.Module) -> int:
         if not (isinstance(ffn, FeedForward) and isinstance(ffn.fc1, QuantizedLinear)):
             continue
         fc1, fc2, changed = ffn.fc1, ffn.fc2, False
-        name = _activation_name(ffn.act)
+        name = activation_key(ffn.act)
         if fc1.activation is None and name is not None:
             fc1.activation, ffn.act, changed = name, nn.Identity(), True
         chain = (  # after a folded ReLU or GELU, whose outputs are bounded below (see the docstring)
@@ -441,13 +425,7 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     it. A ``BatchNorm2d`` that follows a fake-quantized convolution in an ``nn.Sequential`` folds into the integer
     convolution (its running statistics) and is replaced by ``nn.Identity``. Warns when a layer still runs above its
     target bits (a checkpoint taken before the schedule's last stage)."""
-    unobserved = [
-        name
-        for name, layer in qat_layers(module)
-        if isinstance(layer, QATLinear | QATConv1d | QATConv2d)
-        and layer.act_quant.granularity == "per_tensor"
-        and not layer.act_quant.initialized
-    ]
+    unobserved = [name for name, layer in _per_tensor_input_layers(module) if not layer.act_quant.initialized]
     if unobserved:
         raise ConfigError(
             f"{len(unobserved)} layers with per-tensor inputs have observed no data, e.g. {unobserved[0]!r}: their "
@@ -484,6 +462,15 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
         fuse_feedforward_(module)
         fuse_convolutions_(module)
     return module.eval()
+
+
+def _per_tensor_input_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
+    # the fake-quantized layers whose input scales are static (observed or learned): what calibration is for
+    return [
+        (name, layer)
+        for name, layer in qat_layers(module)
+        if not isinstance(layer, QATEmbedding) and layer.act_quant.granularity == "per_tensor"
+    ]
 
 
 def _sibling(name: str, offset: int) -> str:
@@ -656,10 +643,7 @@ def calibrate(task: nn.Module, batches: Iterable[Any], num_batches: int) -> int:
     has no per-tensor input quantizer (per-token scales need no calibration)."""
     from lightning.pytorch.utilities import move_data_to_device
 
-    if not any(
-        isinstance(m, QATLinear | QATConv1d | QATConv2d) and m.act_quant.granularity == "per_tensor"
-        for m in task.modules()
-    ):
+    if not _per_tensor_input_layers(task):
         return 0
     device, seen = next(task.parameters()).device, 0
     with torch.no_grad(), calibrating(task):
@@ -750,10 +734,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.quant is None:
             raise ConfigError("--calibrate is for post-training quantization (--quant): QAT trained the scales")
         _calibrate(model, checkpoint, args.calibrate, source=str(ckpt_path), datamodule_class=args.datamodule_class)
-    elif args.quant is not None and any(
-        isinstance(m, QATLinear | QATConv1d | QATConv2d) and m.act_quant.granularity == "per_tensor"
-        for m in model.modules()
-    ):
+    elif args.quant is not None and _per_tensor_input_layers(model):
         raise ConfigError(
             f"--quant {args.quant} quantizes inputs per tensor (activation_granularity per_tensor, or conv_bit for "
             "the convolutions), whose scales must be observed: add --calibrate N (N training batches)"

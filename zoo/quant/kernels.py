@@ -19,6 +19,8 @@ from torch import Tensor, nn
 __all__ = [
     "ACTIVATIONS",
     "PrepackedLayer",
+    "activation_key",
+    "apply_activation",
     "ceil8",
     "inductor_freezing",
     "int8_mm",
@@ -94,9 +96,28 @@ def onednn_conv_prepack(
         return None
 
 
-#: activations a :class:`QuantizedLinear` applies to its output (:func:`fuse_feedforward_`), as oneDNN post-ops
-#: ``(name, algorithm)``
+#: activations the integer layers apply to their output (folded in by the fusions), as oneDNN post-ops
+#: ``(name, algorithm)``; oneDNN's int8 convolution takes only ``"relu"``
 ACTIVATIONS = {"relu": ("relu", ""), "gelu": ("gelu", "none"), "gelu_tanh": ("gelu", "tanh")}
+
+
+def activation_key(module: nn.Module) -> str | None:
+    """The :data:`ACTIVATIONS` key of an activation module; ``None`` for one oneDNN cannot apply."""
+    if type(module) is nn.ReLU:
+        return "relu"
+    if type(module) is nn.GELU:
+        return "gelu_tanh" if module.approximate == "tanh" else "gelu"
+    return None
+
+
+def apply_activation(y: Tensor, key: str | None) -> Tensor:
+    """``y`` through the activation :data:`ACTIVATIONS` names ``key`` (``None``: unchanged), in floating point: the
+    layers' paths without an epilogue."""
+    if key is None:
+        return y
+    if key == "relu":
+        return F.relu(y)
+    return F.gelu(y, approximate="tanh" if key == "gelu_tanh" else "none")
 
 
 def onednn_int8_mm(
