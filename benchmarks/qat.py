@@ -7,8 +7,8 @@ timed side by side (rounds interleaved, medians and the median of per-round rati
 a GPU against bf16 autocast, eager and ``torch.compile``d (on the CPU with inductor freezing, so that compiled
 integer layers keep oneDNN's GEMM); on the CPU also the integer model on ``torch._int_mm`` (the kernel before the
 oneDNN packing), the per-tensor model without the FFN fusion and with its convolutions in float (their shares), and
-the float model in bf16, eager and compiled, for reference; sizes on disk; and the layer-level 768 -> 3072 -> 768
-FFN on 2048 tokens. Every integer policy quantizes the image encoder's convolutions too (``conv_bit`` 8). Writes
+the float model in bf16, eager and compiled, for reference; sizes on disk; the layer-level 768 -> 3072 -> 768
+FFN on 2048 tokens; and the whole VQA forward at several batch sizes (``--sweep-batches``, default 16 64 256). Every integer policy quantizes the image encoder's convolutions too (``conv_bit`` 8). Writes
 ``benchmarks/results/qat_latency_<device>_<date>.json``::
 
     python benchmarks/qat.py --mode latency                       # CPU here (about 4 minutes on 2 quiet cores)
@@ -359,6 +359,8 @@ def latency_mode(args) -> None:
         fns = {name: _call(m, wide_tokens, float_dtype, device) for name, m in wide_variants.items()}
         results[key]["mie_d768"] = side_by_side(fns, reps=args.reps, device=device, base=base)
         results[key]["ffn_layer"] = _ffn_layer(device, args.reps, args.compile)
+        if args.sweep_batches:
+            results[key]["vqa_by_batch"] = _batch_sweep(model, variants, args, device, base)
     payload = {
         "mode": "latency",
         "device": device,
@@ -370,6 +372,8 @@ def latency_mode(args) -> None:
             "mie": "MIE alone (dim 128, 6 blocks) on the encoders' tokens",
             "mie_d768": f"MIE at dim 768 (FFN 3072, 12 heads, 2 blocks, fresh weights), batch {wide_batch}",
             "ffn_layer": "768 -> 3072 -> 768 FFN on 2048 tokens",
+            "vqa_by_batch": "the whole VQA forward at each --sweep-batches size, the main variants, the integer"
+            " models calibrated on the main batch",
         },
         "model": args.ckpt or f"{args.config} (freshly initialised)",
         "policies": {
@@ -388,6 +392,29 @@ def latency_mode(args) -> None:
     path = write_result("qat_latency", payload, out_dir)
     _print_latency(payload)
     print(f"wrote {path}")
+
+
+#: the variants the batch sweep times (the float model in bf16 is the reference a float-only user would reach for)
+SWEEP_VARIANTS = (
+    "int8_per_tensor",
+    "int8_per_tensor_compiled",
+    "bf16 autocast, float model compiled (reference)",
+)
+
+
+def _batch_sweep(model: nn.Module, variants: dict, args, device: str, base: str) -> dict[str, dict]:
+    """The whole VQA forward at each ``--sweep-batches`` size: the float model against the per-tensor integer model,
+    eager and compiled (one graph per batch size: ``dynamic=False``), rounds interleaved within each size."""
+    out = {}
+    for batch in args.sweep_batches:
+        g = torch.Generator().manual_seed(0)
+        image = torch.randn(batch, 3, 75, 75, generator=g).to(device)
+        inputs = {"image": image, "text": _questions(batch)}
+        chosen = {name: variants[name] for name in (base, *SWEEP_VARIANTS) if name in variants}
+        fns = {name: _call(m, inputs, dtype, device) for name, (m, dtype) in chosen.items()}
+        print(f"timing vqa at batch {batch}: {list(fns)}", file=sys.stderr)
+        out[f"batch={batch}"] = side_by_side(fns, reps=args.reps, device=device, base=base)
+    return out
 
 
 #: operators that are the GEMMs of a linear layer (self time; ``aten::linear`` only dispatches to them)
@@ -471,11 +498,16 @@ def _cpu_model() -> str:
 
 def _print_latency(payload: dict) -> None:
     base = "bf16" if payload["device"] == "cuda" else "fp32"
+    columns = ["variant", "median_ms", f"speedup_vs_{base}", "median_round_speedup"]
     for threads, scopes in payload["latency"].items():
         for scope, rows in scopes.items():
+            if scope == "vqa_by_batch":
+                for batch, by_batch in rows.items():
+                    print(f"\nvqa ({payload['device']}, {threads}, {batch}):")
+                    print(table([{"variant": k, **v} for k, v in by_batch.items()], columns))
+                continue
             print(f"\n{scope} ({payload['device']}, {threads}, batch {payload['batch_size']}):")
-            print(table([{"variant": k, **v} for k, v in rows.items() if isinstance(v, dict)],
-                        ["variant", "median_ms", f"speedup_vs_{base}", "median_round_speedup"]))  # fmt: skip
+            print(table([{"variant": k, **v} for k, v in rows.items() if isinstance(v, dict)], columns))
     print("\nsizes on disk:")
     print(table([{"variant": k, **v} for k, v in payload["sizes"].items() if isinstance(v, dict)],
                 ["variant", "bytes", "fraction_of_float"]))  # fmt: skip
@@ -705,6 +737,8 @@ def main() -> None:
     parser.add_argument("--config", default="vqa.yaml", help="model of a fresh run (latency mode)")
     parser.add_argument("--ckpt", default=None, help="a float checkpoint instead of a fresh model (latency mode)")
     parser.add_argument("--batch-size", type=int, default=None, help="latency: 64 CPU, 256 GPU; accuracy: 256")
+    parser.add_argument("--sweep-batches", type=int, nargs="*", default=[16, 64, 256],
+                        help="latency: batch sizes of the whole-VQA sweep (none: no sweep)")  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     parser.add_argument("--threads", type=int, nargs="*", default=None,
                         help="latency: thread counts to time with, e.g. 1 2 (default: torch's)")  # fmt: skip
