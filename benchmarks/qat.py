@@ -8,7 +8,8 @@ a GPU against bf16 autocast, eager and ``torch.compile``d (on the CPU with induc
 integer layers keep oneDNN's GEMM); on the CPU also the integer model on ``torch._int_mm`` (the kernel before the
 oneDNN packing), the per-tensor model without the FFN fusion and with its convolutions in float (their shares), and
 the float model in bf16, eager and compiled, for reference; sizes on disk; the layer-level 768 -> 3072 -> 768
-FFN on 2048 tokens; and the whole VQA forward at several batch sizes (``--sweep-batches``, default 16 64 256). Every integer policy quantizes the image encoder's convolutions too (``conv_bit`` 8). Writes
+FFN on 2048 tokens; and the whole VQA forward at several batch sizes (``--sweep-batches``, default 16 64 256).
+Every integer policy quantizes the image encoder's convolutions too (``conv_bit`` 8). Writes
 ``benchmarks/results/qat_latency_<device>_<date>.json``::
 
     python benchmarks/qat.py --mode latency                       # CPU here (about 4 minutes on 2 quiet cores)
