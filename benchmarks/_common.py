@@ -19,6 +19,10 @@ RESULTS = Path(__file__).resolve().parent / "results"
 ROOT = RESULTS.parents[1]
 
 
+#: environment variables recorded with every result
+ENV_THAT_TIMES = ("GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY")
+
+
 def machine() -> dict:
     """Where a result was measured: host, CPU, GPU, library versions, date."""
     info = {
@@ -31,6 +35,10 @@ def machine() -> dict:
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "gpu_count": torch.cuda.device_count(),
+        "threads": torch.get_num_threads(),
+        # what changes CPU timings from outside the code: the allocator (a glibc that returns every buffer over 32 MB
+        # to the OS page-faults it back on each call; docs/qat.md) and the thread settings
+        "env": {k: v for k, v in os.environ.items() if k in ENV_THAT_TIMES or k.startswith("MALLOC_")},
     }
     try:
         import lightning
