@@ -50,6 +50,7 @@ class ZooTask(LightningModule):
         self.compile_options = {} if compile is True else compile
         self.compiled_regions: list[str] = []
         self.initial_checkpoint = initial_checkpoint
+        self._parallelized = False
 
     def setup(self, stage: str) -> None:
         # in setup, not __init__: rebuilding the task from its hyper-parameters (load_from_checkpoint, zoo convert)
@@ -61,10 +62,25 @@ class ZooTask(LightningModule):
             self.initial_checkpoint = None  # once: a second fit of this task continues from its trained weights
 
     def configure_model(self) -> None:
+        # under ModelParallelStrategy (zoo.parallel.select_parallelism's fsdp / fsdp_tp plans) the trainer gives a
+        # device mesh: tensor parallelism, then compilation, then FSDP, as torchtitan orders them. Lightning calls
+        # this hook for every fit / validate / test, so each step runs once.
+        mesh = self.device_mesh
+        if mesh is not None and not self._parallelized:
+            from zoo.parallel.parallelize import apply_tensor_parallel
+
+            if mesh["tensor_parallel"].size() > 1:
+                apply_tensor_parallel(self, mesh["tensor_parallel"])
         if self.compile_options is not False and not self.compiled_regions:
             from zoo.compile import compile_regions
 
             self.compiled_regions = compile_regions(self, **self.compile_options)
+        if mesh is not None and not self._parallelized:
+            from zoo.parallel.parallelize import apply_fsdp
+
+            if mesh["data_parallel"].size() > 1:
+                apply_fsdp(self, mesh["data_parallel"])
+            self._parallelized = True
 
     def parameter_groups(self) -> list[dict]:
         decay, no_decay = [], []

@@ -13,8 +13,9 @@ from importlib import resources
 from pathlib import Path
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
-from lightning.pytorch import LightningDataModule, LightningModule
+from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from zoo.errors import ZooUserError
 
@@ -23,8 +24,10 @@ class ZooCLI(LightningCLI):
     """LightningCLI with any LightningModule as ``model`` and any LightningDataModule as ``data``.
 
     The datamodule's ``num_classes`` and ``group_names`` are linked into the model at instantiation,
-    ``--test_after_fit true`` runs ``test`` on the best checkpoint when ``fit`` ends, and a resumed fit
-    (``--ckpt_path``) does not read the task's ``initial_checkpoint``.
+    ``--test_after_fit true`` runs ``test`` on the best checkpoint when ``fit`` ends, a resumed fit
+    (``--ckpt_path``) does not read the task's ``initial_checkpoint``, and ``--trainer.strategy adaptive`` lets
+    :func:`zoo.parallel.plan.select_parallelism` pick single-device, DDP, FSDP or FSDP + tensor parallelism from the
+    model's size and the devices.
     """
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
@@ -46,6 +49,20 @@ class ZooCLI(LightningCLI):
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint (fit only)."
         )
 
+    def instantiate_trainer(self, **kwargs) -> Trainer:
+        # `trainer.strategy: adaptive` is decided here, where the model exists and its size is known
+        config = self._get(self.config_init, "trainer", default={})
+        if config.get("strategy") == ADAPTIVE and "strategy" not in kwargs:
+            from zoo.parallel.plan import select_parallelism
+
+            per_node = _devices_per_node(config.get("accelerator", "auto"), config.get("devices", "auto"))
+            plan = select_parallelism(
+                self.model, per_node * int(config.get("num_nodes") or 1), devices_per_node=per_node
+            )
+            rank_zero_info(plan.describe())
+            kwargs["strategy"] = plan.strategy()
+        return super().instantiate_trainer(**kwargs)
+
     def before_fit(self) -> None:
         # a resumed run restores its own weights; its initial checkpoint need not exist any more
         if self.config_init[self.subcommand].get("ckpt_path") and getattr(self.model, "initial_checkpoint", None):
@@ -57,6 +74,27 @@ class ZooCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+#: the value of ``trainer.strategy`` that lets :func:`zoo.parallel.plan.select_parallelism` choose the strategy
+ADAPTIVE = "adaptive"
+
+
+def _devices_per_node(accelerator, devices) -> int:
+    """The device count a Trainer with these ``accelerator`` and ``devices`` arguments uses per node."""
+    import torch
+    from lightning.pytorch.accelerators import CUDAAccelerator
+
+    on_cuda = accelerator in ("cuda", "gpu") or (accelerator == "auto" and torch.cuda.is_available())
+    if on_cuda:
+        if devices in ("auto", -1, "-1"):
+            return CUDAAccelerator.auto_device_count()
+        return len(CUDAAccelerator.parse_devices(devices) or [])
+    if isinstance(devices, (list, tuple)):
+        return len(devices)
+    if str(devices).isdigit() and int(devices) > 0:  # CPU processes (LightningCLI may pass "2" as a string)
+        return int(devices)
+    return 1
 
 
 def packaged_config(name: str) -> Path | None:

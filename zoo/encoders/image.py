@@ -16,6 +16,13 @@ from zoo.errors import ConfigError
 from zoo.layers.position import sincos_2d
 
 
+def _scalar_pos_scale(state_dict: dict, prefix: str, *args) -> None:
+    """Load checkpoints from before ``pos_scale`` became ``[1]`` (it was a 0-d parameter)."""
+    key = prefix + "pos_scale"
+    if key in state_dict and state_dict[key].dim() == 0:
+        state_dict[key] = state_dict[key].reshape(1)
+
+
 def _with_positions(features: Tensor, norm: nn.Module, scale: Tensor | float) -> Tokens:
     """``[B, C, h, w]`` feature map -> Tokens ``[B, h * w, C]``: LayerNorm-ed content plus 2-D positions.
 
@@ -73,7 +80,8 @@ class TimmImageEncoder(Encoder):
         self.proj = nn.Conv2d(channels, dim, 1) if dim is not None else nn.Identity()
         self.out_dim = dim if dim is not None else channels
         self.norm = nn.LayerNorm(self.out_dim)
-        self.pos_scale = nn.Parameter(torch.ones(()))
+        self.pos_scale = nn.Parameter(torch.ones(1))  # [1], not a scalar: FSDP2 shards no 0-d parameter
+        self._register_load_state_dict_pre_hook(_scalar_pos_scale)
 
     def _load_weights(self, path: Path) -> None:
         if not path.is_file():
@@ -121,7 +129,8 @@ class ConvImageEncoder(Encoder):
         self.proj = nn.Conv2d(previous, dim, 1)
         self.out_dim = dim
         self.norm = nn.LayerNorm(dim)
-        self.pos_scale = nn.Parameter(torch.ones(()))
+        self.pos_scale = nn.Parameter(torch.ones(1))  # [1], not a scalar: FSDP2 shards no 0-d parameter
+        self._register_load_state_dict_pre_hook(_scalar_pos_scale)
 
     def forward(self, images: Tensor) -> Tokens:
         return _with_positions(self.proj(self.stages(images)), self.norm, self.pos_scale)

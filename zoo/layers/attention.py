@@ -19,7 +19,9 @@ class SelfAttention(nn.Module):
 
     ``forward(x, attn_mask)`` takes an optional mask broadcastable to ``[B, num_heads, T, T]``: bool (``True`` =
     may attend) or float (added to the logits, ``-inf`` blocks). The projections are named ``qkv`` and ``proj`` so
-    that quantization and tensor-parallel plans can address them by name.
+    that quantization and tensor-parallel plans can address them by name. ``qkv``'s outputs are grouped by head,
+    ``[num_heads, 3, head_dim]`` (as GPT-NeoX's fused projection), so that a tensor-parallel shard of contiguous
+    output rows holds whole heads, each with its query, key and value.
     """
 
     def __init__(self, dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
@@ -32,10 +34,10 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
-        # [B, T, 3, H, Dh] -> three [B, H, T, Dh]; the head count is read from the weight so that a tensor-parallel
-        # shard (which holds num_heads / world_size heads) runs the same code.
+        # [B, T, H, 3, Dh] -> three [B, H, T, Dh]; the head count is read from the output so that a tensor-parallel
+        # shard (which holds num_heads / tp heads) runs the same code.
         head_dim = self.dim // self.num_heads
-        q, k, v = self.qkv(x).view(B, T, 3, -1, head_dim).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k, v = self.qkv(x).view(B, T, -1, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         if attn_mask is not None and attn_mask.dtype != torch.bool:
             attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
         out = F.scaled_dot_product_attention(

@@ -1,0 +1,269 @@
+"""zoo.parallel: the adaptive choice of strategy, and tensor parallelism and FSDP2 against one process (CPU, gloo)."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+from torch import nn
+
+from zoo.cli import ZooCLI, _devices_per_node, resolve_config_args
+from zoo.contracts import Tokens
+from zoo.errors import ConfigError
+from zoo.fusion import MIE
+from zoo.parallel.plan import select_parallelism
+
+GIB = 2**30
+
+
+# -- select_parallelism ------------------------------------------------------------------------------------------
+def test_one_device_trains_alone():
+    plan = select_parallelism(10_000_000, 1, device_memory=80 * GIB)
+    assert (plan.kind, plan.data_parallel_size, plan.tensor_parallel_size) == ("single", 1, 1)
+    assert plan.strategy() == "auto"
+
+
+def test_a_model_whose_state_fits_each_device_is_replicated():
+    # 1B parameters x 16 bytes = 14.9 GiB <= half of 141 GiB
+    plan = select_parallelism(1_000_000_000, 8, device_memory=141 * GIB)
+    assert plan.kind == "ddp" and plan.data_parallel_size == 8
+    assert isinstance(plan.strategy(), DDPStrategy)
+
+
+def test_a_model_too_large_to_replicate_is_sharded():
+    # 7B x 16 = 104 GiB > 70.5 GiB budget; / 8 devices = 13 GiB plus two gathered 0.2B-parameter layers (1.6 GB)
+    plan = select_parallelism(7_000_000_000, 8, device_memory=141 * GIB, largest_layer=200_000_000)
+    assert (plan.kind, plan.data_parallel_size, plan.tensor_parallel_size) == ("fsdp", 8, 1)
+    assert plan.state_bytes_per_device == pytest.approx(7e9 * 16 / 8 + 2 * 4 * 2e8)
+    strategy = plan.strategy()
+    assert isinstance(strategy, ModelParallelStrategy)
+    assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8, 1)
+
+
+def test_a_layer_too_large_to_gather_is_split_within_a_node():
+    # 1B parameters over 16 devices: 0.93 GiB sharded, but one 1B-parameter layer gathered twice in fp32 is 7.5 GiB
+    # against a 4 GiB budget; split over 2 it is 3.7 GiB, plus the shard: still over; over 4 it fits
+    plan = select_parallelism(
+        1_000_000_000, 16, device_memory=8 * GIB, largest_layer=1_000_000_000, devices_per_node=8, head_count=8
+    )
+    assert (plan.kind, plan.data_parallel_size, plan.tensor_parallel_size) == ("fsdp_tp", 4, 4)
+    assert plan.data_parallel_size * plan.tensor_parallel_size == 16
+
+
+def test_the_tensor_parallel_size_divides_the_heads():
+    kwargs = dict(device_memory=8 * GIB, largest_layer=1_000_000_000, devices_per_node=8)
+    # split over 2 a gathered layer does not fit (the previous test); over 4 it does, and 8 or 12 heads allow it
+    assert select_parallelism(1_000_000_000, 16, head_count=8, **kwargs).tensor_parallel_size == 4
+    assert select_parallelism(1_000_000_000, 16, head_count=12, **kwargs).tensor_parallel_size == 4
+    assert select_parallelism(1_000_000_000, 16, head_count=40, **kwargs).tensor_parallel_size == 4
+    with pytest.raises(ConfigError, match="needs .* GiB of training state per device"):
+        select_parallelism(1_000_000_000, 16, head_count=6, **kwargs)  # only 2 divides 6, and 2 does not fit
+
+
+def test_a_model_that_fits_nowhere_is_refused_with_the_figures():
+    with pytest.raises(ConfigError, match=r"70,000,000,000 parameters needs .* over the 40.00 GiB budget"):
+        select_parallelism(70_000_000_000, 8, device_memory=80 * GIB, largest_layer=10**9, head_count=8)
+
+
+def test_sizes_are_read_from_a_model():
+    fusion = MIE(dim=32, depth=3, num_heads=4, modality_fusion_layers=2)
+    block = sum(p.numel() for p in fusion.blocks[0].parameters())
+    total = sum(p.numel() for p in fusion.parameters())
+    tight = 16 * total / 2 + 2 * 4 * block  # exactly the fsdp plan's need on 2 devices
+    plan = select_parallelism(fusion, 2, device_memory=int(tight / 0.5) + 2)
+    assert plan.kind == "fsdp" and plan.state_bytes_per_device == int(tight)
+    # a byte less and the blocks must be split: 4 heads allow tensor parallelism over 2
+    plan = select_parallelism(fusion, 2, device_memory=int(tight / 0.5) - 2)
+    assert (plan.kind, plan.tensor_parallel_size) == ("fsdp_tp", 2)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"model_size": 10, "device_count": 0}, "device_count=0 must be an integer >= 1"),
+        ({"model_size": 0, "device_count": 1}, "model_size=0 must be a parameter count"),
+        ({"model_size": 10, "device_count": 2, "memory_fraction": 1.5}, r"memory_fraction=1.5 must be in \(0, 1\]"),
+        ({"model_size": 10, "device_count": 6, "devices_per_node": 4}, "multiple of devices_per_node=4"),
+    ],
+)
+def test_invalid_arguments_name_the_argument(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        select_parallelism(**kwargs)
+
+
+def test_devices_per_node_follows_lightning_arguments():
+    assert _devices_per_node("cpu", "auto") == 1
+    assert _devices_per_node("cpu", 2) == 2
+    assert _devices_per_node("cpu", "2") == 2
+    if not torch.cuda.is_available():
+        assert _devices_per_node("auto", 3) == 3  # CPU processes
+
+
+def test_adaptive_strategy_from_the_cli_on_one_cpu(tmp_path):
+    args = ["--config", "vqa.yaml", "--trainer.strategy=adaptive", "--trainer.accelerator=cpu"]
+    args += [f"--trainer.default_root_dir={tmp_path}", "--trainer.logger=false"]
+    cli = ZooCLI(args=resolve_config_args(args), run=False)
+    assert type(cli.trainer.strategy).__name__ == "SingleDeviceStrategy"
+
+
+# -- tensor parallelism and FSDP2, several processes on the CPU ----------------------------------------------------
+def _fusion() -> MIE:
+    torch.manual_seed(0)
+    return MIE(dim=32, depth=2, num_heads=4, modality_fusion_layers=1)
+
+
+def _inputs(batch: int) -> dict[str, Tokens]:
+    g = torch.Generator().manual_seed(1)
+    image = Tokens.dense(torch.randn(batch, 6, 32, generator=g))
+    mask = torch.ones(batch, 5, dtype=torch.bool)
+    mask[0, 3:] = False  # padding reaches the blocks' masks
+    return {"image": image, "text": Tokens(torch.randn(batch, 5, 32, generator=g), mask)}
+
+
+def _loss(fusion: nn.Module, inputs: dict[str, Tokens]) -> torch.Tensor:
+    out = fusion(inputs)
+    return out.pooled.square().mean() + out.tokens.embeddings.sin().mean()
+
+
+def _worker(rank: int, world: int, dp: int, tp: int, init_file: str) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from zoo.parallel.parallelize import apply_fsdp, apply_tensor_parallel
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (dp, tp), mesh_dim_names=("data_parallel", "tensor_parallel"))
+        reference, model = _fusion(), _fusion()
+        if tp > 1:
+            assert apply_tensor_parallel(model, mesh["tensor_parallel"]) == 2
+        if dp > 1:
+            apply_fsdp(model, mesh["data_parallel"])
+        inputs = _inputs(4)
+        # the reference sees the whole batch; each data-parallel rank its share, the tensor-parallel ranks the same
+        share = 4 // dp
+        dp_rank = mesh["data_parallel"].get_local_rank()
+        rows = slice(dp_rank * share, (dp_rank + 1) * share)
+        local = {m: Tokens(t.embeddings[rows], t.mask[rows]) for m, t in inputs.items()}
+        # SGD, whose update is linear in the gradient: Adam's normalised step would turn the rounding differences of
+        # near-zero gradients into differences of order lr
+        opt_ref = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        for _ in range(2):  # two steps: the second runs on weights the sharded optimizer updated
+            ref_out = reference(inputs).tokens.embeddings[rows]
+            out = model(local).tokens.embeddings
+            # fp32 sums in another order (sharded GEMMs, all-reduce): 1e-5 relative
+            torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+            _loss(reference, inputs).backward()
+            _loss(model, local).backward()
+            for optimizer in (opt_ref, opt):
+                optimizer.step()
+                optimizer.zero_grad()
+        for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters(), strict=True):
+            full = p.full_tensor() if isinstance(p, DTensor) else p
+            # the outputs' rounding differences, through two steps at lr 0.5: 1e-4 (a wrong gradient, e.g. one not
+            # all-reduced or averaged over the data-parallel ranks, is off by 1e-2 or more)
+            torch.testing.assert_close(full.detach(), p_ref.detach(), rtol=1e-4, atol=1e-4, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize(("dp", "tp"), [(1, 2), (2, 1), (2, 2)], ids=["tp2", "fsdp2", "fsdp2xtp2"])
+def test_sharded_training_matches_one_process(dp, tp, tmp_path):
+    """Two SGD steps of MIE split by tensor parallelism, FSDP2 or both equal the same steps in one process on the
+    whole batch: outputs, and every parameter after the updates."""
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    mp.spawn(_worker, args=(dp * tp, dp, tp, str(tmp_path / "init")), nprocs=dp * tp, join=True)
+
+
+def test_tensor_parallelism_refuses_heads_it_cannot_split(tmp_path):
+    fusion = MIE(dim=24, depth=1, num_heads=3, modality_fusion_layers=1)
+    mesh = _FakeMesh(2)
+    from zoo.parallel.parallelize import apply_tensor_parallel
+
+    with pytest.raises(ConfigError, match="num_heads=3"):
+        apply_tensor_parallel(fusion, mesh)
+    learned = MIE(dim=32, depth=1, num_heads=4, modality_fusion_layers=1, fusion_schedule="learned")
+    with pytest.raises(ConfigError, match="fusion_schedule='learned'"):
+        apply_tensor_parallel(learned, mesh)
+    quantized = copy.deepcopy(_fusion())
+    from zoo.quant import quantize_
+
+    quantize_(quantized)
+    with pytest.raises(ConfigError, match="attn.qkv is a QATLinear"):
+        apply_tensor_parallel(quantized, mesh)
+
+
+class _FakeMesh:
+    """Stands in for a device mesh where only its size is read (the checks run before any splitting)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+
+    def size(self) -> int:
+        return self._size
+
+
+def test_image_encoders_load_checkpoints_from_before_pos_scale_had_a_dimension():
+    """``pos_scale`` is ``[1]`` (FSDP2 shards no 0-d parameter); a checkpoint with the old scalar still loads."""
+    from zoo.encoders import ConvImageEncoder
+
+    encoder = ConvImageEncoder(channels=(8,), dim=16)
+    state = encoder.state_dict()
+    state["pos_scale"] = torch.tensor(0.25)
+    encoder.load_state_dict(state)
+    assert encoder.pos_scale.shape == (1,) and encoder.pos_scale.item() == 0.25
+
+
+def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
+    """``python -m zoo fit`` under Lightning's ModelParallelStrategy (2 x 2 processes on gloo): the task applies the
+    zoo's tensor-parallel plan and FSDP2 in ``configure_model``, trains, and writes one checkpoint with the full
+    shapes of an unsharded model."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "mp.yaml"
+    strategy = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 2, "save_distributed_checkpoint": False},
+    }
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "save_top_k": 0},
+    }
+    trainer = {
+        "accelerator": "cpu",
+        "devices": 4,
+        "strategy": strategy,
+        "max_steps": 2,
+        "limit_train_batches": 2,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_progress_bar": False,
+        "callbacks": [checkpoint],
+        "default_root_dir": str(tmp_path),
+    }
+    config.write_text(yaml.safe_dump({"trainer": trainer, "test_after_fit": False}))
+    small = [
+        "--model.init_args.fusion.init_args.depth=2",
+        "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+        "--data.init_args.num_images=600",
+        "--data.init_args.batch_size=4",
+    ]
+    cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *small]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    assert state["model.fusion.blocks.0.attn.qkv.weight"].shape == (3 * 128, 128)
+    assert state["model.fusion.blocks.1.ffn.fc2.weight"].shape == (128, 512)

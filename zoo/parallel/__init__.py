@@ -1,0 +1,1 @@
+"""Training across devices: the adaptive choice of strategy, tensor-parallel and FSDP application, batch adjustment."""

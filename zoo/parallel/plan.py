@@ -1,0 +1,187 @@
+"""The adaptive choice of how to train across devices: ``select_parallelism(model_size, device_count)``.
+
+The rule follows the memory of training, not a table of model names. Training state costs ``bytes_per_parameter``
+bytes per parameter (16 with AdamW: fp32 weights 4, gradients 4, two moments 8; bf16-mixed autocast keeps the fp32
+weights, so it costs the same), and only ``memory_fraction`` of a device goes to it (the rest holds activations and
+workspace). In order of preference:
+
+1. ``single``: one device.
+2. ``ddp``: the whole state fits on each device: replicate (Lightning's ``DDPStrategy``), the fastest when it fits.
+3. ``fsdp``: the state sharded over all devices fits, with room for the two largest layers gathered whole (FSDP2
+   gathers a layer's parameters before running it and prefetches the next): Lightning's ``ModelParallelStrategy``
+   with tensor parallelism 1, the layers sharded by :func:`zoo.parallel.parallelize.apply_fsdp`.
+4. ``fsdp_tp``: a gathered layer is too large even so: tensor parallelism inside a node (the smallest power of two
+   that fits and divides the attention heads and the node's devices), FSDP across the rest.
+
+A model that fits none of them is refused with the figures.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from zoo.errors import ConfigError
+
+ParallelKind = Literal["single", "ddp", "fsdp", "fsdp_tp"]
+
+#: training-state bytes per parameter with AdamW: fp32 weight, fp32 gradient, two fp32 moments
+ADAMW_BYTES_PER_PARAMETER = 16
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How a model trains on ``devices`` devices: ``data_parallel_size x tensor_parallel_size == devices``.
+
+    ``state_bytes_per_device`` is the estimated training state each device holds (weights, gradients, optimizer
+    moments; FSDP's gathered layers included), ``budget_bytes`` what the plan allowed for it (``None``: unknown
+    device memory, e.g. a CPU).
+    """
+
+    kind: ParallelKind
+    devices: int
+    data_parallel_size: int
+    tensor_parallel_size: int
+    state_bytes_per_device: int
+    budget_bytes: int | None
+    reason: str
+
+    def strategy(self):
+        """The Lightning strategy that runs this plan: ``"auto"`` (one device), ``DDPStrategy`` or
+        ``ModelParallelStrategy`` (FSDP2, with tensor parallelism when ``tensor_parallel_size > 1``; the task applies
+        both in ``configure_model``). Checkpoints are gathered into one file (``save_distributed_checkpoint=False``)
+        so that they load anywhere, as a single-device run's do."""
+        from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+        if self.kind == "single":
+            return "auto"
+        if self.kind == "ddp":
+            return DDPStrategy()
+        return ModelParallelStrategy(
+            data_parallel_size=self.data_parallel_size,
+            tensor_parallel_size=self.tensor_parallel_size,
+            save_distributed_checkpoint=False,
+        )
+
+    def describe(self) -> str:
+        """One line for the log: the choice, the sizes and why."""
+        gib = 2**30
+        budget = f" of a {self.budget_bytes / gib:.1f} GiB budget" if self.budget_bytes else ""
+        return (
+            f"select_parallelism: {self.kind} on {self.devices} device(s) (data parallel {self.data_parallel_size} x "
+            f"tensor parallel {self.tensor_parallel_size}); training state {self.state_bytes_per_device / gib:.2f} "
+            f"GiB per device{budget}: {self.reason}"
+        )
+
+
+def select_parallelism(
+    model_size: int | nn.Module,
+    device_count: int,
+    *,
+    device_memory: int | None = None,
+    largest_layer: int | None = None,
+    devices_per_node: int | None = None,
+    head_count: int | None = None,
+    bytes_per_parameter: int = ADAMW_BYTES_PER_PARAMETER,
+    memory_fraction: float = 0.5,
+) -> ParallelPlan:
+    """Choose single-device, DDP, FSDP or FSDP + tensor parallelism for training a model on ``device_count`` devices.
+
+    Args:
+        model_size: the parameter count, or the model itself; from a model, ``largest_layer`` is the largest unit
+            :func:`zoo.parallel.parallelize.apply_fsdp` gathers (a transformer block, or all that lies outside the
+            blocks) and ``head_count`` the greatest common divisor of its attention heads.
+        device_count: devices in the job (all nodes).
+        device_memory: bytes per device; by default the first CUDA device's total memory, ``None`` without CUDA
+            (everything is assumed to fit: on CPUs the choice is replication).
+        largest_layer: parameters of the largest unit FSDP gathers at once; ``None`` (with a count): not checked.
+        devices_per_node: devices sharing a node (tensor parallelism stays inside one); ``device_count`` by default.
+        head_count: attention heads, which the tensor-parallel size must divide; ``None``: any power of two.
+        bytes_per_parameter: training-state bytes per parameter (16 for AdamW in fp32 or bf16-mixed).
+        memory_fraction: the share of a device's memory the training state may take.
+    """
+    if isinstance(device_count, bool) or not isinstance(device_count, int) or device_count < 1:
+        raise ConfigError(f"select_parallelism: device_count={device_count!r} must be an integer >= 1")
+    if not 0 < memory_fraction <= 1:
+        raise ConfigError(f"select_parallelism: memory_fraction={memory_fraction} must be in (0, 1]")
+    if bytes_per_parameter <= 0:
+        raise ConfigError(f"select_parallelism: bytes_per_parameter={bytes_per_parameter} must be > 0")
+    if isinstance(model_size, nn.Module):
+        module = model_size
+        model_size = sum(p.numel() for p in module.parameters())
+        largest_layer = largest_layer if largest_layer is not None else _largest_layer(module)
+        head_count = head_count if head_count is not None else _head_count(module)
+    if isinstance(model_size, bool) or not isinstance(model_size, int) or model_size < 1:
+        raise ConfigError(f"select_parallelism: model_size={model_size!r} must be a parameter count >= 1 or a module")
+    nodes_devices = devices_per_node or device_count
+    if device_count % nodes_devices:
+        raise ConfigError(
+            f"select_parallelism: device_count={device_count} must be a multiple of devices_per_node={nodes_devices}"
+        )
+    if device_memory is None and torch.cuda.is_available():
+        device_memory = torch.cuda.get_device_properties(0).total_memory
+    budget = None if device_memory is None else int(memory_fraction * device_memory)
+    state = model_size * bytes_per_parameter
+
+    def plan(kind: ParallelKind, dp: int, tp: int, per_device: int, reason: str) -> ParallelPlan:
+        return ParallelPlan(kind, device_count, dp, tp, int(per_device), budget, reason)
+
+    if device_count == 1:
+        if budget is not None and state > budget:
+            raise _does_not_fit(model_size, state, device_count, budget)
+        return plan("single", 1, 1, state, "one device")
+    if budget is None or state <= budget:
+        return plan("ddp", device_count, 1, state, "the whole training state fits on each device: replicate")
+    sharded = state / device_count
+    gathered = 2 * 4 * (largest_layer or 0)  # two fp32 layers whole at a time (the running one, the prefetched one)
+    if sharded + gathered <= budget:
+        return plan("fsdp", device_count, 1, sharded + gathered, "the state fits only when sharded over every device")
+    for tp in _powers_of_two(2, nodes_devices):
+        if head_count is not None and head_count % tp:
+            continue
+        if sharded + gathered / tp <= budget:
+            return plan(
+                "fsdp_tp",
+                device_count // tp,
+                tp,
+                sharded + gathered / tp,
+                f"a gathered layer ({4 * (largest_layer or 0) / 2**30:.2f} GiB in fp32) fits only when split over "
+                f"{tp} devices of a node",
+            )
+    raise _does_not_fit(model_size, sharded + gathered, device_count, budget)
+
+
+def _does_not_fit(model_size: int, per_device: float, devices: int, budget: int) -> ConfigError:
+    gib = 2**30
+    return ConfigError(
+        f"select_parallelism: a model of {model_size:,} parameters needs {per_device / gib:.2f} GiB of training state "
+        f"per device with the best plan on {devices} device(s), over the {budget / gib:.2f} GiB budget "
+        "(memory_fraction of a device): add devices, or lower memory per parameter (a lighter optimizer)"
+    )
+
+
+def _powers_of_two(low: int, high: int) -> list[int]:
+    return [2**i for i in range(int(math.log2(low)), int(math.log2(high)) + 1) if high % 2**i == 0]
+
+
+def _largest_layer(module: nn.Module) -> int:
+    from zoo.layers.transformer import TransformerBlock
+
+    blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
+    if not blocks:  # then FSDP shards the model whole
+        return sum(p.numel() for p in module.parameters())
+    # FSDP gathers each block alone, and everything outside the blocks (embeddings, stems, heads) as one unit
+    sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
+    rest = sum(p.numel() for p in module.parameters()) - sum(sizes)
+    return max(*sizes, rest)
+
+
+def _head_count(module: nn.Module) -> int | None:
+    from zoo.layers.attention import SelfAttention
+
+    heads = [m.num_heads for m in module.modules() if isinstance(m, SelfAttention)]
+    return math.gcd(*heads) if heads else None
