@@ -10,7 +10,7 @@ back (``weights_only=True``) and checks against the one-device run's: same keys,
 sharding. The per-device batch is ``--batch-size``; a tensor-parallel group shares one batch, so the global batch is
 ``batch size x data-parallel size``. Writes ``benchmarks/results/parallel_<device>_<date>.json``::
 
-    python benchmarks/parallel.py --devices 2                       # two H200s: bash benchmarks/h200.sh parallel
+    python benchmarks/parallel.py --devices 2 --peak-flops 989e12   # two H200s: bash benchmarks/h200.sh parallel
     python benchmarks/parallel.py --devices 2 --width 64 --depth 2 --heads 4 --steps 6 --batch-size 8 \\
         --variants single ddp --precision 32-true                    # CPU smoke run (DDP on gloo)
 """
@@ -73,7 +73,10 @@ def _config(args, name: str, devices: int, kind: str, work: Path) -> Path:
             "init_args": {"save_dir": str(work), "name": name, "version": 0},
         },
         "callbacks": [
-            {"class_path": "zoo.callbacks.throughput.ThroughputMonitor", "init_args": {"window_size": args.window}},
+            {
+                "class_path": "zoo.callbacks.throughput.ThroughputMonitor",
+                "init_args": {"window_size": args.window, "peak_flops": args.peak_flops},
+            },
             {"class_path": "lightning.pytorch.callbacks.DeviceStatsMonitor", "init_args": {"cpu_stats": False}},
             {
                 "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -144,6 +147,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--window", type=int, default=40, help="ThroughputMonitor's window (batches)")
     parser.add_argument("--batch-size", type=int, default=128, help="per device")
+    parser.add_argument("--peak-flops", type=float, default=None,
+                        help="dense peak FLOP/s of one device for MFU (H200 bf16: 989e12; Lightning 2.6 lacks it)")  # fmt: skip
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -133,7 +134,9 @@ def _loss(fusion: nn.Module, inputs: dict[str, Tokens]) -> torch.Tensor:
 def _worker(rank: int, world: int, dp: int, tp: int, init_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
+    from torch.utils.flop_counter import FlopCounterMode
 
+    from zoo.callbacks.throughput import _tensor_parallel_size
     from zoo.parallel.parallelize import apply_fsdp, apply_tensor_parallel
 
     torch.set_num_threads(1)
@@ -153,6 +156,13 @@ def _worker(rank: int, world: int, dp: int, tp: int, init_file: str) -> None:
         local = {m: Tokens(t.embeddings[rows], t.mask[rows]) for m, t in inputs.items()}
         # SGD, whose update is linear in the gradient: Adam's normalised step would turn the rounding differences of
         # near-zero gradients into differences of order lr
+        if dp == 1:  # FlopCounterMode sees DTensors' global shapes: why ThroughputMonitor divides its count by tp
+            with FlopCounterMode(display=False) as sharded:
+                model(local)
+            with FlopCounterMode(display=False) as whole:
+                reference(inputs)
+            assert sharded.get_total_flops() == whole.get_total_flops() > 0
+            assert _tensor_parallel_size(SimpleNamespace(device_mesh=mesh)) == tp
         opt_ref = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
         opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
         for _ in range(2):  # two steps: the second runs on weights the sharded optimizer updated

@@ -2,5 +2,6 @@
 
 from zoo.callbacks.dsa import DSAMonitor
 from zoo.callbacks.qat import QATScheduleCallback
+from zoo.callbacks.throughput import ThroughputMonitor
 
-__all__ = ["DSAMonitor", "QATScheduleCallback"]
+__all__ = ["DSAMonitor", "QATScheduleCallback", "ThroughputMonitor"]

@@ -31,6 +31,22 @@ class SelfAttention(nn.Module):
         self.dim, self.num_heads, self.dropout = dim, num_heads, dropout
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
+        # marks checkpoints written with qkv grouped by head; one without the mark has [3, num_heads, head_dim] rows,
+        # which loading regroups (same keys and shapes, so nothing else could tell the two apart)
+        self.register_buffer("qkv_grouped_by_head", torch.ones((), dtype=torch.bool))
+        self._register_load_state_dict_pre_hook(self._regroup_qkv_of_old_checkpoints)
+
+    def _regroup_qkv_of_old_checkpoints(self, state_dict: dict, prefix: str, *args) -> None:
+        mark = prefix + "qkv_grouped_by_head"
+        if mark in state_dict:
+            return
+        H, rows = self.num_heads, 3 * self.dim
+        for key in [k for k in state_dict if k.startswith(prefix + "qkv.")]:
+            value = state_dict[key]  # every per-output-row tensor: weight, bias, integer codes, per-channel scales
+            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows:
+                rest = value.shape[1:]
+                state_dict[key] = value.reshape(3, H, -1, *rest).transpose(0, 1).reshape(rows, *rest)
+        state_dict[mark] = torch.ones((), dtype=torch.bool)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
         B, T, _ = x.shape
