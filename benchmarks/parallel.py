@@ -147,8 +147,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=120)
     parser.add_argument("--window", type=int, default=40, help="ThroughputMonitor's window (batches)")
     parser.add_argument("--batch-size", type=int, default=128, help="per device")
-    parser.add_argument("--peak-flops", type=float, default=None,
-                        help="dense peak FLOP/s of one device for MFU (H200 bf16: 989e12; Lightning 2.6 lacks it)")  # fmt: skip
+    parser.add_argument(
+        "--peak-flops", type=float, default=None, help="a device's dense peak FLOP/s, for MFU (H200 bf16: 989e12)"
+    )
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))

@@ -277,3 +277,23 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
     assert state["model.fusion.blocks.0.attn.qkv.weight"].shape == (3 * 128, 128)
     assert state["model.fusion.blocks.1.ffn.fc2.weight"].shape == (128, 512)
+
+
+def test_attention_regroups_the_qkv_of_checkpoints_from_before_it_was_grouped_by_head():
+    """qkv's rows were ``[3, heads, head_dim]``; they are ``[heads, 3, head_dim]`` (tensor-parallel shards hold whole
+    heads). Same keys and shapes: a checkpoint without the mark is regrouped on load and computes the same."""
+    from zoo.layers.attention import SelfAttention
+
+    torch.manual_seed(0)
+    attention, x = SelfAttention(32, 4), torch.randn(2, 5, 32)
+    state = attention.state_dict()
+    del state["qkv_grouped_by_head"]
+    for key in ("qkv.weight", "qkv.bias"):  # back to the old order
+        value = state[key]
+        state[key] = value.reshape(4, 3, 8, *value.shape[1:]).transpose(0, 1).reshape(96, *value.shape[1:])
+    old = SelfAttention(32, 4)
+    old.load_state_dict(state)
+    torch.testing.assert_close(old(x), attention(x))
+    new = SelfAttention(32, 4)
+    new.load_state_dict(attention.state_dict())  # a marked checkpoint is taken as it is
+    torch.testing.assert_close(new(x), attention(x))
