@@ -140,9 +140,8 @@ def select_parallelism(
     gathered = 2 * 4 * (largest_layer or 0)  # two fp32 layers whole at a time (the running one, the prefetched one)
     if sharded + gathered <= budget:
         return plan("fsdp", device_count, 1, sharded + gathered, "the state fits only when sharded over every device")
-    for tp in _powers_of_two(2, nodes_devices):
-        if head_count is not None and head_count % tp:
-            continue
+    splits = [tp for tp in _powers_of_two(2, nodes_devices) if head_count is None or head_count % tp == 0]
+    for tp in splits:
         if sharded + gathered / tp <= budget:
             return plan(
                 "fsdp_tp",
@@ -152,7 +151,7 @@ def select_parallelism(
                 f"a gathered layer ({4 * (largest_layer or 0) / 2**30:.2f} GiB in fp32) fits only when split over "
                 f"{tp} devices of a node",
             )
-    raise _does_not_fit(model_size, sharded + gathered, device_count, budget)
+    raise _does_not_fit(model_size, sharded + gathered / max([1, *splits]), device_count, budget)
 
 
 def _does_not_fit(model_size: int, per_device: float, devices: int, budget: int) -> ConfigError:
