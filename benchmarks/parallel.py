@@ -1,6 +1,7 @@
 """Training throughput, MFU and memory of the VQA model across Lightning strategies on one machine's GPUs, side by
 side: one device, DDP, FSDP2, tensor parallelism (Lightning's ``ModelParallelStrategy`` with the zoo's plans,
-``zoo.parallel.parallelize``) and ``strategy: adaptive`` (``zoo.parallel.plan.select_parallelism``).
+``zoo.parallel.parallelize``), ``strategy: adaptive`` (``zoo.parallel.plan.select_parallelism``), and one device with
+the micro-batch measured by ``zoo.parallel.batch_adjustment.DynamicBatchAdjustment`` (``single_dba``).
 
 Each variant is a ``python -m zoo fit`` of ``vqa.yaml`` widened to ``--width`` / ``--depth`` / ``--heads`` (so that
 the GEMMs, not the launch overheads, dominate), in its own processes, one after the other, with
@@ -49,6 +50,8 @@ VARIANTS = {
     "fsdp": (None, "fsdp"),
     "tp": (None, "tp"),
     "adaptive": (None, "adaptive"),
+    # one device, the micro-batch measured by DynamicBatchAdjustment for --dba-global-batch (probe: --batch-size)
+    "single_dba": (1, "auto"),
 }
 
 
@@ -73,6 +76,7 @@ def _config(args, name: str, devices: int, kind: str, work: Path) -> Path:
             "init_args": {"save_dir": str(work), "name": name, "version": 0},
         },
         "callbacks": [
+            *([_batch_adjustment(args)] if name.endswith("_dba") else []),
             {
                 "class_path": "zoo.callbacks.throughput.ThroughputMonitor",
                 "init_args": {"window_size": args.window, "peak_flops": args.peak_flops},
@@ -87,6 +91,13 @@ def _config(args, name: str, devices: int, kind: str, work: Path) -> Path:
     path = work / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"trainer": trainer, "test_after_fit": False}))
     return path
+
+
+def _batch_adjustment(args) -> dict:
+    return {
+        "class_path": "zoo.parallel.batch_adjustment.DynamicBatchAdjustment",
+        "init_args": {"global_batch_size": args.dba_global_batch},
+    }
 
 
 def _model_flags(args) -> list[str]:
@@ -150,6 +161,7 @@ def main() -> None:
     parser.add_argument(
         "--peak-flops", type=float, default=None, help="a device's dense peak FLOP/s, for MFU (H200 bf16: 989e12)"
     )
+    parser.add_argument("--dba-global-batch", type=int, default=4096, help="the *_dba variants' global batch")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
@@ -174,7 +186,9 @@ def main() -> None:
             code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
         text = log.read_text()
         plan = next((line for line in text.splitlines() if "select_parallelism:" in line), None)
+        batches = [line for line in text.splitlines() if "DynamicBatchAdjustment" in line and "micro-batch" in line]
         run = {"devices": devices, "strategy": _strategy(kind, devices), "returncode": code, "plan": plan}
+        run["batch_plan"] = batches[-1] if batches else None
         if code != 0:
             print(f"variant {name} failed ({code}):\n{text[-3000:]}", file=sys.stderr)
             runs[name] = run | {"log_tail": text[-3000:]}
