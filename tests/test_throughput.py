@@ -148,6 +148,23 @@ def test_peak_flops_gives_mfu_as_device_flops_per_sec_over_the_peak(tmp_path):
         assert metrics["train/device/mfu"] == pytest.approx(metrics["train/device/flops_per_sec"] / peak, rel=1e-12)
 
 
+def test_a_given_peak_silences_lightnings_unknown_device_warning(tmp_path, monkeypatch, recwarn):
+    """On a GPU Lightning's table lacks (a plain "NVIDIA H200") Lightning warns "FLOPs not found"; with peak_flops
+    given that is answered, and only then is the warning dropped."""
+    import lightning.pytorch.callbacks.throughput_monitor as lightning_monitor
+    from lightning.pytorch.utilities import rank_zero_warn
+
+    def unknown_device(device, dtype):
+        rank_zero_warn("FLOPs not found for 'NVIDIA H200', chip is 'nvidia h200'")
+
+    monkeypatch.setattr(lightning_monitor, "get_available_flops", unknown_device)
+    torch.manual_seed(0)
+    _fit(tmp_path / "peak", LinearTask(), ThroughputMonitor(window_size=2, peak_flops=3.5e9))
+    assert not [w for w in recwarn if "FLOPs not found" in str(w.message)]
+    with pytest.warns(UserWarning, match="FLOPs not found"):
+        _fit(tmp_path / "none", LinearTask(), ThroughputMonitor(window_size=2))
+
+
 class OwnFlopsTask(LinearTask):
     """Declares its own FLOPs per batch, as a user who measured them would."""
 

@@ -3,6 +3,7 @@ from the first training batch."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from typing import Any
@@ -116,7 +117,10 @@ class ThroughputMonitor(LightningThroughputMonitor):
         self._counting = ExitStack()
 
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        super().setup(trainer, pl_module, stage)
+        with warnings.catch_warnings():
+            if self.peak_flops is not None:  # Lightning's "FLOPs not found for <device>" is answered by peak_flops
+                warnings.filterwarnings("ignore", message="FLOPs not found")
+            super().setup(trainer, pl_module, stage)
         if self.peak_flops is not None:
             self.available_flops = self.peak_flops
             for throughput in self._throughputs.values():
