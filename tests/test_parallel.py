@@ -236,7 +236,7 @@ def test_image_encoders_load_checkpoints_from_before_pos_scale_had_a_dimension()
 def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
     """``python -m zoo fit`` under Lightning's ModelParallelStrategy (2 x 2 processes on gloo): the task applies the
     zoo's tensor-parallel plan and FSDP2 in ``configure_model``, trains, and writes one checkpoint with the full
-    shapes of an unsharded model."""
+    shapes of an unsharded model; a second fit resumes from it, optimizer included, and trains on."""
     import subprocess
     import sys
 
@@ -255,7 +255,8 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
         "accelerator": "cpu",
         "devices": 4,
         "strategy": strategy,
-        "max_steps": 2,
+        "max_steps": 1,
+        "max_epochs": 3,
         "limit_train_batches": 2,
         "limit_val_batches": 0,
         "num_sanity_val_steps": 0,
@@ -272,11 +273,18 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
         "--data.init_args.batch_size=4",
     ]
     cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *small]
-    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
-    state = torch.load(tmp_path / "ckpt" / "last.ckpt", map_location="cpu", weights_only=True)["state_dict"]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    for extra in ([], ["--ckpt_path", str(last), "--trainer.max_steps=2"]):
+        run = subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "Restored all states from the checkpoint" in run.stdout + run.stderr
+    checkpoint = torch.load(last, map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 2, "the resumed fit trained its second step"
+    state = checkpoint["state_dict"]
     assert state["model.fusion.blocks.0.attn.qkv.weight"].shape == (3 * 128, 128)
     assert state["model.fusion.blocks.1.ffn.fc2.weight"].shape == (128, 512)
+    moments = checkpoint["optimizer_states"][0]["state"]
+    assert moments and all(v["exp_avg"].shape == v["exp_avg_sq"].shape for v in moments.values())
 
 
 def test_attention_regroups_the_qkv_of_checkpoints_from_before_it_was_grouped_by_head():
