@@ -30,6 +30,9 @@ class SelfAttention(nn.Module):
             raise ConfigError(f"SelfAttention: dim={dim} must be divisible by num_heads={num_heads}")
         self.dim, self.num_heads, self.dropout = dim, num_heads, dropout
         self.qkv = nn.Linear(dim, 3 * dim)
+        with torch.no_grad():  # the rows as drawn in the old order, regrouped: a seed gives the model it gave before
+            for param in (self.qkv.weight, self.qkv.bias):
+                param.copy_(_group_by_head(param, num_heads))
         self.proj = nn.Linear(dim, dim)
         # marks checkpoints written with qkv grouped by head; one without the mark has [3, num_heads, head_dim] rows,
         # which loading regroups (same keys and shapes, so nothing else could tell the two apart)
@@ -40,12 +43,10 @@ class SelfAttention(nn.Module):
         mark = prefix + "qkv_grouped_by_head"
         if mark in state_dict:
             return
-        H, rows = self.num_heads, 3 * self.dim
         for key in [k for k in state_dict if k.startswith(prefix + "qkv.")]:
             value = state_dict[key]  # every per-output-row tensor: weight, bias, integer codes, per-channel scales
-            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == rows:
-                rest = value.shape[1:]
-                state_dict[key] = value.reshape(3, H, -1, *rest).transpose(0, 1).reshape(rows, *rest)
+            if torch.is_tensor(value) and value.dim() >= 1 and value.shape[0] == 3 * self.dim:
+                state_dict[key] = _group_by_head(value, self.num_heads)
         state_dict[mark] = torch.ones((), dtype=torch.bool)
 
     def forward(self, x: Tensor, attn_mask: Tensor | None = None) -> Tensor:
@@ -60,3 +61,9 @@ class SelfAttention(nn.Module):
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(out.transpose(1, 2).reshape(B, T, -1))
+
+
+def _group_by_head(rows: Tensor, num_heads: int) -> Tensor:
+    """``[3 * dim, ...]`` rows ordered ``[3, heads, head_dim]`` (q, k, v blocks) -> ordered ``[heads, 3, head_dim]``."""
+    rest = rows.shape[1:]
+    return rows.reshape(3, num_heads, -1, *rest).transpose(0, 1).reshape(rows.shape[0], *rest)
