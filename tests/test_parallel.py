@@ -236,7 +236,8 @@ def test_image_encoders_load_checkpoints_from_before_pos_scale_had_a_dimension()
 def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
     """``python -m zoo fit`` under Lightning's ModelParallelStrategy (2 x 2 processes on gloo): the task applies the
     zoo's tensor-parallel plan and FSDP2 in ``configure_model``, trains, and writes one checkpoint with the full
-    shapes of an unsharded model; a second fit resumes from it, optimizer included, and trains on."""
+    shapes of an unsharded model; a second fit resumes from it, optimizer and batch plan included, and trains on.
+    ``DynamicBatchAdjustment`` counts the data-parallel ranks only (the tensor-parallel pairs share a batch)."""
     import subprocess
     import sys
 
@@ -251,6 +252,8 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
         "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
         "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "save_top_k": 0},
     }
+    # 16 samples a step: micro-batches of 4 on each of the 2 data-parallel ranks, accumulated twice
+    batch_adjustment = {"class_path": "zoo.parallel.DynamicBatchAdjustment", "init_args": {"global_batch_size": 16}}
     trainer = {
         "accelerator": "cpu",
         "devices": 4,
@@ -262,7 +265,7 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
         "num_sanity_val_steps": 0,
         "logger": False,
         "enable_progress_bar": False,
-        "callbacks": [checkpoint],
+        "callbacks": [batch_adjustment, checkpoint],
         "default_root_dir": str(tmp_path),
     }
     config.write_text(yaml.safe_dump({"trainer": trainer, "test_after_fit": False}))
@@ -280,6 +283,8 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
     assert "Restored all states from the checkpoint" in run.stdout + run.stderr
     checkpoint = torch.load(last, map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 2, "the resumed fit trained its second step"
+    plan = checkpoint["callbacks"]["DynamicBatchAdjustment"]
+    assert (plan["micro_batch_size"], plan["accumulation"], plan["world_size"]) == (4, 2, 2)
     state = checkpoint["state_dict"]
     assert state["model.fusion.blocks.0.attn.qkv.weight"].shape == (3 * 128, 128)
     assert state["model.fusion.blocks.1.ffn.fc2.weight"].shape == (128, 512)

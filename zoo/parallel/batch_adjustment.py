@@ -190,11 +190,12 @@ class DynamicBatchAdjustment(Callback):
     wins over a different one given here (a warning too).
 
     The datamodule must have a settable integer ``batch_size`` that its ``train_dataloader`` reads when called (the
-    zoo's datamodules do); the setting also reaches its validation and test loaders. Strategies: a single device and
-    DDP. Strategies that restore checkpoints after setting up the model (FSDP, ``ModelParallelStrategy``) go through
-    the same hooks in another order and are untested; DeepSpeed is refused (it takes the accumulation into its engine
-    when the strategy sets up). Conflicts with ``GradientAccumulationScheduler``, a ``trainer.accumulate_grad_batches``
-    set by hand and manual optimization are refused. Put this callback before callbacks that keep references to the
+    zoo's datamodules do); the setting also reaches its validation and test loaders. Strategies: a single device,
+    DDP, and ``ModelParallelStrategy`` (FSDP2 and tensor parallelism: the plan, its saving and resume are tested on
+    CPU processes, 2 x 2, where only the data-parallel ranks count; the CUDA probe under it is not); DeepSpeed is
+    refused (it takes the accumulation into its engine when the strategy sets up). Conflicts with
+    ``GradientAccumulationScheduler``, a ``trainer.accumulate_grad_batches`` set by hand and manual optimization are
+    refused. Put this callback before callbacks that keep references to the
     optimizers in ``on_fit_start``: a measured plan replaces them there.
 
     Args:
