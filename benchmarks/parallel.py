@@ -1,7 +1,8 @@
 """Training throughput, MFU and memory of the VQA model across Lightning strategies on one machine's GPUs, side by
-side: one device, DDP, FSDP2, tensor parallelism (Lightning's ``ModelParallelStrategy`` with the zoo's plans,
-``zoo.parallel.parallelize``), ``strategy: adaptive`` (``zoo.parallel.plan.select_parallelism``), and one device with
-the micro-batch measured by ``zoo.parallel.batch_adjustment.DynamicBatchAdjustment`` (``single_dba``).
+side: one device, DDP, FSDP2, tensor parallelism, FSDP2 across tensor-parallel pairs (``fsdp_tp``, 4 devices or
+more; Lightning's ``ModelParallelStrategy`` with the zoo's plans, ``zoo.parallel.parallelize``), ``strategy:
+adaptive`` (``zoo.parallel.plan.select_parallelism``), and one device with the micro-batch measured by
+``zoo.parallel.batch_adjustment.DynamicBatchAdjustment`` (``single_dba``).
 
 Each variant is a ``python -m zoo fit`` of ``vqa.yaml`` widened to ``--width`` / ``--depth`` / ``--heads`` (so that
 the GEMMs, not the launch overheads, dominate), in its own processes, one after the other, with
@@ -38,6 +39,8 @@ def _strategy(kind: str, devices: int) -> dict | str:
         sizes = {"data_parallel_size": devices, "tensor_parallel_size": 1}
     elif kind == "tp":
         sizes = {"data_parallel_size": 1, "tensor_parallel_size": devices}
+    elif kind == "fsdp_tp":  # pairs of devices split each block, FSDP across the pairs
+        sizes = {"data_parallel_size": devices // 2, "tensor_parallel_size": 2}
     else:
         return kind
     return {"class_path": model_parallel, "init_args": {**sizes, "save_distributed_checkpoint": False}}
@@ -49,6 +52,7 @@ VARIANTS = {
     "ddp": (None, "ddp"),
     "fsdp": (None, "fsdp"),
     "tp": (None, "tp"),
+    "fsdp_tp": (None, "fsdp_tp"),  # 4 devices or more
     "adaptive": (None, "adaptive"),
     # one device, the micro-batch measured by DynamicBatchAdjustment for --dba-global-batch (probe: --batch-size)
     "single_dba": (1, "auto"),
@@ -178,6 +182,9 @@ def main() -> None:
     for name in args.variants:
         devices, kind = VARIANTS[name]
         devices = devices or args.devices
+        if kind == "fsdp_tp" and (devices < 4 or devices % 2):
+            print(f"variant {name} skipped: it needs an even number of devices, at least 4", file=sys.stderr)
+            continue
         shutil.rmtree(work / name, ignore_errors=True)  # a last.ckpt left there would make this run's last-v1.ckpt
         config = _config(args, name, devices, kind, work)
         cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *_model_flags(args)]
@@ -222,7 +229,8 @@ def main() -> None:
                 "checkpoint = single's": run.get("checkpoint_matches_single", ""),
             }
         )
-    printed = table(rows, ["variant", "devices", "samples/s", "vs single", "MFU", "peak GiB", "checkpoint = single's"])
+    columns = ["variant", "devices", "samples/s", "vs single", "MFU", "peak GiB", "checkpoint = single's"]
+    printed = table(rows, columns) if rows else "no variant ran"
     print(printed)
     params = None
     if shapes:
