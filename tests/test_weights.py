@@ -126,3 +126,33 @@ def test_unreadable_files_are_named(tmp_path):
         load_weights(_mlp(), tmp_path / "list.pt")
     with pytest.raises(DataError, match="no file"):
         load_weights(_mlp(), tmp_path / "absent.pt")
+
+
+def test_checkpoint_from_before_the_layout_changes_initialises_the_same_model(tmp_path):
+    """A checkpoint written before qkv was grouped by head and pos_scale became ``[1]`` (no grouping mark, the old
+    row order, a 0-d pos_scale) passes load_weights' key and shape check, which runs the parts' upgrades first, and
+    gives the model it was saved from."""
+    from zoo.encoders import ConvImageEncoder
+    from zoo.fusion import MIE
+
+    def model() -> nn.ModuleDict:
+        fusion = MIE(modalities=("image",), dim=16, depth=1, num_heads=4, modality_fusion_layers=1)
+        return nn.ModuleDict({"image": ConvImageEncoder(channels=(8,), dim=16), "fusion": fusion})
+
+    torch.manual_seed(0)
+    source = model().eval()
+    nn.init.normal_(source["image"].pos_scale, mean=2.0)  # differs from a fresh model's 1
+    old = dict(source.state_dict())
+    del old["fusion.blocks.0.attn.qkv_grouped_by_head"]
+    for key in ("fusion.blocks.0.attn.qkv.weight", "fusion.blocks.0.attn.qkv.bias"):  # back to [3, heads, head_dim]
+        rows = old[key]
+        old[key] = rows.reshape(4, 3, 4, *rows.shape[1:]).transpose(0, 1).reshape(48, *rows.shape[1:])
+    old["image.pos_scale"] = old["image.pos_scale"].reshape(())
+    torch.save(old, tmp_path / "old.pt")
+
+    target = model().eval()
+    assert load_weights(target, tmp_path / "old.pt") == len(source.state_dict())
+    images = torch.randn(2, 3, 16, 16)
+    expected = source["fusion"]({"image": source["image"](images)}).pooled
+    got = target["fusion"]({"image": target["image"](images)}).pooled
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)

@@ -9,6 +9,10 @@
 
 A new part that meets its contract works with every other part and task; ``tests/test_contracts.py`` proves it for
 every part the package ships.
+
+A part whose saved layout changed converts older state dicts in an ``upgrade_state_dict(state_dict, prefix)`` method,
+registered as its load pre-hook (:func:`upgrade_on_load`); :func:`upgrade_state_dict` runs every part's upgrade on a
+whole state dict, for code that compares keys and shapes before loading (``zoo.weights.load_weights``).
 """
 
 from __future__ import annotations
@@ -22,7 +26,17 @@ from torch import Tensor, nn
 
 from zoo.errors import ConfigError
 
-__all__ = ["FFN", "IGNORE_INDEX", "FFNFactory", "Encoder", "Fused", "Fusion", "Tokens"]
+__all__ = [
+    "FFN",
+    "IGNORE_INDEX",
+    "FFNFactory",
+    "Encoder",
+    "Fused",
+    "Fusion",
+    "Tokens",
+    "upgrade_on_load",
+    "upgrade_state_dict",
+]
 
 #: ``batch["label"]`` of an example that the loss and the metrics leave out (e.g. an answer outside the vocabulary);
 #: the default ``ignore_index`` of ``F.cross_entropy``.
@@ -134,3 +148,18 @@ class FFN(nn.Module):
 #: Builds one FFN for a block: ``factory(dim, hidden_dim) -> FFN``. In YAML, a ``class_path`` plus the ``init_args``
 #: other than the two dimensions, which the block supplies.
 FFNFactory = Callable[[int, int], FFN]
+
+
+def upgrade_on_load(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """A ``register_load_state_dict_pre_hook`` hook: ``module.upgrade_state_dict(state_dict, prefix)``, which
+    converts, in place, the entries under ``prefix`` that an older version of the part wrote."""
+    module.upgrade_state_dict(state_dict, prefix)
+
+
+def upgrade_state_dict(module: nn.Module, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``state_dict`` (``module``'s keys) as ``module.load_state_dict`` sees it after its parts' upgrades."""
+    state = dict(state_dict)
+    for name, part in module.named_modules():
+        if hasattr(part, "upgrade_state_dict"):
+            part.upgrade_state_dict(state, f"{name}." if name else "")
+    return state

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from zoo.contracts import upgrade_state_dict
 from zoo.errors import ConfigError, DataError
 from zoo.quant.qat import is_quantizer_state
 
@@ -54,7 +55,8 @@ def load_weights(module: nn.Module, path: str | Path, *, what: str = "initial_ch
     fails with a :class:`ConfigError` that lists the differences instead of half-loading. Quantizer state is loaded
     where both sides have it (a QAT checkpoint into a QAT model) and skipped otherwise.
     """
-    state = read_state_dict(path, what=what)
+    # older layouts converted first (zoo.contracts.upgrade_state_dict), as load_state_dict's hooks would
+    state = upgrade_state_dict(module, read_state_dict(path, what=what))
     target = module.state_dict()
     weights = {k for k in target if not is_quantizer_state(k)}
     given = {k for k in state if not is_quantizer_state(k)}

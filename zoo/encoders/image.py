@@ -11,13 +11,14 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from zoo.contracts import Encoder, Tokens
+from zoo.contracts import Encoder, Tokens, upgrade_on_load
 from zoo.errors import ConfigError
 from zoo.layers.position import sincos_2d
 
 
-def _scalar_pos_scale(state_dict: dict, prefix: str, *args) -> None:
-    """Load checkpoints from before ``pos_scale`` became ``[1]`` (it was a 0-d parameter)."""
+def _pos_scale_with_a_dimension(encoder: nn.Module, state_dict: dict, prefix: str) -> None:
+    """``upgrade_state_dict`` of the image encoders: ``pos_scale`` was 0-d before it became ``[1]`` (FSDP2 shards no
+    0-d parameter)."""
     key = prefix + "pos_scale"
     if key in state_dict and state_dict[key].dim() == 0:
         state_dict[key] = state_dict[key].reshape(1)
@@ -81,7 +82,7 @@ class TimmImageEncoder(Encoder):
         self.out_dim = dim if dim is not None else channels
         self.norm = nn.LayerNorm(self.out_dim)
         self.pos_scale = nn.Parameter(torch.ones(1))  # [1], not a scalar: FSDP2 shards no 0-d parameter
-        self._register_load_state_dict_pre_hook(_scalar_pos_scale)
+        self.register_load_state_dict_pre_hook(upgrade_on_load)
 
     def _load_weights(self, path: Path) -> None:
         if not path.is_file():
@@ -98,6 +99,8 @@ class TimmImageEncoder(Encoder):
         if missing:
             raise ConfigError(f"TimmImageEncoder: {path} lacks {len(missing)} backbone weights, e.g. {missing[:3]}")
         self.backbone.load_state_dict({k: state[k] for k in own})
+
+    upgrade_state_dict = _pos_scale_with_a_dimension
 
     def forward(self, images: Tensor) -> Tokens:
         features = self.proj(self.backbone(images)[-1])
@@ -130,7 +133,9 @@ class ConvImageEncoder(Encoder):
         self.out_dim = dim
         self.norm = nn.LayerNorm(dim)
         self.pos_scale = nn.Parameter(torch.ones(1))  # [1], not a scalar: FSDP2 shards no 0-d parameter
-        self._register_load_state_dict_pre_hook(_scalar_pos_scale)
+        self.register_load_state_dict_pre_hook(upgrade_on_load)
+
+    upgrade_state_dict = _pos_scale_with_a_dimension
 
     def forward(self, images: Tensor) -> Tokens:
         return _with_positions(self.proj(self.stages(images)), self.norm, self.pos_scale)

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from zoo.contracts import upgrade_on_load
 from zoo.errors import ConfigError
 
 
@@ -37,9 +38,10 @@ class SelfAttention(nn.Module):
         # marks checkpoints written with qkv grouped by head; one without the mark has [3, num_heads, head_dim] rows,
         # which loading regroups (same keys and shapes, so nothing else could tell the two apart)
         self.register_buffer("qkv_grouped_by_head", torch.ones((), dtype=torch.bool))
-        self._register_load_state_dict_pre_hook(self._regroup_qkv_of_old_checkpoints)
+        self.register_load_state_dict_pre_hook(upgrade_on_load)
 
-    def _regroup_qkv_of_old_checkpoints(self, state_dict: dict, prefix: str, *args) -> None:
+    def upgrade_state_dict(self, state_dict: dict, prefix: str) -> None:
+        """Regroup, in place, the ``qkv`` rows of a state dict written before they were grouped by head."""
         mark = prefix + "qkv_grouped_by_head"
         if mark in state_dict:
             return
