@@ -304,7 +304,7 @@ def latency_mode(args) -> None:
     if args.compile:
         if device == "cpu":
             # CPU inference compiles with freezing (weights as constants): inductor then prepacks the float linears
-            # for oneDNN and lowers the integer layers' oneDNN GEMM (zoo.quant.convert._inductor_freezing)
+            # for oneDNN and lowers the integer layers' oneDNN GEMM (zoo.quant.kernels.inductor_freezing)
             torch._inductor.config.freezing = True
         compiled_int8 = _compiled(int_models["int8"])
         compiled_per_tensor = _compiled(int_models["int8_per_tensor"])

@@ -65,17 +65,16 @@ class ZooTask(LightningModule):
         # under ModelParallelStrategy (zoo.parallel.select_parallelism's fsdp / fsdp_tp plans) the trainer gives a
         # device mesh: tensor parallelism, then compilation, then FSDP, as torchtitan orders them. Lightning calls
         # this hook for every fit / validate / test, so each step runs once.
-        mesh = self.device_mesh
-        if mesh is not None and not self._parallelized:
+        mesh = None if self._parallelized else self.device_mesh
+        if mesh is not None and mesh["tensor_parallel"].size() > 1:
             from zoo.parallel.parallelize import apply_tensor_parallel
 
-            if mesh["tensor_parallel"].size() > 1:
-                apply_tensor_parallel(self, mesh["tensor_parallel"])
+            apply_tensor_parallel(self, mesh["tensor_parallel"])
         if self.compile_options is not False and not self.compiled_regions:
             from zoo.compile import compile_regions
 
             self.compiled_regions = compile_regions(self, **self.compile_options)
-        if mesh is not None and not self._parallelized:
+        if mesh is not None:
             from zoo.parallel.parallelize import apply_fsdp
 
             if mesh["data_parallel"].size() > 1:

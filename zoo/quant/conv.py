@@ -23,7 +23,6 @@ from zoo.quant.kernels import (
     PrepackedLayer,
     activation_key,
     apply_activation,
-    inductor_freezing,
     onednn_conv_prepack,
     onednn_int8_conv,
     pack_int4,
@@ -193,7 +192,7 @@ class QuantizedConv2d(PrepackedLayer):
             q, out_dtype = x.contiguous(memory_format=torch.channels_last), self.weight_scale.dtype
         else:
             q, out_dtype = self.quantize_input(x), x.dtype
-        onednn = self._packed is not None and (not torch.compiler.is_compiling() or inductor_freezing())
+        onednn = self._runs_onednn()
         if not onednn:
             x_hat = (q.float() - self._x_zero_point) * self._x_scale
             y = F.conv2d(x_hat, self.dequantized_weight(), self._packed_bias, self.stride, self.padding, self.dilation,

@@ -53,7 +53,6 @@ from zoo.quant.kernels import (
     activation_key,
     apply_activation,
     ceil8,
-    inductor_freezing,
     int8_mm,
     onednn_int8_mm,
     onednn_prepack,
@@ -227,7 +226,7 @@ class QuantizedLinear(PrepackedLayer):
         else:
             q, scale, zero_point = self._quantize_input(x.reshape(-1, self.in_features).float())
             out_dtype = x.dtype
-        onednn = self._packed is not None and (not torch.compiler.is_compiling() or inductor_freezing())
+        onednn = self._runs_onednn()
         if onednn and self.activation_granularity == "per_tensor":
             # the whole layer in oneDNN: the input's scale and zero point, the bias and the activation run in the
             # GEMM's epilogue, which writes the output once, in the input's dtype, or as the next layer's input codes

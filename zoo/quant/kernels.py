@@ -248,6 +248,11 @@ class PrepackedLayer(nn.Module):
         super().__init__()
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
 
+    def _runs_onednn(self) -> bool:
+        """Whether this call runs oneDNN on the prepacked weight: when there is one, and, under ``torch.compile``,
+        only with inductor freezing (the only way inductor lowers the opaque weight); else the float fallback."""
+        return self._packed is not None and (not torch.compiler.is_compiling() or inductor_freezing())
+
     def _epilogue(self, out_dtype: torch.dtype, codes_dtype: torch.dtype) -> dict[str, Any]:
         """Keyword arguments of a oneDNN call's output: the next layer's input codes (``codes_dtype``, at its input
         scale and zero point) when this layer writes them, in eval mode; else the output in ``out_dtype`` where
