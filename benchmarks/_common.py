@@ -153,3 +153,50 @@ class ValidationHistory(Callback):
             return
         metrics = {k: round(float(v), 4) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
+
+
+def fit_and_test(config: str, overrides: list[str], out: Path, *, by_subtype=None) -> None:
+    """Fit and test one VQA-style config in this process (``launch`` runs it in its own) and write its figures to
+    ``out``: parameters, epochs, fit time, the validation curve, the test metrics of the best checkpoint, and
+    ``by_subtype(correct, datamodule)``'s breakdown, ``correct`` a bool array over the test split's questions in
+    order."""
+    from zoo.cli import ZooCLI, resolve_config_args
+
+    cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
+    model, data, trainer = cli.model, cli.datamodule, cli.trainer
+    history = ValidationHistory()
+    trainer.callbacks.append(history)
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    fit_seconds = time.perf_counter() - start
+    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    metrics = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)[0]
+    result = {
+        "config": config,
+        "overrides": overrides,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "fusion_parameters": sum(p.numel() for p in model.model.fusion.parameters()),
+        "epochs_run": trainer.current_epoch,
+        "fit_seconds": round(fit_seconds, 1),
+        "best_checkpoint": best,
+        "val_history": history.history,
+        "test": {k: float(v) for k, v in metrics.items()},
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+    }
+    if by_subtype is not None:
+        result["test_by_subtype"] = by_subtype(answered_right(model, data), data)
+    out.write_text(json.dumps(result, indent=2))
+
+
+def answered_right(model, data):
+    """Whether each question of ``data``'s test split (in order) is answered right by ``model``: bool numpy ``[N]``."""
+    from lightning.pytorch.utilities import move_data_to_device
+
+    device = next(model.parameters()).device
+    model.eval()
+    correct = []
+    with torch.no_grad():
+        for batch in data.test_dataloader():
+            batch = move_data_to_device(batch, device)
+            correct.append((model(batch).argmax(-1) == batch["label"]).cpu())
+    return torch.cat(correct).numpy()

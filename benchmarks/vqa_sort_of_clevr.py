@@ -12,18 +12,16 @@ parameters, relational and non-relational test accuracy, wall time, beside the R
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from _common import (  # noqa: E402
-    ValidationHistory,
     finished_runs,
+    fit_and_test,
     launch,
     table,
     training_overrides,
@@ -41,62 +39,21 @@ RUNS = {
 }
 
 
-def accuracy_by_subtype(model, data) -> dict[str, float]:
+def accuracy_by_subtype(correct, data) -> dict[str, float]:
     """Test accuracy per question template (``shape``, ``left_right``, ..., ``closest``, ``furthest``, ``count``):
-    where the relational gap is. The test loader is in order, so question ``i`` is ``test_dataset``'s item ``i``."""
+    where the relational gap is. ``correct[i]`` is whether the test split's question ``i`` was answered right."""
     import numpy as np
-    import torch
-    from lightning.pytorch.utilities import move_data_to_device
 
     from datamodules.sort_of_clevr import QUESTIONS_PER_IMAGE
 
     names = [["shape", "left_right", "top_bottom"], ["closest", "furthest", "count"]]
     dataset = data.test_dataset
-    device = next(model.parameters()).device
-    model.eval()
-    correct = []
-    with torch.no_grad():
-        for batch in data.test_dataloader():
-            batch = move_data_to_device(batch, device)
-            correct.append((model(batch).argmax(-1) == batch["label"]).cpu())
-    correct = torch.cat(correct).numpy()
     index = np.arange(len(correct))
     image, q = dataset.image_indices[index // QUESTIONS_PER_IMAGE], index % QUESTIONS_PER_IMAGE
     group, subtype = dataset.groups[image, q], dataset.subtype[image, q]
     return {
         names[g][t]: round(float(correct[(group == g) & (subtype == t)].mean()), 4) for g in range(2) for t in range(3)
     }
-
-
-def run_one(config: str, overrides: list[str], out: Path) -> None:
-    """Fit and test one config in this process; write its figures to ``out``."""
-    import torch
-
-    from zoo.cli import ZooCLI, resolve_config_args
-
-    cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
-    model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    history = ValidationHistory()
-    trainer.callbacks.append(history)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
-    metrics = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)[0]
-    result = {
-        "config": config,
-        "overrides": overrides,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "fusion_parameters": sum(p.numel() for p in model.model.fusion.parameters()),
-        "epochs_run": trainer.current_epoch,
-        "fit_seconds": round(fit_seconds, 1),
-        "best_checkpoint": best,
-        "val_history": history.history,
-        "test": {k: float(v) for k, v in metrics.items()},
-        "test_by_subtype": accuracy_by_subtype(model, data),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-    }
-    out.write_text(json.dumps(result, indent=2))
 
 
 def main() -> None:
@@ -123,7 +80,7 @@ def main() -> None:
     parser.add_argument("--run-one", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.run_one:
-        run_one(args.run_one[0], extra, Path(args.run_one[1]))
+        fit_and_test(args.run_one[0], extra, Path(args.run_one[1]), by_subtype=accuracy_by_subtype)
         return
 
     import torch
