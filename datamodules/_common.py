@@ -1,13 +1,15 @@
-"""What the VQA datamodules share: a resumable seeded shuffle, image normalization, batching and argument checks.
+"""What the datamodules share: a resumable seeded shuffle, image normalization, batching, argument checks and the
+choice of classes of the user's own classification data.
 
 Batches follow ``docs/ARCHITECTURE.md``: ``{"image": float [B, 3, H, W], "text": list[str], "label": long [B],
-"group": long [B]}``.
+"group": long [B]}``, with ``"audio"`` in place of (or beside) ``"image"`` and ``"text"`` for sound.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Iterator, Sized
+from collections.abc import Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from zoo.contracts import IGNORE_INDEX  # noqa: F401  (re-exported: the datamodules' label contract)
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 
 class SeededShuffleSampler(Sampler[int]):
@@ -151,6 +155,75 @@ def check_loader_args(owner: str, *, batch_size: int, num_workers: int, seed: in
 def _check_seed(name: str, seed: int) -> None:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ConfigError(f"{name}={seed!r} must be a non-negative integer")
+
+
+#: the evaluation groups of classification data: thirds of the classes by training frequency.
+GROUP_NAMES = ("head", "medium", "tail")
+RARE_CLASS_RULES = ("error", "drop", "keep")
+
+
+def frequency_groups(counts: np.ndarray) -> np.ndarray:
+    """Group of each class, int64 ``[C]``: 0 (head), 1 (medium), 2 (tail): thirds of the classes ranked by training
+    count, largest first (ties by class index); with ``C`` not a multiple of 3 the head and medium get the extra."""
+    order = np.argsort(-np.asarray(counts), kind="stable")
+    groups = np.zeros(len(counts), dtype=np.int64)
+    for g, members in enumerate(np.array_split(order, len(GROUP_NAMES))):
+        groups[members] = g
+    return groups
+
+
+def check_class_rules(owner: str, *, min_examples_per_class: int, rare_classes: str) -> None:
+    """ConfigError naming the key when ``min_examples_per_class`` or ``rare_classes`` cannot work."""
+    if rare_classes not in RARE_CLASS_RULES:
+        raise ConfigError(f"{owner}: rare_classes={rare_classes!r} must be 'error', 'drop' or 'keep'")
+    if min_examples_per_class < 1:
+        raise ConfigError(f"{owner}: min_examples_per_class={min_examples_per_class} must be >= 1")
+
+
+def select_classes(
+    counts: Mapping[str, int],
+    *,
+    owner: str,
+    source: str,
+    classes: list[str] | None,
+    min_examples_per_class: int,
+    rare_classes: str,
+) -> tuple[list[str], set[str]]:
+    """The class names in label order and the rare classes to drop, from the training examples of each class.
+
+    A class with fewer than ``min_examples_per_class`` training examples is rare; ``rare_classes`` says what then
+    happens: ``"error"`` raises DataError naming ``source`` (the training data) with the classes and their counts,
+    ``"drop"`` returns them to be removed from every split (with a warning), ``"keep"`` trains on them as they are.
+    The classes are ``classes`` less the dropped ones when given (a training label outside them is an error), the
+    sorted training labels otherwise.
+
+    Args:
+        counts: training examples of each class name (a class may have 0: a class folder without files).
+        owner: the datamodule, for messages.
+        source: the training file or folder, for messages.
+        classes: the class names in label order, or ``None``.
+        min_examples_per_class: see above (checked by :func:`check_class_rules`).
+        rare_classes: see above.
+    """
+    rare = {label: n for label, n in sorted(counts.items()) if n < min_examples_per_class}
+    if rare and rare_classes == "error":
+        raise DataError(
+            f"{source}: {len(rare)} class(es) have fewer than min_examples_per_class={min_examples_per_class} "
+            f"training examples: {dict(list(rare.items())[:10])}; add examples, set rare_classes='drop' to remove "
+            "them or rare_classes='keep' to train on them as they are"
+        )
+    dropped = set(rare) if rare_classes == "drop" else set()
+    if dropped:
+        log.warning("%s: dropping %d rare class(es): %s", owner, len(dropped), sorted(dropped))
+    if classes is None:
+        return sorted(label for label in counts if label not in dropped), dropped
+    if len(set(classes)) != len(classes):
+        raise ConfigError(f"{owner}: classes={classes} holds duplicates")
+    classes = [str(c) for c in classes if str(c) not in dropped]
+    unknown = sorted({label for label, n in counts.items() if n > 0} - set(classes) - dropped)
+    if unknown:
+        raise DataError(f"{source}: labels {unknown[:10]} are not in classes={classes}")
+    return classes, dropped
 
 
 class SplitLoaders(L.LightningDataModule):

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import csv
 import json
-import logging
 from collections import Counter
 from pathlib import Path
 
+from datamodules._common import check_class_rules, select_classes
 from datamodules.ddae.datamodule import LongTailTextDataModule, TextSplits
-from zoo.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
+from zoo.errors import DataError
 
 Rows = list[tuple[str, str]]  # (text, class name)
 
@@ -144,33 +142,18 @@ class TextFolderDataModule(LongTailTextDataModule):
         **kwargs,
     ) -> None:
         name = type(self).__name__
-        if rare_classes not in ("error", "drop", "keep"):
-            raise ConfigError(f"{name}: rare_classes={rare_classes!r} must be 'error', 'drop' or 'keep'")
-        if min_examples_per_class < 1:
-            raise ConfigError(f"{name}: min_examples_per_class={min_examples_per_class} must be >= 1")
+        check_class_rules(name, min_examples_per_class=min_examples_per_class, rare_classes=rare_classes)
         columns = {"text_column": text_column, "label_column": label_column}
         train = read_text_file(train_file, **columns, key="train_file")
-        counts = Counter(label for _, label in train)
-        rare = {label: n for label, n in sorted(counts.items()) if n < min_examples_per_class}
-        if rare and rare_classes == "error":
-            raise DataError(
-                f"{train_file}: {len(rare)} class(es) have fewer than min_examples_per_class={min_examples_per_class} "
-                f"training examples: {dict(list(rare.items())[:10])}; add examples, set rare_classes='drop' to remove "
-                "them or rare_classes='keep' to train on them as they are"
-            )
-        dropped = set(rare) if rare_classes == "drop" else set()
-        if dropped:
-            log.warning("%s: dropping %d rare class(es): %s", name, len(dropped), sorted(dropped))
-            train = [(t, y) for t, y in train if y not in dropped]
-        if classes is not None:
-            if len(set(classes)) != len(classes):
-                raise ConfigError(f"{name}: classes={classes} holds duplicates")
-            classes = [str(c) for c in classes if str(c) not in dropped]
-            unknown = sorted(set(counts) - set(classes) - dropped)
-            if unknown:
-                raise DataError(f"{train_file}: labels {unknown[:10]} are not in classes={classes}")
-        else:
-            classes = sorted({y for _, y in train})
+        classes, dropped = select_classes(
+            Counter(label for _, label in train),
+            owner=name,
+            source=str(train_file),
+            classes=classes,
+            min_examples_per_class=min_examples_per_class,
+            rare_classes=rare_classes,
+        )
+        train = [(t, y) for t, y in train if y not in dropped]
         self.files = {"train": train_file, "val": val_file, "test": test_file}
         self._rows = {"train": train}
         for split in ("val", "test"):

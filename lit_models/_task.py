@@ -11,7 +11,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from zoo.contracts import IGNORE_INDEX
-from zoo.errors import ZooUserError
+from zoo.errors import ConfigError, ZooUserError
 from zoo.optim import ScheduleFactory, WarmupCosine
 
 
@@ -53,6 +53,7 @@ class ZooTask(LightningModule):
         self._parallelized = False
 
     def setup(self, stage: str) -> None:
+        self.check_sample_rate()
         # in setup, not __init__: rebuilding the task from its hyper-parameters (load_from_checkpoint, zoo convert)
         # must not need the file; and after the callbacks' setup, so that a QAT callback has quantized the layers
         if stage == "fit" and self.initial_checkpoint:
@@ -60,6 +61,20 @@ class ZooTask(LightningModule):
 
             load_weights(self, self.initial_checkpoint, what="model.init_args.initial_checkpoint")
             self.initial_checkpoint = None  # once: a second fit of this task continues from its trained weights
+
+    def check_sample_rate(self) -> None:
+        """ConfigError when an encoder's ``sample_rate`` differs from the datamodule's: a clip at another rate than
+        the encoder's mel filters expect trains without any error, on the wrong features."""
+        from zoo.contracts import Encoder
+
+        data_rate = getattr(getattr(self._trainer, "datamodule", None), "sample_rate", None)
+        for name, module in self.named_modules():
+            model_rate = getattr(module, "sample_rate", None)
+            if isinstance(module, Encoder) and None not in (data_rate, model_rate) and data_rate != model_rate:
+                raise ConfigError(
+                    f"{type(self).__name__}: the encoder {name} expects sample_rate={model_rate} Hz but the data is at "
+                    f"sample_rate={data_rate} Hz; set both to the same rate"
+                )
 
     def configure_model(self) -> None:
         # under ModelParallelStrategy (zoo.parallel.select_parallelism's fsdp / fsdp_tp plans) the trainer gives a

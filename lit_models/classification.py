@@ -1,4 +1,4 @@
-"""Text classification: any zoo text encoder, mean-pooled, and a classifier head; long-tail metrics."""
+"""Classification of one modality: any zoo encoder, mean-pooled, and a classifier head; long-tail metrics."""
 
 from __future__ import annotations
 
@@ -14,21 +14,27 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 
 from lit_models._task import ZooTask
 from zoo.contracts import Encoder
+from zoo.errors import ConfigError
 from zoo.optim import ScheduleFactory, WarmupCosine
 
 
-class TextClassifier(ZooTask):
-    """Classifies a text: ``{"text": list[str]}`` -> logits ``[B, num_classes]``.
+class Classifier(ZooTask):
+    """Classifies one input of a batch: ``batch[modality]`` -> logits ``[B, num_classes]``.
 
-    The encoder's tokens are averaged over the real tokens (``Tokens.pooled_mean``) and fed to the head. The batch
-    holds ``"text"`` (``B`` strings), ``"label"`` ``[B]`` and ``"group"`` ``[B]`` (an index into ``group_names``,
-    e.g. the ``head``/``medium``/``tail`` frequency bin of the class). Validation and test report, with torchmetrics:
-    accuracy, macro-F1, accuracy per group, and F1 of every class (``{stage}/f1/{class}``, logged at epoch end). The
-    test also saves the confusion matrix as ``confusion_matrix.png`` (rows: true class, normalized) in the logger's
-    folder.
+    The encoder reads the batch field named ``modality`` (``"text"``: ``list[str]``; ``"audio"``: ``{"waveform":
+    [B, S], "lengths": [B]}``; ``"image"``: ``[B, 3, H, W]``; see ``docs/ARCHITECTURE.md``); its tokens are averaged
+    over the real tokens (``Tokens.pooled_mean``) and fed to the head. The batch also holds ``"label"`` ``[B]`` and
+    ``"group"`` ``[B]`` (an index into ``group_names``, e.g. the ``head``/``medium``/``tail`` frequency bin of the
+    class). Validation and test report, with torchmetrics: accuracy, macro-F1, accuracy per group, and F1 of every
+    class (``{stage}/f1/{class}``, logged at epoch end). The test also saves the confusion matrix as
+    ``confusion_matrix.png`` (rows: true class, normalized) in the logger's folder.
+
+    ``TextClassifier`` is this class under its former name (``modality="text"`` is the default), so configs and
+    checkpoints that name it keep working.
 
     Args:
-        encoder: any text :class:`~zoo.contracts.Encoder` (``list[str] -> Tokens``).
+        encoder: any :class:`~zoo.contracts.Encoder` of the ``modality`` (``batch[modality] -> Tokens``).
+        modality: the batch field the encoder reads.
         num_classes: classes (linked from the datamodule by the CLI).
         group_names: evaluation groups (linked from the datamodule by the CLI).
         head_hidden: hidden width of an MLP head; ``0`` for a linear head (LayerNorm + Linear).
@@ -43,6 +49,7 @@ class TextClassifier(ZooTask):
         self,
         encoder: Encoder,
         *,
+        modality: str = "text",
         num_classes: int,
         group_names: list[str] | None = None,
         head_hidden: int = 0,
@@ -59,11 +66,15 @@ class TextClassifier(ZooTask):
         # Under LightningCLI the hyper-parameters are the config (class paths included), so load_from_checkpoint can
         # rebuild the parts; outside it, modules are not hyper-parameters.
         self.save_hyperparameters(ignore=[] if _given_hyperparameters.get() is not None else ["encoder"])
+        name = type(self).__name__
+        if not isinstance(modality, str) or not modality:
+            raise ConfigError(f"{name}: modality={modality!r} must name a field of the batch, such as 'text'")
         if num_classes < 2:
-            raise ValueError(f"TextClassifier: num_classes={num_classes} must be at least 2")
+            raise ConfigError(f"{name}: num_classes={num_classes} must be at least 2")
         if head_hidden < 0:
-            raise ValueError(f"TextClassifier: head_hidden={head_hidden} must be >= 0")
+            raise ConfigError(f"{name}: head_hidden={head_hidden} must be >= 0")
         self.encoder = encoder
+        self.modality = modality
         dim = encoder.out_dim
         if head_hidden:
             layers = [nn.Linear(dim, head_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(head_hidden, num_classes)]
@@ -82,7 +93,12 @@ class TextClassifier(ZooTask):
         self.test_confusion = MulticlassConfusionMatrix(num_classes)
 
     def forward(self, batch: dict[str, Any]) -> Tensor:
-        return self.head(self.encoder(batch["text"]).pooled_mean())
+        if self.modality not in batch:
+            raise ConfigError(
+                f"{type(self).__name__}: modality={self.modality!r} is not a field of the batch, whose fields are "
+                f"{sorted(batch)}; set model.init_args.modality to the one the encoder reads"
+            )
+        return self.head(self.encoder(batch[self.modality]).pooled_mean())
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         logits = self(batch)
@@ -174,4 +190,7 @@ def save_confusion_matrix(matrix: Tensor, class_names: list[str], folder: str | 
     return path
 
 
-__all__ = ["TextClassifier", "save_confusion_matrix"]
+#: the former name of :class:`Classifier` (text was its only modality), kept for configs and checkpoints that name it
+TextClassifier = Classifier
+
+__all__ = ["Classifier", "TextClassifier", "save_confusion_matrix"]

@@ -4,13 +4,32 @@ from __future__ import annotations
 
 from importlib import resources
 
+import numpy as np
 import pytest
 
 from zoo.cli import main
 
 CONFIGS = sorted(p.name for p in resources.files("cli_configs").iterdir() if p.name.endswith(".yaml"))
 
-# Small data for each datamodule the configs use: the same code paths, sized for a CPU test.
+
+def _small_audio_folder(tmp_path) -> list[str]:
+    """Two classes of tones in the folder layout, 4 training and 2 validation/test clips each, 0.2 s at 8 kHz."""
+    import soundfile
+
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        for label, hz in (("low", 300), ("high", 2000)):
+            folder = tmp_path / "audio" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                t = np.arange(1600) / 8000
+                wave = 0.5 * np.sin(2 * np.pi * hz * t + rng.uniform(0, 6)) + 0.05 * rng.standard_normal(len(t))
+                soundfile.write(folder / f"{i}.wav", wave.astype(np.float32), 8000)
+    return [f"--data.init_args.root={tmp_path / 'audio'}", "--data.init_args.batch_size=4"]
+
+
+# Small data for each datamodule the configs use: the same code paths, sized for a CPU test; a function writes the
+# data under the test's folder and returns the flags.
 SMALL_DATA = {
     "datamodules.sort_of_clevr.SortOfCLEVRDataModule": [
         "--data.init_args.num_images=24",
@@ -24,6 +43,13 @@ SMALL_DATA = {
         "--data.init_args.test_per_class=2",
         "--data.init_args.batch_size=8",
     ],
+    "datamodules.sound_scenes.SoundScenesDataModule": [
+        "--data.init_args.num_clips=12",
+        "--data.init_args.val_clips=2",
+        "--data.init_args.test_clips=2",
+        "--data.init_args.batch_size=8",
+    ],
+    "datamodules.audio_folder.AudioFolderDataModule": _small_audio_folder,
 }
 
 
@@ -41,4 +67,5 @@ def test_config_runs_fast_dev_run(name, tmp_path, monkeypatch):
     monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
     text = resources.files("cli_configs").joinpath(name).read_text()
     data_args = next(args for cls, args in SMALL_DATA.items() if cls in text)
+    data_args = data_args(tmp_path) if callable(data_args) else data_args
     main(["fit", "--config", name, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", *data_args])

@@ -171,3 +171,22 @@ def test_datamodule_splits_by_clip_and_feeds_the_audio_encoder():
 def test_bad_arguments_name_the_key(kwargs, named):
     with pytest.raises(ConfigError, match=named):
         SoundScenesDataModule(**kwargs)
+
+
+def test_an_audio_encoder_at_another_sample_rate_stops_the_fit(tmp_path):
+    import lightning as L
+
+    from lit_models import VQA
+    from zoo.encoders import SpectrogramAudioEncoder, TransformerTextEncoder
+    from zoo.fusion import MIE
+
+    dm = SoundScenesDataModule(num_clips=8, val_clips=2, test_clips=2, batch_size=4)
+    encoders = {
+        "audio": SpectrogramAudioEncoder(sample_rate=16000, dim=32, depth=1, num_heads=2),  # the data is at 8 kHz
+        "text": TransformerTextEncoder(dim=32, depth=1, num_heads=2),
+    }
+    fusion = MIE(modalities=["audio", "text"], dim=32, depth=2, num_heads=2, modality_fusion_layers=1)
+    model = VQA(encoders, fusion, num_classes=dm.num_classes)
+    trainer = L.Trainer(fast_dev_run=True, default_root_dir=tmp_path, logger=False, enable_progress_bar=False)
+    with pytest.raises(ConfigError, match=r"model.encoders.audio expects sample_rate=16000 Hz .*sample_rate=8000 Hz"):
+        trainer.fit(model, datamodule=dm)

@@ -132,9 +132,13 @@ def _resolve(value: str) -> str:
 
 
 def _one_line(err: BaseException) -> str:
-    # Errors raised in DataLoader workers come back with the worker's traceback in their message: keep the last line.
+    # Errors raised in DataLoader workers come back with the worker's traceback in their message: keep the last line,
+    # less the "zoo.errors.DataError: " the traceback puts before the worker's message.
     lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    return lines[-1] if lines else type(err).__name__
+    if not lines:
+        return type(err).__name__
+    cls = type(err)
+    return lines[-1].removeprefix(f"{cls.__module__}.{cls.__qualname__}: ") if len(lines) > 1 else lines[0]
 
 
 #: modules whose ValueErrors are Lightning's checks of the trainer's settings (devices, strategy, precision, the

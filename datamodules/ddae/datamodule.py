@@ -20,15 +20,20 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from datamodules._common import SeededShuffleSampler, check_loader_args, collate, default_data_dir
+from datamodules._common import (
+    GROUP_NAMES,
+    SeededShuffleSampler,
+    check_loader_args,
+    collate,
+    default_data_dir,
+    frequency_groups,
+)
 from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, check_strength
 from datamodules.ddae.filter import DEFAULT_THRESHOLD, BERTScoreFilter, ScoredAugmentations, score_augmentations
 from datamodules.ddae.sampler import WEIGHT_SCHEMES, ClassAwareSampler
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
-
-GROUP_NAMES = ("head", "medium", "tail")
 
 
 @dataclass
@@ -38,16 +43,6 @@ class TextSplits:
     train: tuple[list[str], list[int]]
     val: tuple[list[str], list[int]] | None = None
     test: tuple[list[str], list[int]] | None = None
-
-
-def frequency_groups(counts: np.ndarray) -> np.ndarray:
-    """Group of each class, int64 ``[C]``: 0 (head), 1 (medium), 2 (tail): thirds of the classes ranked by training
-    count, largest first (ties by class index); with ``C`` not a multiple of 3 the head and medium get the extra."""
-    order = np.argsort(-np.asarray(counts), kind="stable")
-    groups = np.zeros(len(counts), dtype=np.int64)
-    for g, members in enumerate(np.array_split(order, len(GROUP_NAMES))):
-        groups[members] = g
-    return groups
 
 
 class TextClassificationDataset(Dataset):
