@@ -6,6 +6,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -103,6 +104,56 @@ def training_overrides(args, *extra: str) -> list[str]:
     return flags
 
 
+def add_training_arguments(parser, *, epochs: int, lr: float = 3e-4, batch_size: int = 256) -> None:
+    """The arguments of a benchmark that trains configs through the CLI, read by :func:`training_overrides`, and
+    its runs: ``--variant`` (:func:`parse_variants`), ``--parallel``, ``--work-dir``."""
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=CONFIG[:OVERRIDE,...]",
+        help="an extra run: a config plus comma-separated CLI overrides",
+    )
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--lr", type=float, default=lr)
+    parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
+    parser.add_argument("--num-workers", type=int, default=2)
+    parser.add_argument("--limit-train-batches", default="1.0")
+    parser.add_argument("--max-time", default=None, help="trainer.max_time guard, e.g. 00:00:09:00")
+    parser.add_argument("--parallel", action="store_true", help="run all at once, one process each")
+    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: a folder in --out-dir)")
+
+
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """``--variant NAME=CONFIG[:OVERRIDE,...]`` values -> ``{name: (config, overrides)}``; overrides are split at
+    the commas that start a new ``--flag``, so that a value may hold commas."""
+    runs = {}
+    for spec in specs:
+        name, _, rest = spec.partition("=")
+        config, _, overrides = rest.partition(":")
+        runs[name] = (config, [o for o in re.split(r",(?=--)", overrides) if o])
+    return runs
+
+
+def start_runs(
+    script: str, runs: dict[str, tuple[str, list[str]]], common: list[str], work: Path, *, parallel: bool
+) -> dict[str, tuple[subprocess.Popen, Path]]:
+    """Run ``script --run-one CONFIG OUT <common> <overrides>`` for every run (one after another, or all at once
+    when ``parallel``), each with its own ``trainer.default_root_dir`` and log in ``work``: the processes and result
+    paths :func:`finished_runs` collects."""
+    work.mkdir(parents=True, exist_ok=True)
+    procs = {}
+    for name, (config, overrides) in runs.items():
+        out = work / f"{name}.json"
+        cmd = [sys.executable, script, "--run-one", config, str(out), *common, *overrides]
+        cmd.append(f"--trainer.default_root_dir={work / name}")
+        procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
+        if not parallel:
+            procs[name][0].wait()
+    return procs
+
+
 def launch(cmd: list[str], log: Path, index: int) -> subprocess.Popen:
     """Start one run of a benchmark in its own process, stdout and stderr to ``log``, the repository on its path.
 
@@ -155,21 +206,31 @@ class ValidationHistory(Callback):
         self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **metrics})
 
 
+def fit_config(config: str, overrides: list[str]) -> dict:
+    """Fit one config through the zoo's CLI in this process: ``{"cli", "model", "data", "trainer", "history"
+    (ValidationHistory's), "fit_seconds", "best" (the best checkpoint's path, or "")}``."""
+    from zoo.cli import ZooCLI, resolve_config_args
+
+    cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
+    history = ValidationHistory()
+    cli.trainer.callbacks.append(history)
+    start = time.perf_counter()
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    fit_seconds = time.perf_counter() - start
+    checkpoint = cli.trainer.checkpoint_callback
+    return {
+        "cli": cli, "model": cli.model, "data": cli.datamodule, "trainer": cli.trainer, "history": history,
+        "fit_seconds": fit_seconds, "best": checkpoint.best_model_path if checkpoint else "",
+    }  # fmt: skip
+
+
 def fit_and_test(config: str, overrides: list[str], out: Path, *, by_subtype=None) -> None:
     """Fit and test one VQA-style config in this process (``launch`` runs it in its own) and write its figures to
     ``out``: parameters, epochs, fit time, the validation curve, the test metrics of the best checkpoint, and
     ``by_subtype(correct, datamodule)``'s breakdown, ``correct`` a bool array over the test split's questions in
     order."""
-    from zoo.cli import ZooCLI, resolve_config_args
-
-    cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
-    model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    history = ValidationHistory()
-    trainer.callbacks.append(history)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    run = fit_config(config, overrides)
+    model, data, trainer, best = run["model"], run["data"], run["trainer"], run["best"]
     metrics = trainer.test(model, datamodule=data, ckpt_path=best or None, verbose=False)[0]
     result = {
         "config": config,
@@ -177,9 +238,9 @@ def fit_and_test(config: str, overrides: list[str], out: Path, *, by_subtype=Non
         "parameters": sum(p.numel() for p in model.parameters()),
         "fusion_parameters": sum(p.numel() for p in model.model.fusion.parameters()),
         "epochs_run": trainer.current_epoch,
-        "fit_seconds": round(fit_seconds, 1),
+        "fit_seconds": round(run["fit_seconds"], 1),
         "best_checkpoint": best,
-        "val_history": history.history,
+        "val_history": run["history"].history,
         "test": {k: float(v) for k, v in metrics.items()},
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }

@@ -12,14 +12,22 @@ validation accuracy reached 95% (how fast each fusion learns the task), wall tim
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import finished_runs, fit_and_test, launch, table, training_overrides, write_result  # noqa: E402
+from _common import (  # noqa: E402
+    add_training_arguments,
+    finished_runs,
+    fit_and_test,
+    parse_variants,
+    start_runs,
+    table,
+    training_overrides,
+    write_result,
+)
 
 # name -> (config, extra overrides)
 RUNS = {
@@ -49,13 +57,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), help=f"which runs, of {list(RUNS)}")
     parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=CONFIG[:OVERRIDE,...]",
-        help="an extra run: a config plus comma-separated CLI overrides",
-    )
-    parser.add_argument(
         "--seeds",
         type=int,
         nargs="*",
@@ -63,16 +64,8 @@ def main() -> None:
         help="run each model once per seed (seed_everything: the "
         "initial weights and the training order; the data set stays the one of the config)",
     )
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--limit-train-batches", default="1.0")
-    parser.add_argument("--max-time", default=None, help="trainer.max_time guard, e.g. 00:00:09:00")
-    parser.add_argument("--parallel", action="store_true", help="run all at once, one process each")
+    add_training_arguments(parser, epochs=12)
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: <out-dir>/audio_qa_runs)")
     parser.add_argument("--run-one", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.run_one:
@@ -80,11 +73,7 @@ def main() -> None:
         return
 
     common = training_overrides(args)
-    runs = {name: RUNS[name] for name in args.runs}
-    for spec in args.variant:
-        name, _, rest = spec.partition("=")
-        config, _, overrides = rest.partition(":")
-        runs[name] = (config, [o for o in re.split(r",(?=--)", overrides) if o])
+    runs = {name: RUNS[name] for name in args.runs} | parse_variants(args.variant)
     if args.seeds:
         runs = {
             f"{name}_seed{seed}": (config, [*overrides, f"--seed_everything={seed}"])
@@ -92,15 +81,7 @@ def main() -> None:
             for seed in args.seeds
         }
     work = Path(args.work_dir or Path(args.out_dir) / "audio_qa_runs")
-    work.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for name, (config, overrides) in runs.items():
-        out = work / f"{name}.json"
-        cmd = [sys.executable, __file__, "--run-one", config, str(out), *common, *overrides]
-        cmd.append(f"--trainer.default_root_dir={work / name}")
-        procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
-        if not args.parallel:
-            procs[name][0].wait()
+    procs = start_runs(__file__, runs, common, work, parallel=args.parallel)
     results: dict[str, dict] = {}
     for name, result, pending in finished_runs(procs, work):  # the summary is rewritten as each run ends
         if result is not None:

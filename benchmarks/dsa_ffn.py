@@ -57,8 +57,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
-    ValidationHistory,
     finished_runs,
+    fit_config,
     launch,
     table,
     training_overrides,
@@ -463,17 +463,11 @@ def evaluate(model, datamodule, precision: str, device) -> dict:
 
 def run_one(config: str, thresholds: list[float], overrides: list[str], out: Path) -> None:
     """Fit one config in this process, load its best checkpoint, evaluate at each threshold; write to ``out``."""
-    from zoo.cli import ZooCLI, resolve_config_args
     from zoo.layers.dsa import dsa_layers, set_gate_threshold
 
-    cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
-    model, data, trainer = cli.model, cli.datamodule, cli.trainer
-    history = ValidationHistory()
-    trainer.callbacks.append(history)
-    start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
-    fit_seconds = time.perf_counter() - start
-    best = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+    run = fit_config(config, overrides)
+    model, data, trainer, best = run["model"], run["data"], run["trainer"], run["best"]
+    fit_seconds, history = run["fit_seconds"], run["history"]
     if best:
         model.load_state_dict(torch.load(best, map_location="cpu", weights_only=False)["state_dict"])
     data.setup("test")

@@ -12,7 +12,6 @@ parameters, relational and non-relational test accuracy, wall time, beside the R
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
@@ -20,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 from _common import (  # noqa: E402
+    add_training_arguments,
     finished_runs,
     fit_and_test,
-    launch,
+    parse_variants,
+    start_runs,
     table,
     training_overrides,
     write_result,
@@ -59,24 +60,9 @@ def accuracy_by_subtype(correct, data) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="*", default=list(RUNS), help=f"which runs, of {list(RUNS)}")
-    parser.add_argument(
-        "--variant",
-        action="append",
-        default=[],
-        metavar="NAME=CONFIG[:OVERRIDE,...]",
-        help="an extra run: a config plus comma-separated CLI overrides",
-    )
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
-    parser.add_argument("--num-workers", type=int, default=2)
-    parser.add_argument("--limit-train-batches", default="1.0")
-    parser.add_argument("--max-time", default=None, help="trainer.max_time guard, e.g. 00:00:09:00")
+    add_training_arguments(parser, epochs=30)
     parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--parallel", action="store_true", help="run all at once, one process each")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
-    parser.add_argument("--work-dir", default=None, help="checkpoints and logs (default: <out-dir>/vqa_runs)")
     parser.add_argument("--run-one", nargs=2, metavar=("CONFIG", "OUT"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.run_one:
@@ -87,30 +73,9 @@ def main() -> None:
 
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
     common = training_overrides(args)
-    runs = {name: RUNS[name] for name in args.runs}
-    for spec in args.variant:
-        name, _, rest = spec.partition("=")
-        config, _, overrides = rest.partition(":")
-        runs[name] = (config, [o for o in re.split(r",(?=--)", overrides) if o])
-
+    runs = {name: RUNS[name] for name in args.runs} | parse_variants(args.variant)
     work = Path(args.work_dir or Path(args.out_dir) / "vqa_runs")
-    work.mkdir(parents=True, exist_ok=True)
-    procs = {}
-    for name, (config, overrides) in runs.items():
-        out = work / f"{name}.json"
-        cmd = [
-            sys.executable,
-            __file__,
-            "--run-one",
-            config,
-            str(out),
-            *common,
-            *overrides,
-            f"--trainer.default_root_dir={work / name}",
-        ]
-        procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
-        if not args.parallel:
-            procs[name][0].wait()
+    procs = start_runs(__file__, runs, common, work, parallel=args.parallel)
     # Runs are collected as they finish and the summary is rewritten after each, so that a call stopped by a time
     # limit keeps the figures of the runs that finished (the device tool kills the whole process group).
     results: dict[str, dict] = {}

@@ -45,7 +45,7 @@ def test_bare_config_name_resolves_to_the_packaged_file(elsewhere):
 
 
 def test_python_m_zoo_fit_fast_dev_run_from_another_directory(elsewhere):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), ZOO_DATA_DIR=str(elsewhere / "data"))
+    env = dict(os.environ, PYTHONPATH=_pythonpath(), ZOO_DATA_DIR=str(elsewhere / "data"))
     result = subprocess.run(
         [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--trainer.fast_dev_run=true", *SMALL],
         cwd=elsewhere,
@@ -186,3 +186,8 @@ def test_components_lists_every_kind(capsys):
         "zoo.layers.ffn.FeedForward",
     ):
         assert expected in out, expected
+
+
+def _pythonpath() -> str:
+    """The repository first, then the caller's own PYTHONPATH (where a machine keeps extra packages)."""
+    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])

@@ -165,7 +165,7 @@ def test_triton_kernels_match_dense_reference_under_the_interpreter():
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=str(ROOT))
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=_pythonpath())
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
@@ -338,3 +338,8 @@ def test_bf16_autocast_sparse_path_runs_on_cpu():
         ref = ffn(x)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2  # bf16 operands: ~1e-2 relative
     assert not math.isnan(density_stats(ffn).get("x", {}).get("density", 0.0))
+
+
+def _pythonpath() -> str:
+    """The repository first, then the caller's own PYTHONPATH (where a machine keeps extra packages)."""
+    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
