@@ -143,6 +143,17 @@ def test_dataset_batches_match_items_and_the_contract(scenes):
         dataset.__getitems__([len(dataset)])
 
 
+def test_prerendered_clips_match_the_clips_rendered_when_fetched(scenes):
+    waveforms = ss.render_clips(scenes)
+    assert waveforms.shape == (NUM_CLIPS, ss.CLIP_SAMPLES)
+    indices = [0, 13, 40, 41, 100]
+    fetched = ss.SoundScenesDataset(scenes, np.arange(NUM_CLIPS)).__getitems__(indices)
+    stored = ss.SoundScenesDataset(scenes, np.arange(NUM_CLIPS), waveforms=waveforms).__getitems__(indices)
+    torch.testing.assert_close(stored["audio"]["waveform"], fetched["audio"]["waveform"], atol=5e-4, rtol=0)
+    assert torch.equal(stored["audio"]["lengths"], fetched["audio"]["lengths"])
+    assert stored["text"] == fetched["text"] and torch.equal(stored["label"], fetched["label"])
+
+
 def test_datamodule_splits_by_clip_and_feeds_the_audio_encoder():
     from zoo.encoders import SpectrogramAudioEncoder
 
