@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -351,22 +350,14 @@ def test_corrupt_or_empty_sound_files_are_named_when_fetched_also_from_worker_pr
         assert _one_line(err).startswith(f"{files[name]}: {reason}"), str(err)
 
 
-@pytest.fixture()
-def elsewhere(tmp_path, monkeypatch):
-    """Run from an unrelated directory."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
-
-
-def test_python_m_zoo_trains_and_tests_the_classifier_on_an_audio_folder(elsewhere):
+def test_python_m_zoo_trains_and_tests_the_classifier_on_an_audio_folder(elsewhere, subprocess_env):
     root = _tone_folder(elsewhere / "sounds", np.random.default_rng(9), {"train": 3, "val": 1, "test": 1})
     result = subprocess.run(
         [
             sys.executable, "-m", "zoo", "fit", "--config", "audio_folder.yaml", f"--data.init_args.root={root}",
             "--data.init_args.batch_size=4", "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false",
         ],
-        cwd=elsewhere, env=dict(os.environ, PYTHONPATH=_pythonpath()), capture_output=True, text=True, timeout=300,
+        cwd=elsewhere, env=subprocess_env, capture_output=True, text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert "test/macro_f1" in result.stdout and "test/f1/high" in result.stdout  # test_after_fit ran the test
@@ -437,8 +428,3 @@ def test_a_sample_rate_the_encoder_does_not_expect_stops_the_fit(tmp_path):
     model = Classifier(_small_audio_encoder(sample_rate=8000), modality="audio", num_classes=2)
     with pytest.raises(ConfigError, match=r"encoder expects sample_rate=8000 Hz but the data is at sample_rate=16000"):
         _fit(dm, model, max_steps=1)
-
-
-def _pythonpath() -> str:
-    """The repository first, then the caller's own PYTHONPATH (where a machine keeps extra packages)."""
-    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,14 +27,6 @@ SMALL = [
 ]
 
 
-@pytest.fixture()
-def elsewhere(tmp_path, monkeypatch):
-    """Run from an unrelated directory, with the data cache under it."""
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
-    return tmp_path
-
-
 def test_bare_config_name_resolves_to_the_packaged_file(elsewhere):
     assert packaged_config("vqa.yaml") == packaged_config("vqa")
     args = resolve_config_args(["fit", "--config", "vqa.yaml", "-c=x"])
@@ -44,8 +35,8 @@ def test_bare_config_name_resolves_to_the_packaged_file(elsewhere):
     assert resolve_config_args(["fit", "--config", "vqa.yaml"])[2] == "vqa.yaml", "a local file wins"
 
 
-def test_python_m_zoo_fit_fast_dev_run_from_another_directory(elsewhere):
-    env = dict(os.environ, PYTHONPATH=_pythonpath(), ZOO_DATA_DIR=str(elsewhere / "data"))
+def test_python_m_zoo_fit_fast_dev_run_from_another_directory(elsewhere, subprocess_env):
+    env = subprocess_env | {"ZOO_DATA_DIR": str(elsewhere / "data")}
     result = subprocess.run(
         [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--trainer.fast_dev_run=true", *SMALL],
         cwd=elsewhere,
@@ -186,8 +177,3 @@ def test_components_lists_every_kind(capsys):
         "zoo.layers.ffn.FeedForward",
     ):
         assert expected in out, expected
-
-
-def _pythonpath() -> str:
-    """The repository first, then the caller's own PYTHONPATH (where a machine keeps extra packages)."""
-    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])

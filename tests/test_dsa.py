@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -120,7 +119,7 @@ def test_torch_kernel_matches_dense_reference_with_uneven_and_empty_blocks():
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-4)
 
 
-def test_triton_kernels_match_dense_reference_under_the_interpreter():
+def test_triton_kernels_match_dense_reference_under_the_interpreter(subprocess_env):
     """The fused kernels' routing, gather, tiling, scatter and combine, run by Triton's CPU interpreter (fp32)."""
     script = textwrap.dedent(
         """
@@ -165,7 +164,7 @@ def test_triton_kernels_match_dense_reference_under_the_interpreter():
         print("ok")
         """
     )
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=_pythonpath())
+    env = subprocess_env | {"TRITON_INTERPRET": "1"}
     result = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-3000:]
 
@@ -338,8 +337,3 @@ def test_bf16_autocast_sparse_path_runs_on_cpu():
         ref = ffn(x)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2  # bf16 operands: ~1e-2 relative
     assert not math.isnan(density_stats(ffn).get("x", {}).get("density", 0.0))
-
-
-def _pythonpath() -> str:
-    """The repository first, then the caller's own PYTHONPATH (where a machine keeps extra packages)."""
-    return os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])

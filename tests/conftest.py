@@ -1,0 +1,25 @@
+"""Fixtures several test files share."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def elsewhere(tmp_path, monkeypatch):
+    """Run from an unrelated directory, with the data cache under it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path / "data"))
+    return tmp_path
+
+
+@pytest.fixture()
+def subprocess_env():
+    """The environment of a child ``python``: this one, the repository first on ``PYTHONPATH`` and the caller's own
+    entries after it (where a machine keeps extra packages)."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
