@@ -26,11 +26,14 @@ def read_audio(path: str | Path, *, sample_rate: int, key: str = "file") -> np.n
 
     Raises:
         DataError: the file is missing, is not a sound file libsndfile can decode (a corrupt or truncated header),
-            holds no samples, or holds NaN or infinite samples; the message names ``key`` or the file.
+            holds no samples, or holds NaN or infinite samples, or the package ``soundfile`` is missing; the message
+            names ``key`` or the file.
     """
-    import soundfile
-
     path = Path(path).expanduser()
+    try:
+        import soundfile
+    except ImportError:  # a dependency of the package; libsndfile comes inside its wheel
+        raise DataError(f"{path}: reading sound files needs the package soundfile (pip install soundfile)") from None
     if not path.is_file():
         raise DataError(f"{key}={str(path)!r}: no such file")
     try:

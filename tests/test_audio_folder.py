@@ -428,3 +428,11 @@ def test_a_sample_rate_the_encoder_does_not_expect_stops_the_fit(tmp_path):
     model = Classifier(_small_audio_encoder(sample_rate=8000), modality="audio", num_classes=2)
     with pytest.raises(ConfigError, match=r"encoder expects sample_rate=8000 Hz but the data is at sample_rate=16000"):
         _fit(dm, model, max_steps=1)
+
+
+def test_without_the_soundfile_package_the_error_names_it_and_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.wav"
+    soundfile.write(path, np.zeros(800, dtype=np.float32), 8000)
+    monkeypatch.setitem(sys.modules, "soundfile", None)  # `import soundfile` now raises ImportError
+    with pytest.raises(DataError, match=r"a\.wav: reading sound files needs the package soundfile"):
+        read_audio(path, sample_rate=8000)
