@@ -99,6 +99,13 @@ def test_unknown_yaml_key_names_the_key(elsewhere, capsys):
     assert "Traceback" not in err
 
 
+def test_a_value_of_the_wrong_type_names_the_key_without_the_usage_screen(elsewhere, capsys):
+    err = _error_of(["fit", "--config", "vqa.yaml", "--data.init_args.num_images=many"], capsys)
+    assert err.startswith("zoo: error: ") and 'Parser key "num_images"' in err and "Got value: many" in err
+    assert "usage:" not in err and "Traceback" not in err
+    assert "python -m zoo fit --help" in err
+
+
 def test_unknown_class_names_the_class(elsewhere, capsys):
     err = _error_of(["fit", "--config", "vqa.yaml", "--model.init_args.fusion=zoo.fusion.NoSuchFusion"], capsys)
     assert "NoSuchFusion" in err and "Traceback" not in err

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from importlib import resources
 from pathlib import Path
@@ -32,6 +33,9 @@ class ZooCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # a value the parser rejects raises argparse.ArgumentError (which ``main`` prints) instead of exiting after
+        # the usage of every option, a screenful above the one line that says what was wrong
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -194,6 +198,10 @@ def main(argv: list[str] | None = None) -> None:
             ZooCLI()
         else:
             ZooCLI(args=resolve_config_args(argv))
+    except argparse.ArgumentError as err:  # jsonargparse's message names the key and the expected type, over lines
+        command = next((f" {a}" for a in argv[:1] if not a.startswith("-")), "")
+        print(f"zoo: error: {err}\n(python -m zoo{command} --help lists the options)", file=sys.stderr)
+        raise SystemExit(2) from None
     except Exception as err:
         user_error = _user_error(err)
         if user_error is None:
