@@ -72,6 +72,15 @@ class ZooCLI(LightningCLI):
         if self.config_init[self.subcommand].get("ckpt_path") and getattr(self.model, "initial_checkpoint", None):
             self.model.initial_checkpoint = None
 
+    def before_predict(self) -> None:
+        # `python -m zoo predict` writes what it predicts (LightningCLI alone keeps it in memory and drops it)
+        from lightning.pytorch.callbacks import BasePredictionWriter
+
+        from zoo.callbacks.predictions import PredictionWriter
+
+        if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
+            self.trainer.callbacks.append(PredictionWriter())
+
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):
             return
