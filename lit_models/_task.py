@@ -10,7 +10,7 @@ from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from zoo.contracts import IGNORE_INDEX
+from zoo.contracts import IGNORE_INDEX, Encoder
 from zoo.errors import ConfigError, ZooUserError
 from zoo.optim import ScheduleFactory, WarmupCosine
 
@@ -65,8 +65,6 @@ class ZooTask(LightningModule):
     def check_sample_rate(self) -> None:
         """ConfigError when an encoder's ``sample_rate`` differs from the datamodule's: a clip at another rate than
         the encoder's mel filters expect trains without any error, on the wrong features."""
-        from zoo.contracts import Encoder
-
         data_rate = getattr(getattr(self._trainer, "datamodule", None), "sample_rate", None)
         for name, module in self.named_modules():
             model_rate = getattr(module, "sample_rate", None)
