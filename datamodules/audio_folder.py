@@ -55,6 +55,7 @@ from datamodules._common import (
     frequency_groups,
     select_classes,
 )
+from zoo.contracts import IGNORE_INDEX
 from zoo.errors import ConfigError, DataError
 
 #: extensions of the sound files the folder layout picks up (compared in lower case): formats libsndfile decodes.
@@ -274,6 +275,8 @@ class AudioFolderDataModule(SplitLoaders):
         classes: the class names in label order; the sorted training labels by default.
         min_examples_per_class: fewest training files a class may have without ``rare_classes`` acting.
         rare_classes: ``"error"``, ``"drop"`` or ``"keep"`` for classes below ``min_examples_per_class``.
+        predict_dir: a folder of unlabelled sound files (at any depth, sorted by path) that ``predict`` classifies;
+            the test split when ``None``. ``python -m zoo predict`` writes each file's path with its prediction.
         sample_rate: Hz the clips are resampled to; the audio encoder's ``sample_rate``.
         max_seconds: longest clip in seconds (see the module docstring), ``None`` for whole files.
         batch_size: clips per batch.
@@ -305,6 +308,7 @@ class AudioFolderDataModule(SplitLoaders):
         classes: list[str] | None = None,
         min_examples_per_class: int = 2,
         rare_classes: str = "error",
+        predict_dir: str | None = None,
         sample_rate: int = 16000,
         max_seconds: float | None = 10.0,
         batch_size: int = 32,
@@ -392,7 +396,15 @@ class AudioFolderDataModule(SplitLoaders):
                 )
             if kept:
                 self.examples[split] = ([f for f, _ in kept], [index[y] for _, y in kept])
-        self.train_dataset = self.val_dataset = self.test_dataset = None
+        self.predict_files: list[str] | None = None
+        if predict_dir is not None:
+            folder = Path(predict_dir).expanduser()
+            if not folder.is_dir():
+                raise DataError(f"{name}: predict_dir={str(folder)!r}: folder not found")
+            self.predict_files = [str(p) for p in sorted(folder.rglob("*")) if _is_sound_file(p)]
+            if not self.predict_files:
+                raise DataError(f"{folder}: holds no sound files ({', '.join(AUDIO_EXTENSIONS)}) to predict")
+        self.train_dataset = self.val_dataset = self.test_dataset = self.predict_dataset = None
 
     def _scan_folders(self) -> tuple[dict[str, Examples], dict[str, str], list[str]]:
         splits, sources, folder_classes = {}, {}, []
@@ -426,10 +438,13 @@ class AudioFolderDataModule(SplitLoaders):
             labels,
             self.class_groups[np.asarray(labels, dtype=np.int64)],
             sample_rate=self.sample_rate,
-            max_samples=None if self.max_seconds is None else max(1, round(self.max_seconds * self.sample_rate)),
+            max_samples=self._max_samples(),
             random_crop=split == "train",
             seed=self.seed,
         )
+
+    def _max_samples(self) -> int | None:
+        return None if self.max_seconds is None else max(1, round(self.max_seconds * self.sample_rate))
 
     def setup(self, stage: str | None = None) -> None:
         """Build the datasets of the splits found in ``__init__`` (no file is decoded here)."""
@@ -437,6 +452,15 @@ class AudioFolderDataModule(SplitLoaders):
             self.train_dataset = self.dataset("train")
             self.val_dataset = self.dataset("val")
             self.test_dataset = self.dataset("test")
+        if self.predict_files is not None and self.predict_dataset is None:
+            unlabelled = np.full(len(self.predict_files), IGNORE_INDEX)  # no label: the task ignores it
+            self.predict_dataset = AudioClipDataset(
+                self.predict_files,
+                unlabelled,
+                np.zeros(len(self.predict_files), dtype=np.int64),
+                sample_rate=self.sample_rate,
+                max_samples=self._max_samples(),
+            )
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset, shuffle=False) if self.val_dataset is not None else []
@@ -445,6 +469,8 @@ class AudioFolderDataModule(SplitLoaders):
         return self._loader(self.test_dataset, shuffle=False) if self.test_dataset is not None else []
 
     def predict_dataloader(self) -> DataLoader | list:
+        if self.predict_dataset is not None:
+            return self._loader(self.predict_dataset, shuffle=False)
         return self.test_dataloader()
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -436,3 +437,30 @@ def test_without_the_soundfile_package_the_error_names_it_and_the_file(tmp_path,
     monkeypatch.setitem(sys.modules, "soundfile", None)  # `import soundfile` now raises ImportError
     with pytest.raises(DataError, match=r"a\.wav: reading sound files needs the package soundfile"):
         read_audio(path, sample_rate=8000)
+
+
+def test_predict_dir_classifies_unlabelled_files_and_the_cli_writes_their_paths(elsewhere):
+    root = _tone_folder(elsewhere / "sounds", np.random.default_rng(3), {"train": 3, "test": 1})
+    new = elsewhere / "new"
+    rng = np.random.default_rng(4)
+    for name in ("b.wav", "a.wav", "deeper/c.flac"):
+        _write(new / name, _tone(rng, 300, 0.25, 8000), 8000, "PCM_16" if name.endswith("wav") else "PCM_24")
+    flags = [f"--data.init_args.root={root}", "--data.init_args.batch_size=2", "--trainer.enable_progress_bar=false"]
+    main(["fit", "--config", "audio_folder.yaml", *flags, "--trainer.max_steps=2", "--trainer.default_root_dir=run",
+          "--test_after_fit=false"])  # fmt: skip
+    checkpoint = next(Path("run").rglob("last.ckpt"))
+    main(["predict", "--config", "audio_folder.yaml", *flags, f"--data.init_args.predict_dir={new}",
+          f"--ckpt_path={checkpoint}", "--trainer.default_root_dir=pred"])  # fmt: skip
+    (path,) = Path("pred").rglob("predictions.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [Path(r["file"]).relative_to(new).as_posix() for r in rows] == ["a.wav", "b.wav", "deeper/c.flac"]
+    assert all(r["prediction"] in ("high", "low") and "label" not in r for r in rows)  # unlabelled: no label
+
+
+def test_a_predict_dir_without_sound_files_is_named(tmp_path):
+    root = _tone_folder(tmp_path / "sounds", np.random.default_rng(3), {"train": 2})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: holds no sound files"):
+        AudioFolderDataModule(root=str(root), predict_dir=str(tmp_path / "empty"))
+    with pytest.raises(DataError, match=r"predict_dir=.*nowhere.*folder not found"):
+        AudioFolderDataModule(root=str(root), predict_dir=str(tmp_path / "nowhere"))

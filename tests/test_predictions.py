@@ -47,6 +47,7 @@ class _Trainer:
         self.log_dir, self.default_root_dir = str(log_dir), str(log_dir)
         self.world_size, self.global_rank = world_size, global_rank
         self.datamodule = type("DataModule", (), {"class_names": names})()
+        self.predict_dataloaders = []
 
 
 def test_names_ignored_labels_and_one_file_per_process(tmp_path):

@@ -18,7 +18,8 @@ class PredictionWriter(BasePredictionWriter):
     Each line holds ``index`` (the example's index in the predict dataset), ``prediction`` (the predicted label's
     name: the datamodule's ``answers`` or ``class_names``, the index when it has neither), ``prediction_index`` and
     ``confidence`` (its softmax probability), and when the batch has them, ``label`` (the true label's name; absent
-    where it is ignored, ``-100``) and ``text`` (the input text, e.g. the question). The task's ``predict_step``
+    where it is ignored, ``-100``) and ``text`` (the input text, e.g. the question), and ``file`` when the predict
+    dataset reads files (a ``files`` list, as the audio folder's does). The task's ``predict_step``
     returns ``{"answer" or "label": [B], "confidence": [B]}``, as the zoo's tasks do.
 
     The file appears when the loop ends, complete (written beside it, then renamed), so a reader never sees half of
@@ -36,6 +37,7 @@ class PredictionWriter(BasePredictionWriter):
         self._file = None
         self._tmp: Path | None = None
         self._names: list[str] | None = None
+        self._files: list[str] | None = None
         self._seen = 0
 
     def _target(self, trainer) -> Path:
@@ -53,6 +55,9 @@ class PredictionWriter(BasePredictionWriter):
         datamodule = getattr(trainer, "datamodule", None)
         names = getattr(datamodule, "answers", None) or getattr(datamodule, "class_names", None)
         self._names = list(names) if names else None
+        loaders = trainer.predict_dataloaders
+        loader = loaders[0] if isinstance(loaders, (list, tuple)) and loaders else loaders
+        self._files = getattr(getattr(loader, "dataset", None), "files", None)
 
     def _name(self, index: int) -> str | int:
         return self._names[index] if self._names is not None and 0 <= index < len(self._names) else index
@@ -85,6 +90,8 @@ class PredictionWriter(BasePredictionWriter):
                 line["label"] = self._name(labels[row])
             if texts is not None:
                 line["text"] = texts[row]
+            if self._files is not None:
+                line["file"] = str(self._files[index])
             self._file.write(json.dumps(line) + "\n")
 
     def on_predict_end(self, trainer, pl_module) -> None:
