@@ -20,15 +20,17 @@ from pathlib import Path
 
 from datamodules._common import check_class_rules, select_classes
 from datamodules.ddae.datamodule import LongTailTextDataModule, TextSplits
+from zoo.contracts import IGNORE_INDEX
 from zoo.errors import DataError
 
 Rows = list[tuple[str, str]]  # (text, class name)
 
 
 def read_text_file(
-    path: str | Path, *, text_column: str = "text", label_column: str = "label", key: str = "file"
+    path: str | Path, *, text_column: str = "text", label_column: str | None = "label", key: str = "file"
 ) -> Rows:
-    """``(text, label)`` rows of a ``.csv``, ``.tsv`` or ``.jsonl``/``.json`` (one object per line) file.
+    """``(text, label)`` rows of a ``.csv``, ``.tsv`` or ``.jsonl``/``.json`` (one object per line) file; with
+    ``label_column=None`` the texts alone, each label ``""``.
 
     Raises:
         DataError: the file is missing, unreadable or empty, lacks a column, or has an empty text, an empty label or
@@ -49,11 +51,13 @@ def read_text_file(
     return rows
 
 
-def _check_row(path: Path, line: int, text: object, label: object, text_column: str, label_column: str) -> tuple:
+def _check_row(path: Path, line: int, text: object, label: object, text_column: str, label_column: str | None) -> tuple:
     if not isinstance(text, str):
         raise DataError(f"{path}:{line}: column {text_column!r} holds {type(text).__name__} {text!r}, not a text")
     if not text.strip():
         raise DataError(f"{path}:{line}: empty text in column {text_column!r}")
+    if label_column is None:
+        return text.strip(), ""
     if isinstance(label, bool) or not isinstance(label, (str, int)):
         raise DataError(
             f"{path}:{line}: label {label!r} in column {label_column!r} is a {type(label).__name__}; labels must be "
@@ -65,24 +69,29 @@ def _check_row(path: Path, line: int, text: object, label: object, text_column: 
     return text.strip(), label
 
 
-def _read_csv(path: Path, text_column: str, label_column: str, *, delimiter: str) -> Rows:
+def _required(text_column: str, label_column: str | None) -> list[tuple[str, str]]:
+    """The columns a file must have, with the argument naming each."""
+    return [(text_column, "text_column")] + ([(label_column, "label_column")] if label_column else [])
+
+
+def _read_csv(path: Path, text_column: str, label_column: str | None, *, delimiter: str) -> Rows:
     try:
         with path.open(encoding="utf-8-sig", newline="") as file:
             reader = csv.DictReader(file, delimiter=delimiter)
             columns = reader.fieldnames or []
-            for column, key in ((text_column, "text_column"), (label_column, "label_column")):
+            for column, key in _required(text_column, label_column):
                 if column not in columns:
                     raise DataError(f"{path}: no column {column!r} ({key}); the columns are {columns}")
             rows = []
             for row in reader:
-                text, label = row.get(text_column), row.get(label_column)
+                text, label = row.get(text_column), row.get(label_column) if label_column else None
                 rows.append(_check_row(path, reader.line_num, text or "", label or "", text_column, label_column))
             return rows
     except (UnicodeDecodeError, csv.Error) as err:
         raise DataError(f"{path}: not a readable {'TSV' if delimiter == chr(9) else 'CSV'} file ({err})") from err
 
 
-def _read_jsonl(path: Path, text_column: str, label_column: str) -> Rows:
+def _read_jsonl(path: Path, text_column: str, label_column: str | None) -> Rows:
     rows = []
     try:
         with path.open(encoding="utf-8") as file:
@@ -95,14 +104,13 @@ def _read_jsonl(path: Path, text_column: str, label_column: str) -> Rows:
                     raise DataError(f"{path}:{line_num}: not a JSON object ({err})") from err
                 if not isinstance(record, dict):
                     raise DataError(f"{path}:{line_num}: a JSON {type(record).__name__}, not an object")
-                for column, key in ((text_column, "text_column"), (label_column, "label_column")):
+                for column, key in _required(text_column, label_column):
                     if column not in record:
                         raise DataError(
                             f"{path}:{line_num}: no field {column!r} ({key}); the fields are {sorted(record)}"
                         )
-                rows.append(
-                    _check_row(path, line_num, record[text_column], record[label_column], text_column, label_column)
-                )
+                label = record[label_column] if label_column else None
+                rows.append(_check_row(path, line_num, record[text_column], label, text_column, label_column))
     except UnicodeDecodeError as err:
         raise DataError(f"{path}: not UTF-8 text ({err})") from err
     return rows
@@ -119,6 +127,8 @@ class TextFolderDataModule(LongTailTextDataModule):
         train_file: training examples.
         val_file: validation examples (optional; no validation without it).
         test_file: test examples (optional).
+        predict_file: texts that ``predict`` classifies instead of the test split (the text column alone is read; no
+            labels needed). ``python -m zoo predict`` writes each text with its predicted class.
         text_column: name of the text column (CSV header or JSON field).
         label_column: name of the label column.
         classes: the class names in label order; the sorted training labels by default.
@@ -134,6 +144,7 @@ class TextFolderDataModule(LongTailTextDataModule):
         train_file: str,
         val_file: str | None = None,
         test_file: str | None = None,
+        predict_file: str | None = None,
         text_column: str = "text",
         label_column: str = "label",
         classes: list[str] | None = None,
@@ -165,6 +176,10 @@ class TextFolderDataModule(LongTailTextDataModule):
             if unknown:
                 raise DataError(f"{path}: labels {unknown[:10]} do not occur in the training file {train_file}")
             self._rows[split] = rows
+        if predict_file is not None:
+            texts = [t for t, _ in read_text_file(predict_file, text_column=text_column, label_column=None,
+                                                  key="predict_file")]  # fmt: skip
+            self._rows["predict"] = [(t, None) for t in texts]
         self.text_column, self.label_column = text_column, label_column
         super().__init__(class_names=classes, **kwargs)
 
@@ -173,9 +188,9 @@ class TextFolderDataModule(LongTailTextDataModule):
 
         def unpack(split: str) -> tuple[list[str], list[int]] | None:
             rows = self._rows.get(split)
-            return None if rows is None else ([t for t, _ in rows], [index[y] for _, y in rows])
+            return None if rows is None else ([t for t, _ in rows], [index.get(y, IGNORE_INDEX) for _, y in rows])
 
-        return TextSplits(train=unpack("train"), val=unpack("val"), test=unpack("test"))
+        return TextSplits(train=unpack("train"), val=unpack("val"), test=unpack("test"), predict=unpack("predict"))
 
 
 __all__ = ["TextFolderDataModule", "read_text_file"]

@@ -147,3 +147,35 @@ def test_ddae_setup_adds_filtered_copies_for_the_rare_class_and_resamples(tmp_pa
     )
     again.setup("fit")
     assert again.ddae_stats["from_cache"] and again.train_dataset.texts == dm.train_dataset.texts
+
+
+def test_predict_file_needs_texts_alone_and_predict_writes_them(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from zoo.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(1)
+    train = _write_csv(tmp_path / "train.csv", _rows(rng), header=("sentence", "topic"))
+    new = _write_jsonl(tmp_path / "new.jsonl", [{"sentence": "rain and storm clouds"}, {"sentence": "a goal!"}])
+    dm = TextFolderDataModule(train_file=train, predict_file=new, text_column="sentence", label_column="topic")
+    dm.setup("predict")
+    batch = next(iter(dm.predict_dataloader()))
+    assert batch["text"] == ["rain and storm clouds", "a goal!"] and batch["label"].tolist() == [-100, -100]
+    with pytest.raises(DataError, match=r"new2\.jsonl:1: no field 'sentence' \(text_column\)"):
+        TextFolderDataModule(train_file=train, predict_file=_write_jsonl(tmp_path / "new2.jsonl", [{"x": "y"}]),
+                             text_column="sentence", label_column="topic")  # fmt: skip
+
+    data = ["--data=datamodules.text_folder.TextFolderDataModule", f"--data.init_args.train_file={train}",
+            "--data.init_args.text_column=sentence", "--data.init_args.label_column=topic",
+            "--data.init_args.batch_size=4", "--model.init_args.encoder=zoo.encoders.TransformerTextEncoder",
+            "--model.init_args.encoder.init_args.dim=32", "--trainer.enable_progress_bar=false"]  # fmt: skip
+    main(["fit", "--config", "text_longtail.yaml", *data, "--trainer.max_steps=2", "--trainer.limit_val_batches=0",
+          "--trainer.default_root_dir=run", "--test_after_fit=false"])  # fmt: skip
+    checkpoint = next(Path("run").rglob("last.ckpt"))
+    main(["predict", "--config", "text_longtail.yaml", *data, f"--data.init_args.predict_file={new}",
+          f"--ckpt_path={checkpoint}", "--trainer.default_root_dir=pred"])  # fmt: skip
+    (path,) = Path("pred").rglob("predictions.jsonl")
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["rain and storm clouds", "a goal!"]
+    assert all(r["prediction"] in ("cooking", "sports", "weather") and "label" not in r for r in rows)

@@ -31,6 +31,7 @@ from datamodules._common import (
 from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, check_strength
 from datamodules.ddae.filter import DEFAULT_THRESHOLD, BERTScoreFilter, ScoredAugmentations, score_augmentations
 from datamodules.ddae.sampler import WEIGHT_SCHEMES, ClassAwareSampler
+from zoo.contracts import IGNORE_INDEX
 from zoo.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -38,20 +39,24 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TextSplits:
-    """``(texts, labels)`` of each split; ``val``/``test`` may be ``None`` when the data has none."""
+    """``(texts, labels)`` of each split; ``val``/``test`` may be ``None`` when the data has none. ``predict``, when
+    given, is what ``predict`` classifies instead of the test split; its labels may be ``IGNORE_INDEX`` (unknown)."""
 
     train: tuple[list[str], list[int]]
     val: tuple[list[str], list[int]] | None = None
     test: tuple[list[str], list[int]] | None = None
+    predict: tuple[list[str], list[int]] | None = None
 
 
 class TextClassificationDataset(Dataset):
-    """``{"text": str, "label": long [], "group": long []}`` for each example."""
+    """``{"text": str, "label": long [], "group": long []}`` for each example; an unknown label (``IGNORE_INDEX``)
+    gets group 0."""
 
     def __init__(self, texts: list[str], labels: list[int] | np.ndarray, class_groups: np.ndarray) -> None:
         self.texts = list(texts)
         self.labels = torch.as_tensor(np.asarray(labels, dtype=np.int64))
-        self.groups = torch.as_tensor(class_groups)[self.labels]
+        known = self.labels >= 0
+        self.groups = torch.where(known, torch.as_tensor(class_groups)[self.labels.clamp(min=0)], 0)
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -189,6 +194,7 @@ class LongTailTextDataModule(L.LightningDataModule):
             self.train_dataset = TextClassificationDataset(texts, labels, self.class_groups)
             self.val_dataset = self._eval_dataset("val", splits.val)
             self.test_dataset = self._eval_dataset("test", splits.test)
+            self.predict_dataset = self._eval_dataset("predict", splits.predict)
         if stage in (None, "fit") and self.augmentations is None and self.augmentation_strength > 0 and self.max_copies:
             self._augment(*self._original_train)
 
@@ -238,7 +244,7 @@ class LongTailTextDataModule(L.LightningDataModule):
         for i, (text, label) in enumerate(zip(texts, labels, strict=True)):
             if not isinstance(text, str) or not text.strip():
                 raise DataError(f"{name}: {split} example {i} has an empty or non-string text: {text!r}")
-            if not 0 <= label < self.num_classes:
+            if not 0 <= label < self.num_classes and not (split == "predict" and label == IGNORE_INDEX):
                 raise DataError(f"{name}: {split} example {i} has label {label} outside [0, {self.num_classes})")
 
     # -- loaders --------------------------------------------------------------------------------------------------
@@ -287,6 +293,8 @@ class LongTailTextDataModule(L.LightningDataModule):
         return self._loader(self.test_dataset) if self.test_dataset is not None else []
 
     def predict_dataloader(self) -> DataLoader | list:
+        if self.predict_dataset is not None:
+            return self._loader(self.predict_dataset)
         return self.test_dataloader()
 
     # -- resume ---------------------------------------------------------------------------------------------------
