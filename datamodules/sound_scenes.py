@@ -9,10 +9,11 @@ burst's band centre), lasting 0.25-0.45 s at a random loudness. Six questions ar
 families (the groups of the task's accuracy):
 
 - ``count``: "How many sounds are there?" (1-4);
-- ``exists``: "Is there a rising sweep?" (yes/no; twice, about kinds drawn at random);
+- ``exists``: "Is there a rising sweep?" (yes/no; twice, about two different kinds drawn at random);
 - ``pitch``: "What is the pitch of the noise burst?" (low/medium/high; about a kind the clip holds);
 - ``order``: "What is the first sound?", "... the last sound?", "What comes right after the steady tone?", "What
-  comes right before the falling sweep?" (a kind, or "nothing"; twice). The order questions need the encoder to keep
+  comes right before the falling sweep?" (a kind, or "nothing"; twice, two different templates, "after" and "before"
+  about a kind the clip holds). The order questions need the encoder to keep
   time and the fusion to tie a word of the question to an event: they are the relational ones.
 
 The scene table is a pure function of ``(num_clips, seed)``, the first ``k`` clips the same for any ``num_clips >=
