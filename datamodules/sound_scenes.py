@@ -13,8 +13,8 @@ families (the groups of the task's accuracy):
 - ``pitch``: "What is the pitch of the noise burst?" (low/medium/high; about a kind the clip holds);
 - ``order``: "What is the first sound?", "... the last sound?", "What comes right after the steady tone?", "What
   comes right before the falling sweep?" (a kind, or "nothing"; twice, two different templates, "after" and "before"
-  about a kind the clip holds). The order questions need the encoder to keep
-  time and the fusion to tie a word of the question to an event: they are the relational ones.
+  about a kind the clip holds). The order questions need the encoder to keep time and the fusion to tie a word of
+  the question to an event: they are the relational ones.
 
 The scene table is a pure function of ``(num_clips, seed)``, the first ``k`` clips the same for any ``num_clips >=
 k``; the waveforms are rendered from it (half a millisecond a clip) once in ``setup``, into memory, or when fetched
