@@ -22,6 +22,8 @@ when a batch asks for it (in the DataLoader's workers when ``num_workers > 0``) 
 :func:`~datamodules._audio.read_audio`: channels averaged to mono, resampled to ``sample_rate``. A clip longer than
 ``max_seconds`` is cut to that length: training takes a window at a random offset drawn from ``(seed, epoch,
 index)``, a new one each epoch and the same after a resume; validation and test take the first ``max_seconds``.
+A file is decoded whole before it is cut: right for clips of seconds to minutes; cut hour-long recordings into clips
+first.
 
 The classes are the sorted training labels (or ``classes``), read in ``__init__`` with everything but the sound
 itself, so that a user's mistake stops the run before the model is built, naming the file, line or column: a
