@@ -100,6 +100,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="with --resample-from: the re-balanced phase trains the last Linear layer alone, the rest frozen "
         "(classifier re-training, Kang et al. 2020)",
     )
+    p.add_argument(
+        "--logit-adjust",
+        type=float,
+        default=0.0,
+        help="post-hoc logit adjustment at evaluation (Menon et al. 2021): logits - tau * log(training class prior);\n"
+        "not DDAE: a loss-free reference for what the head/tail trade-off allows (0: off)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -258,6 +265,9 @@ def train_and_test(
         schedule.step()
     model.eval()
     out = {}
+    # post-hoc logit adjustment (Menon et al. 2021): subtract tau * log(class prior of the training examples)
+    prior = np.bincount(np.asarray(train_y), minlength=num_classes) / len(train_y)
+    adjust = torch.as_tensor(args.logit_adjust * np.log(np.maximum(prior, 1e-12)), dtype=torch.float32, device=device)
     with torch.inference_mode():
         for split, x in eval_x.items():
             preds = []
@@ -265,7 +275,7 @@ def train_and_test(
                 inputs = x[start : start + 512]
                 inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    preds.append(model(inputs).argmax(-1).cpu())
+                    preds.append((model(inputs).float() - adjust).argmax(-1).cpu())
             out[split] = torch.cat(preds).numpy()
     return out
 
