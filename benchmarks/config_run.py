@@ -1,6 +1,6 @@
 """A shipped config trained as a user would (``python -m zoo fit --config NAME``), with a CSV logger: its test metrics,
-validation curve and throughput (``zoo.callbacks.ThroughputMonitor``'s, when the config has it) written as JSON to
-``benchmarks/results/config_run_<device>_<date>.json``::
+validation curve, throughput (``zoo.callbacks.ThroughputMonitor``'s, when the config has it) and the wall time of the
+command, written as JSON to ``benchmarks/results/config_run_<device>_<date>.json``::
 
     python benchmarks/config_run.py vqa_gpu.yaml            # H200: bash benchmarks/h200.sh config-run vqa_gpu.yaml
     python benchmarks/config_run.py vqa.yaml --trainer.limit_train_batches=20      # CPU smoke run
@@ -16,6 +16,7 @@ import csv
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ def main() -> None:
     parser.add_argument("--from-logs", default=None, help="record this finished run's log folder instead of training")
     parser.add_argument("--ran-on", default=None, help="with --from-logs: the machine, versions and commit it ran at")
     args, flags = parser.parse_known_args()
+    seconds = None
     if args.from_logs:
         log_dir, command = Path(args.from_logs), None
     else:
@@ -70,11 +72,13 @@ def main() -> None:
         command = [sys.executable, "-m", "zoo", "fit", "--config", args.config, *logger, *flags]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
         work.mkdir(parents=True, exist_ok=True)
+        start = time.perf_counter()
         with open(work / "fit.log", "w") as out:
             code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT).returncode
+        seconds = round(time.perf_counter() - start, 1)  # the whole command, as a user waits for it
         if code != 0:
             raise SystemExit(f"{args.config} failed ({code}); log: {work / 'fit.log'}")
-    payload = {"config": args.config, "flags": flags, "command": command, **summarize(log_dir)}
+    payload = {"config": args.config, "flags": flags, "command": command, "seconds": seconds, **summarize(log_dir)}
     if args.from_logs:
         payload["ran_on"] = args.ran_on
         payload["note"] = "recorded from the logs of a run made elsewhere; `machine` is where they were recorded"

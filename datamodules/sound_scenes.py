@@ -281,9 +281,9 @@ class SoundScenesDataModule(SplitLoaders):
         batch_size: questions per batch.
         num_workers: DataLoader worker processes.
         pin_memory: pin batches in page-locked memory; ``None`` pins when CUDA is available.
-        prerender: render every clip once in :meth:`setup` (a few seconds and 32 KB a clip: 192 MB for 6,000 clips,
-            shared with forked workers) instead of at every fetch (0.5 ms a clip, on the loader's critical path:
-            what kept a GPU waiting).
+        prerender: render every clip once in :meth:`setup` (32 KB a clip in float16: 192 MB for 6,000 clips,
+            shared with forked workers) instead of at every fetch, on the loader's critical path (what kept the H200
+            waiting in the README's audio runs).
 
     Attributes:
         num_classes: 14, the size of ``ANSWERS``.

@@ -176,10 +176,9 @@ class TextFolderDataModule(LongTailTextDataModule):
             if unknown:
                 raise DataError(f"{path}: labels {unknown[:10]} do not occur in the training file {train_file}")
             self._rows[split] = rows
-        if predict_file is not None:
-            texts = [t for t, _ in read_text_file(predict_file, text_column=text_column, label_column=None,
-                                                  key="predict_file")]  # fmt: skip
-            self._rows["predict"] = [(t, None) for t in texts]
+        if predict_file is not None:  # texts alone; their label "" is no class, so load_splits gives IGNORE_INDEX
+            self._rows["predict"] = read_text_file(predict_file, text_column=text_column, label_column=None,
+                                                   key="predict_file")  # fmt: skip
         self.text_column, self.label_column = text_column, label_column
         super().__init__(class_names=classes, **kwargs)
 

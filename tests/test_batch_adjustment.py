@@ -381,17 +381,7 @@ def test_probed_micro_batch_trains_within_the_memory_budget_on_cuda(tmp_path):
     budget = 256 * 2**20
     adjust = DynamicBatchAdjustment(512, memory_fraction=budget / total, optimizer_states_per_parameter=0)
     peaks = PeakPerBatch()
-    trainer = pl.Trainer(
-        default_root_dir=tmp_path,
-        accelerator="gpu",
-        devices=1,
-        max_steps=1,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        callbacks=[adjust, peaks],
-    )
+    trainer = _trainer(tmp_path, adjust, peaks, accelerator="gpu", max_steps=1)
     trainer.fit(WideNet(), datamodule=WideData(batch_size=8))
     line, plan = adjust.memory_line, adjust.plan
     sample = WIDTH * 4

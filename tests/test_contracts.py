@@ -128,3 +128,11 @@ def test_timm_encoder_loads_local_weights(tmp_path):
     loaded = TimmImageEncoder("resnet18", feature_index=1, weights_path=str(path))
     for (name, a), b in zip(source.backbone.state_dict().items(), loaded.backbone.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_batch_without_an_encoders_field_names_it():
+    from zoo.errors import ConfigError
+
+    model = MultimodalModel({"text": TransformerTextEncoder(dim=DIM, depth=1)}, FUSIONS["mie"](["text"]))
+    with pytest.raises(ConfigError, match=r"no 'text' field for encoders\['text'\]; its fields are \['image'\]"):
+        model({"image": _image(0)})

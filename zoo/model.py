@@ -41,7 +41,10 @@ class MultimodalModel(nn.Module):
         out = {}
         for name, encoder in self.encoders.items():
             if name not in inputs:
-                raise KeyError(f"the batch has no {name!r} field for encoders[{name!r}]; it has {sorted(inputs)}")
+                raise ConfigError(
+                    f"the batch has no {name!r} field for encoders[{name!r}]; its fields are {sorted(inputs)}: name "
+                    "each encoder after the batch field it reads"
+                )
             tokens = encoder(inputs[name])
             out[name] = Tokens(self.adapters[name](tokens.embeddings), tokens.mask)
         return out
