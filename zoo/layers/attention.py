@@ -10,6 +10,23 @@ from zoo.contracts import upgrade_on_load
 from zoo.errors import ConfigError
 
 
+class ScaledDotProduct(nn.Module):
+    """The attention product ``softmax(q k^T / sqrt(head_dim) + mask) v``: ``[B, H, T, Dh]`` three times ->
+    ``[B, H, T, Dh]``, through ``F.scaled_dot_product_attention``.
+
+    A module of its own, without parameters, so that quantization can swap it by name as it swaps the projections
+    (``zoo.quant.quantize_(..., attention_bit=8)`` makes it a ``QATScaledDotProduct``, whose integer form runs the
+    product on int8 codes).
+    """
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
+    ) -> Tensor:
+        if attn_mask is not None and attn_mask.dtype != torch.bool:
+            attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention: ``[B, T, dim] -> [B, T, dim]``.
 
@@ -19,8 +36,9 @@ class SelfAttention(nn.Module):
         dropout: dropout on the attention weights during training.
 
     ``forward(x, attn_mask)`` takes an optional mask broadcastable to ``[B, num_heads, T, T]``: bool (``True`` =
-    may attend) or float (added to the logits, ``-inf`` blocks). The projections are named ``qkv`` and ``proj`` so
-    that quantization and tensor-parallel plans can address them by name. ``qkv``'s outputs are grouped by head,
+    may attend) or float (added to the logits, ``-inf`` blocks). The projections are named ``qkv`` and ``proj``, the
+    product between them ``sdpa`` (a :class:`ScaledDotProduct`), so that quantization and tensor-parallel plans can
+    address them by name. ``qkv``'s outputs are grouped by head,
     ``[num_heads, 3, head_dim]`` (as GPT-NeoX's fused projection), so that a tensor-parallel shard of contiguous
     output rows holds whole heads, each with its query, key and value.
     """
@@ -34,6 +52,7 @@ class SelfAttention(nn.Module):
         with torch.no_grad():  # the rows as drawn in the old order, regrouped: a seed gives the model it gave before
             for param in (self.qkv.weight, self.qkv.bias):
                 param.copy_(_group_by_head(param, num_heads))
+        self.sdpa = ScaledDotProduct()
         self.proj = nn.Linear(dim, dim)
         # marks checkpoints written with qkv grouped by head; one without the mark has [3, num_heads, head_dim] rows,
         # which loading regroups (same keys and shapes, so nothing else could tell the two apart)
@@ -57,11 +76,7 @@ class SelfAttention(nn.Module):
         # shard (which holds num_heads / tp heads) runs the same code.
         head_dim = self.dim // self.num_heads
         q, k, v = self.qkv(x).view(B, T, -1, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
-            attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
-        )
+        out = self.sdpa(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -2,7 +2,8 @@
 
 * :func:`quantize_` (``task.quantize(**quant_config)`` on the zoo's tasks) swaps ``nn.Linear``/``nn.Conv2d``/
   ``nn.Embedding`` layers for fake-quantized ones, with per-layer bit widths from module-name patterns
-  (:mod:`zoo.quant.qat`, :mod:`zoo.quant.fake_quant`);
+  (:mod:`zoo.quant.qat`, :mod:`zoo.quant.fake_quant`), and with ``attention_bit`` the attention product too
+  (:mod:`zoo.quant.attention`);
 * :class:`zoo.callbacks.QATScheduleCallback` steps the bit widths during training (e.g. 8 -> 6 -> 4);
 * :func:`convert_` turns the trained model into integer layers (int8 GEMMs, 4-bit weights packed),
   :func:`save_converted` / :func:`load_converted` store it as a plain state dict, and ``python -m zoo convert`` does
@@ -11,6 +12,7 @@
 See ``docs/qat.md``.
 """
 
+from zoo.quant.attention import QATScaledDotProduct, QuantizedScaledDotProduct
 from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
 from zoo.quant.convert import (
     QuantizedEmbedding,
@@ -50,10 +52,12 @@ __all__ = [
     "QATConv2d",
     "QATEmbedding",
     "QATLinear",
+    "QATScaledDotProduct",
     "QuantizedConv1d",
     "QuantizedConv2d",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "QuantizedScaledDotProduct",
     "calibrate",
     "calibrating",
     "convert_",

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 
 from zoo.errors import ConfigError, DataError
 from zoo.layers.ffn import FeedForward
+from zoo.quant.attention import QATScaledDotProduct, QuantizedScaledDotProduct
 from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
 from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
 from zoo.quant.kernels import (
@@ -75,6 +76,7 @@ __all__ = [
     "FORMAT",
     "QuantizedEmbedding",
     "QuantizedLinear",
+    "QuantizedScaledDotProduct",
     "calibrate",
     "convert_",
     "fuse_feedforward_",
@@ -425,6 +427,11 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     convolution (its running statistics) and is replaced by ``nn.Identity``. Warns when a layer still runs above its
     target bits (a checkpoint taken before the schedule's last stage)."""
     unobserved = [name for name, layer in _per_tensor_input_layers(module) if not layer.act_quant.initialized]
+    unobserved += [
+        name
+        for name, m in module.named_modules()
+        if isinstance(m, QATScaledDotProduct) and not all(q.initialized for q in m.act_quant.values())
+    ]
     if unobserved:
         raise ConfigError(
             f"{len(unobserved)} layers with per-tensor inputs have observed no data, e.g. {unobserved[0]!r}: their "
@@ -451,6 +458,9 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
         if not name:
             return new.eval()
         _replace(module, name, new)
+    for name, m in list(module.named_modules()):
+        if isinstance(m, QATScaledDotProduct):
+            _replace(module, name, QuantizedScaledDotProduct.from_qat(m))
     if above:
         warnings.warn(
             f"{len(above)} layers run above their target weight bits and are converted at those bits, e.g. "
@@ -500,6 +510,8 @@ def restore_converted_layers(module: nn.Module, state_dict: Mapping[str, Any]) -
             new: nn.Module = conv_class.from_extra_state(state, device)
             if state["folded_batch_norm"]:  # saved without the batch norm it absorbed
                 _replace(module, _sibling(name, 1), nn.Identity())
+        elif state["zoo_converted"] == "attention":
+            new = QuantizedScaledDotProduct(bits=state["bits"], symmetric=state["symmetric"], device=device)
         elif state["zoo_converted"] == "linear":
             new = QuantizedLinear(
                 state["in_features"],

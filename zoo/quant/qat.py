@@ -27,6 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import ConfigError
+from zoo.layers.attention import ScaledDotProduct
+from zoo.quant.attention import QATScaledDotProduct
 from zoo.quant.fake_quant import FakeQuantizer, Granularity, Observer, QuantMethod, check_bits, check_method
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "QATConv2d",
     "QATEmbedding",
     "QATLinear",
+    "QATScaledDotProduct",
     "calibrating",
     "freeze_observers",
     "qat_layers",
@@ -416,6 +419,7 @@ def quantize_(
     observer: Observer = "minmax",
     embedding_bit: int | None = 8,
     conv_bit: int | None = None,
+    attention_bit: int | None = None,
 ) -> nn.Module:
     """Prepare ``module`` for quantization-aware training, in place; returns it (or the replacement when ``module``
     itself is an ``nn.Linear``).
@@ -442,6 +446,11 @@ def quantize_(
             leaves them in float. Their inputs are quantized per tensor, so a model with quantized convolutions needs
             calibrating before a post-training conversion even with per-token inputs elsewhere; ``None`` keeps the
             defaults free of calibration, as per-token inputs do.
+        attention_bit: bits of the attention product's operands (query, key, value, probabilities and output) in
+            every :class:`~zoo.layers.attention.ScaledDotProduct` (``*.attn.sdpa``) that no override keeps in float
+            (``{pattern: None}``); the other override values do not apply to them. ``None`` (the default) leaves
+            attention in float. Their scales are per tensor and static, so they need calibrating or training, as
+            ``conv_bit`` does; see :mod:`zoo.quant.attention`.
 
     Raises:
         ConfigError: a bit width outside 2..8, an unknown method or setting, or a pattern that matches nothing; the
@@ -454,6 +463,8 @@ def quantize_(
         check_bits(embedding_bit, "embedding_bit")
     if conv_bit is not None:
         check_bits(conv_bit, "conv_bit")
+    if attention_bit is not None:
+        check_bits(attention_bit, "attention_bit")
     if activation_granularity not in ("per_token", "per_tensor"):
         raise ConfigError(f"activation_granularity={activation_granularity!r} must be 'per_token' or 'per_tensor'")
     if observer not in ("minmax", "mse"):
@@ -500,6 +511,14 @@ def quantize_(
             )
         # in the replaced layer's mode: a model quantized in eval mode (post-training) must not observe its inputs
         replacements.append((name, new.train(layer.training)))
+    if attention_bit is not None:
+        for name, product in module.named_modules():
+            kept_float = any(value is None and _matches(name, pattern) for pattern, value in rules)
+            if type(product) is ScaledDotProduct and not kept_float:
+                new = QATScaledDotProduct(
+                    bits=attention_bit, quant_method=quant_method, learnable_scales=learnable_scales
+                ).to(next(module.parameters()).device)
+                replacements.append((name, new.train(product.training)))
     if strict:
         for pattern, count in hits.items():
             if count == 0:
@@ -613,9 +632,13 @@ def restore_qat_layers(module: nn.Module, state_dict: Mapping[str, Any]) -> int:
             continue
         name = key[: -len("._extra_state")]
         layer = module.get_submodule(name)
-        if isinstance(layer, QATLinear | _QATConv | QATEmbedding):
+        if isinstance(layer, QATLinear | _QATConv | QATEmbedding | QATScaledDotProduct):
             continue
-        if value["zoo_qat"] == "linear":
+        if value["zoo_qat"] == "attention":
+            _replace(
+                module, name, QATScaledDotProduct(**{k: value[k] for k in ("bits", "quant_method", "learnable_scales")})
+            )
+        elif value["zoo_qat"] == "linear":
             config = {k: value[k] for k in _LINEAR_DEFAULTS}
             _replace(module, name, QATLinear.from_linear(layer, **config))
         elif value["zoo_qat"] in ("conv1d", "conv2d"):

@@ -1,0 +1,191 @@
+"""zoo.quant.attention: the attention product on 8-bit codes, fake-quantized in training, integer after conversion."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from zoo.contracts import Tokens
+from zoo.errors import ConfigError
+from zoo.fusion import MIE
+from zoo.layers import ScaledDotProduct
+from zoo.quant import (
+    QATScaledDotProduct,
+    QuantizedScaledDotProduct,
+    calibrating,
+    convert_,
+    enable_fake_quant,
+    load_converted,
+    quantize_,
+    restore_qat_layers,
+    save_converted,
+)
+from zoo.quant.attention import integer_attention_kernel
+
+
+def _qkv(batch=4, heads=2, length=37, head_dim=32, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    # [B, T, H, Dh] transposed, as SelfAttention's projection leaves them (not contiguous)
+    return [
+        (torch.randn(batch, length, heads, head_dim, generator=g) * s).transpose(1, 2).to(dtype)
+        for s in (1.5, 1.5, 1.0)
+    ]
+
+
+def _masks(batch=4, length=37):
+    allowed = torch.ones(batch, 1, length, length, dtype=torch.bool)
+    allowed[:, :, :20, 20:] = False  # two modalities that do not see each other, as MIE's early layers
+    allowed[:, :, 20:, :20] = False
+    allowed[1, :, :, 30:] = False  # padding keys of one example
+    allowed |= torch.eye(length, dtype=torch.bool)
+    additive = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
+    return {"bool": allowed, "float": additive}
+
+
+def _calibrated(q, k, v, mask, **config) -> QATScaledDotProduct:
+    product = QATScaledDotProduct(**config).eval()
+    with torch.no_grad(), calibrating(product):
+        product(q, k, v, mask)
+    return product
+
+
+def _mie(depth=2, dim=64):
+    return MIE(modalities=["image", "text"], dim=dim, depth=depth, num_heads=2, modality_fusion_layers=1)
+
+
+def _tokens(batch=3, dim=64):
+    g = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, 7, dtype=torch.bool)
+    mask[0, 5:] = False
+    return {
+        "image": Tokens(torch.randn(batch, 9, dim, generator=g), torch.ones(batch, 9, dtype=torch.bool)),
+        "text": Tokens(torch.randn(batch, 7, dim, generator=g), mask),
+    }
+
+
+@pytest.mark.parametrize("mask_kind", ["bool", "float", None])
+def test_product_with_fake_quant_off_is_float_sdpa(mask_kind):
+    q, k, v = _qkv()
+    mask = None if mask_kind is None else _masks()[mask_kind]
+    product = _calibrated(q, k, v, mask)
+    enable_fake_quant(product, False)
+    with torch.no_grad():
+        expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        torch.testing.assert_close(product(q, k, v, mask), expected)
+        torch.testing.assert_close(ScaledDotProduct()(q, k, v, mask), expected)
+
+
+def test_quantized_product_error_shrinks_with_bits_and_is_small_at_8():
+    q, k, v = _qkv(length=64)
+    mask = _masks(length=64)["bool"]
+    expected = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=mask)
+    errors = {}
+    for bits in (4, 6, 8):
+        product = _calibrated(q, k, v, mask, bits=bits)
+        with torch.no_grad():
+            errors[bits] = ((product(q, k, v, mask).double() - expected).abs().mean() / expected.std()).item()
+    assert errors[4] > errors[6] > errors[8], errors
+    # at 8 bits: the output's own rounding (half a step of 1/127 of its range) plus the probabilities' (1/255)
+    assert errors[8] < 0.03, errors
+
+
+def test_probabilities_round_to_fixed_unsigned_steps_and_gradients_pass():
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    product = QATScaledDotProduct(bits=8).train()
+    product(q, k, v).sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in (q, k, v))
+    assert all(quantizer.initialized for quantizer in product.act_quant.values())
+    quant = product.act_quant
+    with torch.no_grad():  # the probabilities on the 256 codes of scale 1/255, from the quantized operands
+        logits = (quant["q"](q) @ quant["k"](k).transpose(-2, -1)) * 32**-0.5
+        probs = torch.round(logits.softmax(-1) / torch.tensor(1 / 255)) * torch.tensor(1 / 255)
+        expected = quant["out"](probs @ quant["v"](v))
+        torch.testing.assert_close(product.eval()(q, k, v), expected, rtol=0, atol=1e-6)
+
+
+def test_quantize_swaps_the_product_only_with_attention_bit():
+    model = _mie()
+    assert not any(isinstance(m, QATScaledDotProduct) for m in quantize_(copy.deepcopy(model)).modules())
+    quantized = quantize_(copy.deepcopy(model), attention_bit=8)
+    names = [n for n, m in quantized.named_modules() if isinstance(m, QATScaledDotProduct)]
+    assert names == ["blocks.0.attn.sdpa", "blocks.1.attn.sdpa"]
+    kept = quantize_(copy.deepcopy(model), attention_bit=8, overrides={"blocks.0": None})
+    assert type(kept.blocks[0].attn.sdpa) is ScaledDotProduct
+    assert isinstance(kept.blocks[1].attn.sdpa, QATScaledDotProduct)
+
+
+@pytest.mark.parametrize("bits", [0, 9, True, "8"])
+def test_invalid_attention_bit_fails_naming_the_key(bits):
+    with pytest.raises(ConfigError, match="attention_bit"):
+        quantize_(_mie(), attention_bit=bits)
+
+
+def test_qat_attention_restores_from_its_state_dict():
+    torch.manual_seed(0)
+    model = _mie()
+    qat = quantize_(copy.deepcopy(model), attention_bit=8, activation_granularity="per_tensor").train()
+    x = _tokens()
+    qat(x)  # observes
+    state = qat.eval().state_dict()
+    fresh = copy.deepcopy(model)
+    assert restore_qat_layers(fresh, state) > 0
+    fresh.load_state_dict(state)
+    assert isinstance(fresh.blocks[1].attn.sdpa, QATScaledDotProduct)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x).pooled, qat(x).pooled)
+
+
+def test_converted_product_equals_fake_quant_and_saves_with_weights_only(tmp_path):
+    q, k, v = _qkv()
+    mask = _masks()["float"]
+    product = _calibrated(q, k, v, mask)
+    converted = QuantizedScaledDotProduct.from_qat(product)
+    with torch.no_grad():
+        assert torch.equal(converted(q, k, v, mask), product(q, k, v, mask))
+
+    torch.manual_seed(0)
+    model = _mie()
+    qat = quantize_(copy.deepcopy(model), attention_bit=8, activation_granularity="per_tensor").eval()
+    x = _tokens()
+    with torch.no_grad(), calibrating(qat):
+        qat(x)
+    integer = convert_(copy.deepcopy(qat))
+    assert isinstance(integer.blocks[0].attn.sdpa, QuantizedScaledDotProduct)
+    path = tmp_path / "int.pt"
+    save_converted(integer, path)
+    loaded = load_converted(path, copy.deepcopy(model))
+    assert isinstance(loaded.blocks[1].attn.sdpa, QuantizedScaledDotProduct)
+    with torch.no_grad():
+        assert torch.equal(loaded(x).pooled, integer(x).pooled)
+
+
+def test_unobserved_attention_refuses_to_convert():
+    qat = quantize_(_mie(), attention_bit=8, activation_granularity="per_tensor").eval()
+    with pytest.raises(ConfigError, match="blocks.0"):
+        convert_(qat)
+
+
+@pytest.mark.skipif(integer_attention_kernel() is None, reason="torchao's int8 attention needs torchao and AMX")
+def test_compiled_product_runs_the_integer_kernel_within_one_output_code():
+    from torch.profiler import profile
+
+    q, k, v = _qkv()
+    mask = _masks()["float"]
+    converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask)).eval()
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(converted), dynamic=False)
+    with torch.no_grad():
+        compiled(q, k, v, mask)
+        with profile() as prof:
+            got = compiled(q, k, v, mask)
+        expected = converted(q, k, v, mask)
+    ops = {event.key for event in prof.key_averages()}
+    # the reference arithmetic compiles to two batched GEMMs; the kernel computes both products itself
+    assert not any("bmm" in op for op in ops), ops
+    out_scale = converted.scale[-1].item()
+    steps = ((got - expected) / out_scale).round().abs()
+    # same codes but for the softmax's float rounding, which moves a few probabilities across a rounding boundary
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01, (steps.max(), (steps > 0).float().mean())

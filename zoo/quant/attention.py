@@ -1,0 +1,229 @@
+"""Integer attention: the product ``softmax(q k^T / sqrt(Dh) + mask) v`` between the projections, on 8-bit codes.
+
+The projections around it (``qkv``, ``proj``) are quantized linears; this module quantizes what they leave in float:
+
+* :class:`QATScaledDotProduct` (what ``quantize_(..., attention_bit=8)`` puts in place of a
+  :class:`~zoo.layers.attention.ScaledDotProduct`) fake-quantizes the query, key and value (one static scale per
+  tensor each, observed or learned, as the per-tensor linear inputs), the attention probabilities (unsigned codes
+  with the fixed scale ``1 / (2^bits - 1)``: they lie in ``[0, 1]``, and a fixed scale needs no calibration) and the
+  output (per tensor);
+* :class:`QuantizedScaledDotProduct` (what :func:`zoo.quant.convert_` makes of it) keeps those scales. On an x86 CPU
+  with AMX, under ``torch.compile``, at 8 bits, it runs torchao's int8 attention: inductor generates the kernel from
+  torchao's C++ template (``torchao.prototype.inductor``; uint8 ``q k^T`` and ``p v`` on AMX tiles, the softmax in
+  float32 between them, the probabilities and the output written as codes). Everywhere else (eager mode, a GPU, no
+  torchao, other bit widths) it runs :func:`quantized_product`, the same arithmetic QAT trained with.
+
+Why torchao here, when the linears use core PyTorch's kernels: core PyTorch 2.11 has no int8 attention, and torchao
+0.18's x86 template needs no compiled extension of its own (its PyPI wheel ships CUDA extensions only; inductor
+compiles the template). It is imported on first use; without it the reference arithmetic runs.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from zoo.errors import ConfigError
+from zoo.quant.fake_quant import FakeQuantizer, QuantMethod, check_bits, check_method, fake_quantize, quant_range
+
+__all__ = ["QATScaledDotProduct", "QuantizedScaledDotProduct", "integer_attention_kernel", "quantized_product"]
+
+#: the tensors with a static scale, in the order of :class:`QuantizedScaledDotProduct`'s buffers
+TENSORS = ("q", "k", "v", "out")
+
+
+def quantized_product(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    quantize: Mapping[str, Callable[[Tensor], Tensor]],
+    prob_bits: int,
+    dropout_p: float = 0.0,
+) -> Tensor:
+    """Attention with quantized operands: ``[B, H, T, Dh]`` three times -> ``[B, H, T, Dh]``.
+
+    ``quantize`` maps each of :data:`TENSORS` to a fake quantizer; the probabilities are rounded to ``prob_bits``
+    unsigned codes of scale ``1 / (2^prob_bits - 1)`` (straight-through gradient). ``attn_mask`` as SDPA's: bool
+    (``True`` = may attend) or float (added to the logits). The logits and the softmax are float32 whatever the
+    inputs' dtype, as in the integer kernel.
+    """
+    q, k, v = quantize["q"](q), quantize["k"](k), quantize["v"](v)
+    logits = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.float()
+    levels = 2**prob_bits - 1
+    probs = fake_quantize(logits.softmax(-1), logits.new_tensor(1.0 / levels), logits.new_zeros(()), 0, levels)
+    if dropout_p:
+        probs = F.dropout(probs, dropout_p)
+    return quantize["out"](probs.to(v.dtype) @ v)
+
+
+class QATScaledDotProduct(nn.Module):
+    """Fake-quantized attention product: ``[B, H, T, Dh]`` three times -> ``[B, H, T, Dh]`` (see the module docstring).
+
+    Args:
+        bits: bit width of the query, key, value, probabilities and output (2..8; the integer kernel takes 8).
+        quant_method: ``"symmetric"`` or ``"asymmetric"`` for the query, key, value and output.
+        learnable_scales: LSQ scales for those four instead of observed ranges.
+
+    The quantizers are ``act_quant.q``, ``.k``, ``.v``, ``.out``: per-tensor ``FakeQuantizer`` modules that observe in
+    training until frozen (``zoo.quant.freeze_observers``), and that ``zoo.quant.calibrating`` covers. With them
+    disabled (``enable_fake_quant(model, False)``, the float phase of a QAT schedule) this is float SDPA.
+    """
+
+    def __init__(self, *, bits: int = 8, quant_method: QuantMethod = "symmetric", learnable_scales: bool = False):
+        super().__init__()
+        symmetric = check_method(quant_method)
+        self.config = {
+            "bits": check_bits(bits, "attention_bit"),
+            "quant_method": quant_method,
+            "learnable_scales": learnable_scales,
+        }
+        self.act_quant = nn.ModuleDict(
+            {
+                name: FakeQuantizer(
+                    bits=bits, symmetric=symmetric, granularity="per_tensor", learnable=learnable_scales
+                )
+                for name in TENSORS
+            }
+        )
+
+    @property
+    def bits(self) -> int:
+        return self.config["bits"]
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
+    ) -> Tensor:
+        if not self.act_quant["q"].enabled:
+            if attn_mask is not None and attn_mask.dtype != torch.bool:
+                attn_mask = attn_mask.to(q.dtype)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        return quantized_product(q, k, v, attn_mask, self.act_quant, self.bits, dropout_p)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"zoo_qat": "attention", **self.config}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if {k: state[k] for k in self.config} != self.config:
+            raise ValueError(f"QATScaledDotProduct: the state dict has {state}, this module {self.config}")
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, {self.config['quant_method']}"
+
+
+@functools.cache
+def integer_attention_kernel() -> Callable[..., Tensor] | None:
+    """torchao's int8 attention op (``torch.ops.torchao.qscaled_dot_product``, lowered by inductor to its AMX
+    template) when torchao imports and this CPU has AMX tiles; ``None`` otherwise."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    if amx is None or not amx():
+        return None
+    try:
+        import torchao.ops  # noqa: F401  (defines the op)
+        from torchao.prototype.inductor import qsdpa_lowering  # noqa: F401  (registers inductor's lowering)
+    except Exception:  # not installed, or built for another torch: the reference arithmetic runs instead
+        return None
+    return torch.ops.torchao.qscaled_dot_product.default
+
+
+class QuantizedScaledDotProduct(nn.Module):
+    """The integer form of :class:`QATScaledDotProduct`: ``[B, H, T, Dh]`` three times -> ``[B, H, T, Dh]`` in the
+    query's dtype, from 8-bit codes of the query, key, value and probabilities (see the module docstring for where
+    the integer kernel runs). The buffers ``scale`` and ``zero_point`` hold the four static quantizers' parameters,
+    in the order of :data:`TENSORS`."""
+
+    zoo_converted = True
+
+    def __init__(self, *, bits: int = 8, symmetric: bool = True, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.bits, self.symmetric = check_bits(bits, "attention_bit"), symmetric
+        self.register_buffer("scale", torch.ones(len(TENSORS), device=device))
+        self.register_buffer("zero_point", torch.zeros(len(TENSORS), device=device))
+        self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
+        self._refresh()
+
+    @classmethod
+    def from_qat(cls, layer: QATScaledDotProduct) -> QuantizedScaledDotProduct:
+        quantizers = [layer.act_quant[name] for name in TENSORS]
+        unobserved = [name for name, q in zip(TENSORS, quantizers, strict=True) if not q.initialized]
+        if unobserved:
+            raise ConfigError(
+                f"QATScaledDotProduct: the {unobserved[0]} quantizer has observed no data; calibrate or train first"
+            )
+        new = cls(bits=layer.bits, symmetric=quantizers[0].symmetric, device=quantizers[0].min_val.device)
+        with torch.no_grad():
+            for i, quantizer in enumerate(quantizers):
+                scale, zero_point = quantizer.static_qparams()
+                new.scale[i], new.zero_point[i] = scale.reshape(()), zero_point.reshape(())
+        new._refresh()
+        return new
+
+    def _refresh(self) -> None:
+        # Python numbers for the integer kernel, which takes scalars
+        self._qparams = [(float(s), int(z)) for s, z in zip(self.scale.tolist(), self.zero_point.tolist(), strict=True)]
+        self._has_kernel = integer_attention_kernel() is not None  # looked up here: compiled code reads the flag
+
+    def forward(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
+    ) -> Tensor:
+        if self._runs_kernel(q, dropout_p):
+            return self._integer(q, k, v, attn_mask)
+        quantize = {name: functools.partial(self._fake_quantize, i) for i, name in enumerate(TENSORS)}
+        return quantized_product(q, k, v, attn_mask, quantize, self.bits, dropout_p)
+
+    def _fake_quantize(self, index: int, x: Tensor) -> Tensor:
+        # the trained quantizer's arithmetic on its frozen scale, held as a tensor as the quantizer held it, so that the
+        # codes agree to the last rounding
+        qmin, qmax = quant_range(self.bits, self.symmetric)
+        return fake_quantize(x.float(), self.scale[index], self.zero_point[index], qmin, qmax).to(x.dtype)
+
+    def _runs_kernel(self, q: Tensor, dropout_p: float) -> bool:
+        return (
+            self.bits == 8
+            and dropout_p == 0.0
+            and q.device.type == "cpu"
+            and q.dtype == torch.float32
+            and torch.compiler.is_compiling()  # the op has no eager CPU kernel: inductor generates it
+            and self._has_kernel
+        )
+
+    def _integer(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        qmin, qmax = quant_range(self.bits, self.symmetric)
+        (sq, zq), (sk, zk), (sv, zv), (so, zo) = self._qparams
+        # a signed code c is the unsigned c + 128, so the kernel's zero points are z + 128
+        codes = [
+            (torch.clamp(torch.round(x / self.scale[i]) + z, qmin, qmax) + 128).to(torch.uint8)
+            for i, (x, z) in enumerate(((q, zq), (k, zk), (v, zv)))
+        ]
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                attn_mask = torch.zeros(attn_mask.shape, device=q.device).masked_fill(~attn_mask, float("-inf"))
+            attn_mask = attn_mask.float()
+            while attn_mask.dim() < 4:
+                attn_mask = attn_mask.unsqueeze(0)
+        levels = 2**self.bits - 1
+        out = torch.ops.torchao.qscaled_dot_product.default(
+            *codes, attn_mask, 0.0, False, q.shape[-1] ** -0.5,
+            sq, zq + 128, sk, zk + 128, sv, zv + 128, 1.0 / levels, 0, so, zo + 128,
+        )  # fmt: skip
+        return (out.float() - (zo + 128)) * so
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {"zoo_converted": "attention", "bits": self.bits, "symmetric": self.symmetric}
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        if state != self.get_extra_state():
+            raise ValueError(f"QuantizedScaledDotProduct: state dict configuration {state} differs from this layer's")
+
+    def extra_repr(self) -> str:
+        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}"
