@@ -54,14 +54,21 @@ def quantized_product(
     inputs' dtype, as in the integer kernel.
     """
     q, k, v = quantize["q"](q), quantize["k"](k), quantize["v"](v)
-    logits = (q @ k.transpose(-2, -1)).float() * (q.shape[-1] ** -0.5)
+    # in place where autograd allows (a matmul's backward does not read its output): the [B, H, T, T] passes are
+    # what this costs
+    logits = (q @ k.transpose(-2, -1)).float().mul_(q.shape[-1] ** -0.5)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
+            logits.masked_fill_(~attn_mask, float("-inf"))
         else:
-            logits = logits + attn_mask.float()
+            logits.add_(attn_mask.float())
+    probs = logits.softmax(-1)
     levels = 2**prob_bits - 1
-    probs = fake_quantize(logits.softmax(-1), logits.new_tensor(1.0 / levels), logits.new_zeros(()), 0, levels)
+    if probs.requires_grad:  # codes round(p * levels), straight-through
+        codes = probs * levels
+        probs = (codes + (torch.round(codes) - codes).detach()) / levels
+    else:  # the same values in three in-place passes
+        probs = probs.mul_(levels).round_().div_(levels)
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
     return quantize["out"](probs.to(v.dtype) @ v)
