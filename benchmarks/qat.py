@@ -62,6 +62,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
 import torch._inductor.config  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
     ValidationHistory,
     finished_runs,
@@ -262,6 +263,40 @@ def _ffn_layer(device: str, reps: int, compile_: bool) -> dict:
     return {"shape": "768 -> 3072 -> 768 FFN, 2048 tokens", **side_by_side(fns, reps=reps, device=device, base=base)}
 
 
+def _attention_layer(reps: int) -> dict:
+    """The attention product alone at MIE's shape (64 x 117 tokens, 4 heads of 32), on the CPU: fp32 SDPA against
+    the integer product compiled (quantizing its float inputs, the kernel, dequantizing the output) and against the
+    kernel alone on codes already quantized; the modality mask of MIE's early layers (``-inf`` blocks)."""
+    from zoo.quant import QATScaledDotProduct, QuantizedScaledDotProduct, calibrating
+    from zoo.quant.attention import integer_attention_kernel
+
+    torch.manual_seed(0)
+    batch, heads, length, head_dim = 64, 4, 117, 32
+    # [B, T, heads, 3, head_dim] split as SelfAttention's qkv projection leaves it
+    q, k, v = torch.randn(batch, length, heads, 3, head_dim).permute(3, 0, 2, 1, 4).unbind(0)
+    mask = torch.zeros(batch, 1, length, length)
+    mask[:, :, :100, 100:] = mask[:, :, 100:, :100] = float("-inf")
+    qat = QATScaledDotProduct().eval()
+    with torch.no_grad(), calibrating(qat):
+        qat(q, k, v, mask)
+    product = QuantizedScaledDotProduct.from_qat(qat).eval()
+    fns = {
+        "fp32": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        "int8, eager (PyTorch arithmetic)": lambda: product(q, k, v, mask),
+    }
+    if integer_attention_kernel() is not None:
+        compiled = torch.compile(product, dynamic=False)
+        codes = [torch.randint(0, 256, t.shape, dtype=torch.uint8).transpose(1, 2).contiguous().transpose(1, 2)
+                 for t in (q, k, v)]  # fmt: skip
+        kernel = torch.compile(product.integer_product, dynamic=False)
+        fns |= {
+            "int8 compiled (quantize, kernel, dequantize)": lambda: compiled(q, k, v, mask),
+            "int8 kernel alone, on codes": lambda: kernel(*codes, mask),
+        }
+    shape = f"attention product, {batch} x {length} tokens, {heads} heads of {head_dim}"
+    return {"shape": shape, **side_by_side(fns, reps=reps, device="cpu", base="fp32")}
+
+
 def _without_onednn_packing(model: nn.Module) -> nn.Module:
     """A copy of a converted model whose integer layers run ``torch._int_mm`` rather than oneDNN's prepacked GEMM
     (what they ran before the packing): the kernel's share of the speed-up, in the same run."""
@@ -376,6 +411,8 @@ def latency_mode(args) -> None:
         fns = {name: _call(m, wide_tokens, float_dtype, device) for name, m in wide_variants.items()}
         results[key]["mie_d768"] = side_by_side(fns, reps=args.reps, device=device, base=base)
         results[key]["ffn_layer"] = _ffn_layer(device, args.reps, args.compile)
+        if device == "cpu":
+            results[key]["attention_layer"] = _attention_layer(args.reps)
         if args.sweep_batches:
             results[key]["vqa_by_batch"] = _batch_sweep(model, variants, args, device, base)
     payload = {
@@ -389,6 +426,7 @@ def latency_mode(args) -> None:
             "mie": "MIE alone (dim 128, 6 blocks) on the encoders' tokens",
             "mie_d768": f"MIE at dim 768 (FFN 3072, 12 heads, 2 blocks, fresh weights), batch {wide_batch}",
             "ffn_layer": "768 -> 3072 -> 768 FFN on 2048 tokens",
+            "attention_layer": "the attention product alone at MIE's shape (see _attention_layer)",
             "vqa_by_batch": "the whole VQA forward at each --sweep-batches size, the main variants, the integer"
             " models calibrated on the main batch",
         },

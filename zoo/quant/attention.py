@@ -206,21 +206,26 @@ class QuantizedScaledDotProduct(nn.Module):
 
     def _integer(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
         qmin, qmax = quant_range(self.bits, self.symmetric)
-        (sq, zq), (sk, zk), (sv, zv), (so, zo) = self._qparams
         # a signed code c is the unsigned c + 128, so the kernel's zero points are z + 128
         codes = [
             (torch.clamp(torch.round(x / self.scale[i]) + z, qmin, qmax) + 128).to(torch.uint8)
-            for i, (x, z) in enumerate(((q, zq), (k, zk), (v, zv)))
+            for i, (x, (_, z)) in enumerate(zip((q, k, v), self._qparams, strict=False))
         ]
+        return self.integer_product(*codes, attn_mask)
+
+    def integer_product(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        """The product of uint8 codes ``[B, H, T, Dh]`` (``c + 128`` for each signed code ``c`` at this module's
+        scales) through torchao's kernel, under ``torch.compile`` only: float32 ``[B, H, T, Dh]``."""
         if attn_mask is not None:
             if attn_mask.dtype == torch.bool:
                 attn_mask = torch.zeros(attn_mask.shape, device=q.device).masked_fill(~attn_mask, float("-inf"))
             attn_mask = attn_mask.float()
             while attn_mask.dim() < 4:
                 attn_mask = attn_mask.unsqueeze(0)
+        (sq, zq), (sk, zk), (sv, zv), (so, zo) = self._qparams
         levels = 2**self.bits - 1
         out = torch.ops.torchao.qscaled_dot_product.default(
-            *codes, attn_mask, 0.0, False, q.shape[-1] ** -0.5,
+            q, k, v, attn_mask, 0.0, False, q.shape[-1] ** -0.5,
             sq, zq + 128, sk, zk + 128, sv, zv + 128, 1.0 / levels, 0, so, zo + 128,
         )  # fmt: skip
         return (out.float() - (zo + 128)) * so
