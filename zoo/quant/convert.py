@@ -15,10 +15,11 @@
   (``torch._inductor.config.freezing = True``, the usual CPU inference setting); without it compiled graphs take
   ``torch._int_mm``.
 
-Why core PyTorch's integer GEMMs and not torchao: torchao 0.18 (built for torch 2.11) would add a dependency whose int8
-dynamic-activation path falls back on the CPU to an int32 ``matmul`` in eager mode and to a float ``mm`` under
-``torch.compile``, and whose tensor subclasses need registering before a ``weights_only=True`` load; the core ops
-give the integer kernels directly and a plain ``state_dict`` of integer tensors. ``torch.ao``'s dynamic quantized
+Why core PyTorch's integer GEMMs and not torchao's for the linears (torchao serves the attention product only,
+:mod:`zoo.quant.attention`): torchao 0.18's int8 dynamic-activation path falls back on the CPU to an int32
+``matmul`` in eager mode and to a float ``mm`` under ``torch.compile``, and its tensor subclasses need registering
+before a ``weights_only=True`` load; the core ops give the integer kernels directly and a plain ``state_dict`` of
+integer tensors. ``torch.ao``'s dynamic quantized
 ``Linear`` (fbgemm) is deprecated, per-tensor only and CPU only.
 
 The converted model saves as a plain dictionary of tensors and primitives (:func:`save_converted`) and loads with
