@@ -115,6 +115,10 @@ def test_quantize_swaps_the_product_only_with_attention_bit():
     kept = quantize_(copy.deepcopy(model), attention_bit=8, overrides={"blocks.0": None})
     assert type(kept.blocks[0].attn.sdpa) is ScaledDotProduct
     assert isinstance(kept.blocks[1].attn.sdpa, QATScaledDotProduct)
+    # a pattern that names attention products only is a pattern that matches
+    kept = quantize_(copy.deepcopy(model), attention_bit=8, overrides={"blocks.1.attn.sdpa": None})
+    assert isinstance(kept.blocks[0].attn.sdpa, QATScaledDotProduct)
+    assert type(kept.blocks[1].attn.sdpa) is ScaledDotProduct
 
 
 @pytest.mark.parametrize("bits", [0, 9, True, "8"])

@@ -513,8 +513,12 @@ def quantize_(
         replacements.append((name, new.train(layer.training)))
     if attention_bit is not None:
         for name, product in module.named_modules():
-            kept_float = any(value is None and _matches(name, pattern) for pattern, value in rules)
-            if type(product) is ScaledDotProduct and not kept_float:
+            if type(product) is not ScaledDotProduct:
+                continue
+            keeping = [pattern for pattern, value in rules if value is None and _matches(name, pattern)]
+            for pattern in keeping:
+                hits[pattern] += 1
+            if not keeping:
                 new = QATScaledDotProduct(
                     bits=attention_bit, quant_method=quant_method, learnable_scales=learnable_scales
                 ).to(next(module.parameters()).device)
