@@ -176,6 +176,15 @@ def _compiled(model: nn.Module) -> nn.Module:
     return model
 
 
+def _regions_compiled(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` compiled as ``zoo.compile.compile_regions`` compiles it (static shapes)."""
+    from zoo.compile import compile_regions
+
+    model = copy.deepcopy(model)
+    compile_regions(model, dynamic=False)
+    return model
+
+
 # -- latency mode ------------------------------------------------------------------------------------------------------
 def _vqa_model(args) -> nn.Module:
     if args.ckpt:
@@ -373,6 +382,12 @@ def latency_mode(args) -> None:
                 None,
             )
             variants["bf16 autocast, float model compiled (reference)"] = (_compiled(model), torch.bfloat16)
+            # what a user's zoo.compile.compile_regions compiles: every transformer block (the text encoder's too, whose
+            # attention the integer kernel now runs) and the image encoder
+            variants["int8_per_tensor_attention, compile_regions"] = (
+                _regions_compiled(int_models["int8_per_tensor_attention"]),
+                None,
+            )
     # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
     # speed-up grows when the GEMMs, not the float operations around them, dominate
     torch.manual_seed(0)
@@ -454,6 +469,7 @@ SWEEP_VARIANTS = (
     "int8_per_tensor",
     "int8_per_tensor_compiled",
     "int8_per_tensor_attention_compiled",
+    "int8_per_tensor_attention, compile_regions",
     "bf16 autocast, float model compiled (reference)",
 )
 
