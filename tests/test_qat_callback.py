@@ -317,6 +317,25 @@ def test_post_training_per_tensor_quantization_calibrates_on_the_checkpoints_dat
     torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1 * expected.abs().max().item())  # W8A8 error
 
 
+def test_post_training_integer_attention_needs_and_gets_calibration(tmp_path):
+    from zoo.quant import QuantizedScaledDotProduct
+
+    torch.manual_seed(0)
+    trainer = _trainer(tmp_path, 2)
+    model = TinyTask()
+    trainer.fit(model, datamodule=TinyData())
+    ckpt, out = tmp_path / "float.ckpt", tmp_path / "ptq.pt"
+    trainer.save_checkpoint(ckpt)
+    flags = ["--ckpt", str(ckpt), "--out", str(out), "--model-class", f"{TinyTask.__module__}.TinyTask"]
+    attention = ["--quant", '{"weight_bit": 8, "attention_bit": 8}']  # per-token linears: only attention needs it
+    with pytest.raises(ConfigError, match="attention_bit.*add --calibrate N"):
+        convert_main([*flags, *attention])
+    convert_main([*flags, *attention, "--calibrate", "2", "--datamodule-class", f"{TinyData.__module__}.TinyData"])
+    loaded = load_converted(out, copy.deepcopy(TinyTask()))
+    assert isinstance(loaded.block.attn.sdpa, QuantizedScaledDotProduct)
+    assert not torch.equal(loaded.block.attn.sdpa.scale, torch.ones(4))  # observed, not the initial scales
+
+
 def test_calibrate_needs_post_training_quantization_and_a_datamodule(tmp_path):
     torch.manual_seed(0)
     trainer = _trainer(tmp_path, 1)

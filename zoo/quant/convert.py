@@ -49,7 +49,7 @@ from zoo.errors import ConfigError, DataError
 from zoo.layers.ffn import FeedForward
 from zoo.quant.attention import QATScaledDotProduct, QuantizedScaledDotProduct
 from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
-from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
+from zoo.quant.fake_quant import FakeQuantizer, quant_range, quantize_codes, row_qparams
 from zoo.quant.kernels import (
     PrepackedLayer,
     activation_key,
@@ -427,12 +427,7 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     it. A ``BatchNorm2d`` that follows a fake-quantized convolution in an ``nn.Sequential`` folds into the integer
     convolution (its running statistics) and is replaced by ``nn.Identity``. Warns when a layer still runs above its
     target bits (a checkpoint taken before the schedule's last stage)."""
-    unobserved = [name for name, layer in _per_tensor_input_layers(module) if not layer.act_quant.initialized]
-    unobserved += [
-        name
-        for name, m in module.named_modules()
-        if isinstance(m, QATScaledDotProduct) and not all(q.initialized for q in m.act_quant.values())
-    ]
+    unobserved = list(dict.fromkeys(n for n, q in _static_input_quantizers(module) if not q.initialized))
     if unobserved:
         raise ConfigError(
             f"{len(unobserved)} layers with per-tensor inputs have observed no data, e.g. {unobserved[0]!r}: their "
@@ -474,13 +469,16 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     return module.eval()
 
 
-def _per_tensor_input_layers(module: nn.Module) -> list[tuple[str, nn.Module]]:
-    # the fake-quantized layers whose input scales are static (observed or learned): what calibration is for
-    return [
-        (name, layer)
-        for name, layer in qat_layers(module)
-        if not isinstance(layer, QATEmbedding) and layer.act_quant.granularity == "per_tensor"
-    ]
+def _static_input_quantizers(module: nn.Module) -> list[tuple[str, FakeQuantizer]]:
+    # (layer name, quantizer) of every static activation scale (observed or learned): the per-tensor inputs of
+    # linears and convolutions and the attention products' operands; what calibration is for
+    found: list[tuple[str, FakeQuantizer]] = []
+    for name, m in module.named_modules():
+        if isinstance(m, QATScaledDotProduct):
+            found += [(name, quantizer) for quantizer in m.act_quant.values()]
+        elif isinstance(m, QATLinear | QATConv1d | QATConv2d) and m.act_quant.granularity == "per_tensor":
+            found.append((name, m.act_quant))
+    return found
 
 
 def _sibling(name: str, offset: int) -> str:
@@ -649,13 +647,14 @@ def _summary(module: nn.Module) -> dict[str, int]:
 
 def calibrate(task: nn.Module, batches: Iterable[Any], num_batches: int) -> int:
     """Observe the per-tensor input ranges of a task quantized after training (:func:`quantize_` with
-    ``activation_granularity="per_tensor"``, or with convolutions, whose inputs are always per tensor) on the first
+    ``activation_granularity="per_tensor"``, with convolutions, whose inputs are always per tensor, or with
+    ``attention_bit``, whose operands are) on the first
     ``num_batches`` of ``batches``, each moved to the task's device and run through its ``predict_step``
     (Lightning's default: ``self(batch)``) under :func:`calibrating`; returns how many batches ran: none when the task
     has no per-tensor input quantizer (per-token scales need no calibration)."""
     from lightning.pytorch.utilities import move_data_to_device
 
-    if not _per_tensor_input_layers(task):
+    if not _static_input_quantizers(task):
         return 0
     device, seen = next(task.parameters()).device, 0
     with torch.no_grad(), calibrating(task):
@@ -746,10 +745,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.quant is None:
             raise ConfigError("--calibrate is for post-training quantization (--quant): QAT trained the scales")
         _calibrate(model, checkpoint, args.calibrate, source=str(ckpt_path), datamodule_class=args.datamodule_class)
-    elif args.quant is not None and _per_tensor_input_layers(model):
+    elif args.quant is not None and _static_input_quantizers(model):
         raise ConfigError(
-            f"--quant {args.quant} quantizes inputs per tensor (activation_granularity per_tensor, or conv_bit for "
-            "the convolutions), whose scales must be observed: add --calibrate N (N training batches)"
+            f"--quant {args.quant} quantizes activations per tensor, with static scales (activation_granularity "
+            "per_tensor, conv_bit for the convolutions, or attention_bit), which must be observed: add --calibrate N "
+            "(N training batches)"
         )
     model = convert_(model)
     metadata = {
