@@ -317,7 +317,7 @@ def test_post_training_per_tensor_quantization_calibrates_on_the_checkpoints_dat
     torch.testing.assert_close(got, expected, rtol=0.1, atol=0.1 * expected.abs().max().item())  # W8A8 error
 
 
-def test_post_training_integer_attention_needs_and_gets_calibration(tmp_path):
+def test_post_training_integer_attention_needs_and_gets_calibration(tmp_path, capsys):
     from zoo.quant import QuantizedScaledDotProduct
 
     torch.manual_seed(0)
@@ -331,6 +331,7 @@ def test_post_training_integer_attention_needs_and_gets_calibration(tmp_path):
     with pytest.raises(ConfigError, match="attention_bit.*add --calibrate N"):
         convert_main([*flags, *attention])
     convert_main([*flags, *attention, "--calibrate", "2", "--datamodule-class", f"{TinyData.__module__}.TinyData"])
+    assert "'attention A8': 1" in capsys.readouterr().err  # the command's summary of what it converted
     loaded = load_converted(out, copy.deepcopy(TinyTask()))
     assert isinstance(loaded.block.attn.sdpa, QuantizedScaledDotProduct)
     assert not torch.equal(loaded.block.attn.sdpa.scale, torch.ones(4))  # observed, not the initial scales

@@ -639,6 +639,8 @@ def _summary(module: nn.Module) -> dict[str, int]:
             key = f"{m.get_extra_state()['zoo_converted']} W{m.weight_bit}A{m.activation_bit}"
         elif isinstance(m, QuantizedEmbedding):
             key = f"embedding W{m.weight_bit}"
+        elif isinstance(m, QuantizedScaledDotProduct):
+            key = f"attention A{m.bits}"
         else:
             continue
         counts[key] = counts.get(key, 0) + 1
