@@ -209,7 +209,7 @@ class QuantizedScaledDotProduct(nn.Module):
         # a signed code c is the unsigned c + 128, so the kernel's zero points are z + 128
         codes = [
             (torch.clamp(torch.round(x / self.scale[i]) + z, qmin, qmax) + 128).to(torch.uint8)
-            for i, (x, (_, z)) in enumerate(zip((q, k, v), self._qparams, strict=False))
+            for i, (x, (_, z)) in enumerate(zip((q, k, v), self._qparams[:3], strict=True))
         ]
         return self.integer_product(*codes, attn_mask)
 
