@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from zoo.callbacks import QATScheduleCallback
 from zoo.errors import ConfigError, DataError
 from zoo.layers import TransformerBlock
-from zoo.quant import QuantizedLinear, calibrate, calibrating, load_converted, quantize_
+from zoo.quant import QuantizedLinear, QuantizedScaledDotProduct, calibrate, calibrating, load_converted, quantize_
 from zoo.quant.convert import main as convert_main
 
 DIM, TOKENS, CLASSES = 16, 6, 3
@@ -134,6 +134,30 @@ def test_resumed_run_continues_in_its_stage_on_the_saved_boundaries(tmp_path):
     assert resumed.transitions == [(0, 8), (2, 6), (4, 4)]
 
 
+class AttentionRangeProbe(pl.Callback):
+    """Records the attention's query range when training starts (after a checkpoint is restored)."""
+
+    def on_train_start(self, trainer, pl_module):
+        self.query = pl_module.block.attn.sdpa.act_quant["q"]
+        self.range = (self.query.min_val.clone(), self.query.max_val.clone(), self.query.initialized)
+
+
+def test_resumed_run_restores_the_attention_quantizers(tmp_path):
+    torch.manual_seed(0)
+    quant = QUANT | {"activation_granularity": "per_tensor", "attention_bit": 8}
+    trainer = _trainer(tmp_path, 6, QATScheduleCallback([8, 4], [2], unit="step", quant=quant), StopAt(3))
+    model = TinyTask()
+    trainer.fit(model, _loader())
+    ckpt = tmp_path / "mid.ckpt"
+    trainer.save_checkpoint(ckpt)
+    saved = model.block.attn.sdpa.act_quant["q"]
+    probe = AttentionRangeProbe()
+    resumed = QATScheduleCallback([8, 4], [2], unit="step", quant=quant)
+    _trainer(tmp_path, 6, resumed, probe, StopAt(4)).fit(TinyTask(), _loader(), ckpt_path=ckpt)
+    low, high, initialized = probe.range
+    assert initialized and torch.equal(low, saved.min_val) and torch.equal(high, saved.max_val)
+
+
 class QuantOnProbe(pl.Callback):
     """Records (global step, fake quantizers on, fc1 weight bits) at the start of every training batch."""
 
@@ -231,10 +255,13 @@ def test_unknown_quant_setting_fails_at_setup_naming_the_key(tmp_path):
         _trainer(tmp_path, 1, schedule).fit(TinyTask(), _loader())
 
 
-@pytest.mark.parametrize("granularity", ["per_token", "per_tensor"])
-def test_qat_checkpoint_converts_with_the_command_and_matches(tmp_path, granularity):
+@pytest.mark.parametrize(
+    ("granularity", "attention_bit"), [("per_token", None), ("per_tensor", None), ("per_tensor", 8)]
+)
+def test_qat_checkpoint_converts_with_the_command_and_matches(tmp_path, granularity, attention_bit):
     torch.manual_seed(0)
-    schedule = QATScheduleCallback([8, 4], [2], unit="step", quant=QUANT | {"activation_granularity": granularity})
+    quant = QUANT | {"activation_granularity": granularity, "attention_bit": attention_bit}
+    schedule = QATScheduleCallback([8, 4], [2], unit="step", quant=quant)
     trainer = _trainer(tmp_path, 3, schedule)
     model = TinyTask()
     trainer.fit(model, _loader())
@@ -245,6 +272,7 @@ def test_qat_checkpoint_converts_with_the_command_and_matches(tmp_path, granular
     assert isinstance(loaded.block.ffn.fc1, QuantizedLinear) and loaded.block.ffn.fc1.weight_bit == 4
     assert loaded.block.ffn.fc1.activation_granularity == granularity  # per tensor: the scales trained in the run
     assert loaded.block.ffn.fc1.activation == "gelu" and isinstance(loaded.block.ffn.act, nn.Identity)
+    assert isinstance(loaded.block.attn.sdpa, QuantizedScaledDotProduct) == (attention_bit is not None)
     schedule.setup(trainer, loaded, "test")  # testing the integer model with the same trainer: nothing to redo
     x = torch.randn(8, TOKENS, DIM)
     model.eval()
@@ -318,8 +346,6 @@ def test_post_training_per_tensor_quantization_calibrates_on_the_checkpoints_dat
 
 
 def test_post_training_integer_attention_needs_and_gets_calibration(tmp_path, capsys):
-    from zoo.quant import QuantizedScaledDotProduct
-
     torch.manual_seed(0)
     trainer = _trainer(tmp_path, 2)
     model = TinyTask()
