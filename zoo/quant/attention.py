@@ -29,7 +29,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import ConfigError
-from zoo.quant.fake_quant import FakeQuantizer, QuantMethod, check_bits, check_method, fake_quantize, quant_range
+from zoo.layers.attention import ScaledDotProduct
+from zoo.quant.fake_quant import (
+    FakeQuantizer,
+    QuantMethod,
+    check_bits,
+    check_method,
+    fake_quantize,
+    quant_range,
+    quantize_codes,
+)
 
 __all__ = ["QATScaledDotProduct", "QuantizedScaledDotProduct", "integer_attention_kernel", "quantized_product"]
 
@@ -74,7 +83,7 @@ def quantized_product(
     return quantize["out"](probs.to(v.dtype) @ v)
 
 
-class QATScaledDotProduct(nn.Module):
+class QATScaledDotProduct(ScaledDotProduct):
     """Fake-quantized attention product: ``[B, H, T, Dh]`` three times -> ``[B, H, T, Dh]`` (see the module docstring).
 
     Args:
@@ -112,9 +121,7 @@ class QATScaledDotProduct(nn.Module):
         self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
     ) -> Tensor:
         if not self.act_quant["q"].enabled:
-            if attn_mask is not None and attn_mask.dtype != torch.bool:
-                attn_mask = attn_mask.to(q.dtype)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+            return super().forward(q, k, v, attn_mask, dropout_p)
         return quantized_product(q, k, v, attn_mask, self.act_quant, self.bits, dropout_p)
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -208,8 +215,8 @@ class QuantizedScaledDotProduct(nn.Module):
         qmin, qmax = quant_range(self.bits, self.symmetric)
         # a signed code c is the unsigned c + 128, so the kernel's zero points are z + 128
         codes = [
-            (torch.clamp(torch.round(x / self.scale[i]) + z, qmin, qmax) + 128).to(torch.uint8)
-            for i, (x, (_, z)) in enumerate(zip((q, k, v), self._qparams[:3], strict=True))
+            (quantize_codes(x, self.scale[i], self.zero_point[i], qmin, qmax) + 128).to(torch.uint8)
+            for i, x in enumerate((q, k, v))
         ]
         return self.integer_product(*codes, attn_mask)
 

@@ -638,10 +638,9 @@ def restore_qat_layers(module: nn.Module, state_dict: Mapping[str, Any]) -> int:
         layer = module.get_submodule(name)
         if isinstance(layer, QATLinear | _QATConv | QATEmbedding | QATScaledDotProduct):
             continue
-        if value["zoo_qat"] == "attention":
-            _replace(
-                module, name, QATScaledDotProduct(**{k: value[k] for k in ("bits", "quant_method", "learnable_scales")})
-            )
+        if value["zoo_qat"] == "attention":  # buffers only: made on the device of the model's parameters
+            config = {k: value[k] for k in ("bits", "quant_method", "learnable_scales")}
+            _replace(module, name, QATScaledDotProduct(**config).to(next(module.parameters()).device))
         elif value["zoo_qat"] == "linear":
             config = {k: value[k] for k in _LINEAR_DEFAULTS}
             _replace(module, name, QATLinear.from_linear(layer, **config))
