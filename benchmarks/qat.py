@@ -154,34 +154,21 @@ def side_by_side(fns: dict[str, Callable[[], Any]], *, reps: int, device: str, b
     return out
 
 
-def _compiled(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` whose fusion transformer blocks (where most quantized layers and most of the compute are)
-    are ``torch.compile``d; a module without them is compiled whole. The rest stays eager: compiling the whole VQA
-    model trips an inductor C++ code-generation error on MIE's boolean mask arithmetic, and the text encoder's block
-    (boolean padding mask) compiles into an attention three times slower than eager SDPA (torch 2.11)."""
-    from zoo.layers import TransformerBlock
+def _compiled(model: nn.Module, *, whole_fusion: bool = True) -> nn.Module:
+    """A copy of ``model`` compiled as a task's ``compile: true`` compiles it (``zoo.compile.compile_regions``: MIE
+    as one graph, the image encoder, the text encoder's block; the tokenizer stays eager), with static shapes: the
+    text encoder's and MIE's blocks see different lengths, and automatic dynamic shapes after that recompile made the
+    fp32 blocks several times slower on the CPU. ``whole_fusion=False``: MIE's blocks one by one. A module with none
+    of those regions (the FFN layer) is compiled whole."""
+    from zoo.compile import compile_regions
 
-    # every block shares one code object; each model, mask kind and thread count adds a graph to its cache
+    # the blocks compiled one by one share one code object; each model, mask kind and thread count adds a graph to
+    # its cache
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 128)
     torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 1024)
     model = copy.deepcopy(model)
-    fusion = [m for m in model.modules() if isinstance(m, MIE)]
-    blocks = [b for f in fusion for b in f.modules() if isinstance(b, TransformerBlock)]
-    # static shapes: the text encoder's and MIE's blocks see different lengths, and automatic dynamic shapes after
-    # that recompile made the fp32 blocks several times slower on the CPU
-    if not blocks:
+    if not compile_regions(model, whole_fusion=whole_fusion, dynamic=False):
         return torch.compile(model, dynamic=False)
-    for block in blocks:
-        block.compile(dynamic=False)
-    return model
-
-
-def _regions_compiled(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` compiled as ``zoo.compile.compile_regions`` compiles it (static shapes)."""
-    from zoo.compile import compile_regions
-
-    model = copy.deepcopy(model)
-    compile_regions(model, dynamic=False)
     return model
 
 
@@ -382,12 +369,13 @@ def latency_mode(args) -> None:
                 None,
             )
             variants["bf16 autocast, float model compiled (reference)"] = (_compiled(model), torch.bfloat16)
-            # what a user's zoo.compile.compile_regions compiles: every transformer block (the text encoder's too, whose
-            # attention the integer kernel now runs) and the image encoder
-            variants["int8_per_tensor_attention, compile_regions"] = (
-                _regions_compiled(int_models["int8_per_tensor_attention"]),
+            # compile_regions(whole_fusion=False), the default until 2026-11-29: MIE's blocks one by one, its masks
+            # built eagerly between them
+            variants["int8_per_tensor_attention_compiled, blocks one by one"] = (
+                _compiled(int_models["int8_per_tensor_attention"], whole_fusion=False),
                 None,
             )
+            variants[f"{base}_compiled, blocks one by one"] = (_compiled(model, whole_fusion=False), None)
     # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
     # speed-up grows when the GEMMs, not the float operations around them, dominate
     torch.manual_seed(0)
@@ -452,7 +440,8 @@ def latency_mode(args) -> None:
             if k in ("int8", "mixed", "int8_per_tensor", "int8_per_tensor_attention", "int8_per_tensor_float_convs")
         },
         "calibration": "per-tensor input scales observed on the timed batch (zoo.quant.calibrating)",
-        "compile": "torch.compile(dynamic=False) of MIE's TransformerBlocks (see _compiled); the rest eager"
+        "compile": "zoo.compile.compile_regions(dynamic=False): MIE whole, the image encoder, the text encoder's block"
+        " (see _compiled); 'blocks one by one': whole_fusion=False"
         + ("; inductor freezing on" if device == "cpu" and args.compile else ""),
         "sizes": sizes,
         "latency": results,
@@ -469,7 +458,7 @@ SWEEP_VARIANTS = (
     "int8_per_tensor",
     "int8_per_tensor_compiled",
     "int8_per_tensor_attention_compiled",
-    "int8_per_tensor_attention, compile_regions",
+    "int8_per_tensor_attention_compiled, blocks one by one",
     "bf16 autocast, float model compiled (reference)",
 )
 

@@ -27,8 +27,10 @@ class ZooTask(LightningModule):
             default. Biases, norms, embeddings and other 1-D parameters get no weight decay, as in timm.
         scheduler: builds the per-step LR schedule from ``(optimizer, total_steps)``; warm-up + cosine by default,
             ``None`` for a constant rate.
-        compile: ``torch.compile`` the transformer blocks and tensor-input encoders when the trainer sets the model
-            up (:func:`zoo.compile.compile_regions`); ``True``, or a dict of ``torch.compile`` options.
+        compile: ``torch.compile`` the fusion module, the tensor-input encoders and the other transformer blocks
+            when the trainer sets the model up (:func:`zoo.compile.compile_regions`); ``True``, or a dict of its
+            keyword arguments (``whole_fusion``, and ``torch.compile``'s options). Under FSDP the fusion module's
+            blocks are compiled one by one, each an FSDP unit.
         initial_checkpoint: weights to start training from: a Lightning checkpoint of a task with the same layers,
             or a plain state dict (:func:`zoo.weights.load_weights`). Only the weights are taken; optimizer,
             schedule and epoch start afresh (``--ckpt_path`` resumes a run instead, and ``python -m zoo fit`` then
@@ -86,7 +88,15 @@ class ZooTask(LightningModule):
         if self.compile_options is not False and not self.compiled_regions:
             from zoo.compile import compile_regions
 
-            self.compiled_regions = compile_regions(self, **self.compile_options)
+            options = dict(self.compile_options)
+            if mesh is not None and mesh["data_parallel"].size() > 1:
+                if options.get("whole_fusion"):
+                    raise ConfigError(
+                        "compile: whole_fusion=true cannot be used under FSDP, which gathers each transformer block's "
+                        "parameters in hooks between compiled blocks; leave it unset"
+                    )
+                options["whole_fusion"] = False
+            self.compiled_regions = compile_regions(self, **options)
         if mesh is not None:
             from zoo.parallel.parallelize import apply_fsdp
 

@@ -30,9 +30,10 @@ def _batch() -> dict:
     }
 
 
-def test_blocks_and_tensor_encoders_are_compiled_text_encoders_only_through_their_blocks():
-    model = _vqa()
-    names = compile_regions(model, backend="eager")
+def test_fusion_and_tensor_encoders_are_compiled_whole_text_encoders_only_through_their_blocks():
+    names = compile_regions(_vqa(), backend="eager")
+    assert names == ["model.encoders.image", "model.encoders.text.blocks.0", "model.fusion"]
+    names = compile_regions(_vqa(), whole_fusion=False, backend="eager")
     assert names == [
         "model.encoders.image",
         "model.encoders.text.blocks.0",
@@ -41,10 +42,11 @@ def test_blocks_and_tensor_encoders_are_compiled_text_encoders_only_through_thei
     ]
 
 
-def test_compiled_model_keeps_its_state_dict_keys_and_outputs():
+@pytest.mark.parametrize("whole_fusion", [True, False])
+def test_compiled_model_keeps_its_state_dict_keys_and_outputs(whole_fusion):
     eager, compiled = _vqa(), _vqa()
     keys = list(compiled.state_dict())
-    compile_regions(compiled, backend="eager")
+    compile_regions(compiled, whole_fusion=whole_fusion, backend="eager")
     assert list(compiled.state_dict()) == keys, "checkpoints of compiled and eager runs are interchangeable"
     batch = _batch()
     expected, got = eager(batch), compiled(batch)
@@ -58,8 +60,46 @@ def test_task_compiles_when_the_trainer_configures_it():
     assert task.compiled_regions == []
     task.configure_model()
     task.configure_model()  # fit then test: compiled once
-    assert len(task.compiled_regions) == 4
+    assert len(task.compiled_regions) == 3
     assert _vqa().compiled_regions == [] and _vqa().compile_options is False
+
+
+class _Mesh(dict):
+    """A stand-in for the trainer's 2-D device mesh: only the sizes that ``configure_model`` reads."""
+
+    def __init__(self, dp: int, tp: int) -> None:
+        super().__init__(data_parallel=_Size(dp), tensor_parallel=_Size(tp))
+
+
+class _Size:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+
+def test_under_fsdp_the_fusion_blocks_are_compiled_one_by_one(monkeypatch):
+    import zoo.parallel.parallelize as parallelize
+
+    monkeypatch.setattr(parallelize, "apply_fsdp", lambda module, mesh: None)
+    task = _vqa(compile={"backend": "eager"})
+    task._device_mesh = _Mesh(dp=2, tp=1)
+    task.configure_model()
+    assert "model.fusion.blocks.0" in task.compiled_regions and "model.fusion" not in task.compiled_regions
+    task = _vqa(compile={"backend": "eager", "whole_fusion": True})
+    task._device_mesh = _Mesh(dp=2, tp=1)
+    with pytest.raises(ConfigError, match="whole_fusion=true cannot be used under FSDP"):
+        task.configure_model()
+
+
+def test_whole_fusion_compiles_with_inductor_and_matches_eager():
+    """MIE's mask arithmetic (boolean masks, -inf fills, per-head fusion biases) and its blocks in one inductor graph."""
+    eager, compiled = _vqa().eval(), _vqa().eval()
+    compile_regions(compiled.model.fusion, dynamic=False)
+    batch = _batch()
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(batch), eager(batch), rtol=1e-4, atol=1e-4)
 
 
 def test_cuda_graph_modes_fail_with_a_clear_error():

@@ -1,11 +1,15 @@
-"""Regional compilation: ``torch.compile`` each transformer block and each tensor-input encoder in place.
+"""Regional compilation: ``torch.compile`` each fusion module, each tensor-input encoder and each other transformer
+block in place.
 
-As torchtitan does, the repeated blocks are compiled one by one rather than the whole model: the graphs stay small
-(one compilation serves every block of the same shape, since parameters are graph inputs), Python-side code between
-them (tokenizers, mask building, Lightning's hooks) runs eagerly, and ``state_dict`` keys do not change
-(``nn.Module.compile`` wraps the module's call, not the module). Whether it pays depends on the model: on the
-width-128 VQA model an H200 training step took 33.7 ms compiled against 30.1 ms eager (benchmarks/train_step.py,
-benchmarks/results/train_step_vqa_h200_2026-11-28.json); measure before turning it on.
+The regions are the model's parts rather than the whole model: Python-side code between them (tokenizers, Lightning's
+hooks) runs eagerly, and ``state_dict`` keys do not change (``nn.Module.compile`` wraps the module's call, not the
+module). A fusion module is one region by default: its attention masks, every block and the final norm become one
+graph, so the masks are never written out between blocks and one guard check serves the stack (on the 2-core CPU the
+converted integer VQA model ran about 1.2x faster than with its blocks compiled one by one; README, "QAT").
+``whole_fusion=False`` compiles its blocks one by one instead, as torchtitan does: one compilation serves every block
+of the same shape (parameters are graph inputs), so deep stacks compile faster, and under FSDP2 each block is a unit
+whose parameter gathering runs in hooks between the graphs. Whether compiling pays at all depends on the model and
+the device (``benchmarks/train_step.py``); measure before turning it on.
 """
 
 from __future__ import annotations
@@ -14,17 +18,19 @@ from typing import Any
 
 from torch import nn
 
-from zoo.contracts import Encoder
+from zoo.contracts import Encoder, Fusion
 from zoo.errors import ConfigError
 from zoo.layers.transformer import TransformerBlock
 
 
-def compile_regions(module: nn.Module, **options: Any) -> list[str]:
-    """Compile, in place, every :class:`TransformerBlock` of ``module`` and every encoder whose ``compilable`` is
-    true (text encoders tokenize Python strings, so only their blocks are compiled).
+def compile_regions(module: nn.Module, *, whole_fusion: bool = True, **options: Any) -> list[str]:
+    """Compile, in place, every fusion module (whole), every encoder whose ``compilable`` is true (text encoders
+    tokenize Python strings, so only their blocks are compiled) and every :class:`TransformerBlock` outside those.
 
     Args:
         module: any model; searched recursively.
+        whole_fusion: compile each :class:`~zoo.contracts.Fusion` as one region; ``False`` compiles its transformer
+            blocks one by one (faster compilation of deep stacks; what FSDP2 needs).
         options: keyword arguments of ``torch.compile`` (``mode``, ``dynamic``, ``fullgraph``, ...).
 
     Returns:
@@ -42,7 +48,11 @@ def compile_regions(module: nn.Module, **options: Any) -> list[str]:
     for name, child in module.named_modules():
         if any(name.startswith(f"{done}.") for done in compiled):
             continue  # inside a region already compiled
-        if isinstance(child, TransformerBlock) or (isinstance(child, Encoder) and child.compilable):
+        if (
+            isinstance(child, TransformerBlock)
+            or (isinstance(child, Encoder) and child.compilable)
+            or (isinstance(child, Fusion) and whole_fusion)
+        ):
             child.compile(**options)
             compiled.append(name)
     return compiled
