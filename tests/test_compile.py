@@ -94,7 +94,7 @@ def test_under_fsdp_the_fusion_blocks_are_compiled_one_by_one(monkeypatch):
 
 
 def test_whole_fusion_compiles_with_inductor_and_matches_eager():
-    """MIE's mask arithmetic (boolean masks, -inf fills, per-head fusion biases) and its blocks in one inductor graph."""
+    """MIE's mask arithmetic (boolean masks, -inf fills, per-head fusion biases) and blocks in one inductor graph."""
     eager, compiled = _vqa().eval(), _vqa().eval()
     compile_regions(compiled.model.fusion, dynamic=False)
     batch = _batch()
