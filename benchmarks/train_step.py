@@ -28,6 +28,8 @@ from _common import launch, table, write_result  # noqa: E402
 VARIANTS = {
     "eager": [],
     "compile": ["--model.init_args.compile=true"],
+    # compile_regions(whole_fusion=False), the default until 2026-11-29: the fusion module's blocks one by one
+    "compile_blocks": ["--model.init_args.compile={whole_fusion: false}"],
     "compile_fused_adamw": ["--model.init_args.compile=true", "--model.init_args.optimizer.init_args.fused=true"],
 }
 
