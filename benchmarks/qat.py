@@ -357,6 +357,15 @@ def latency_mode(args) -> None:
             "int8_per_tensor_compiled": (compiled_per_tensor, float_dtype),
             "int8_per_tensor_attention_compiled": (_compiled(int_models["int8_per_tensor_attention"]), float_dtype),
         }
+        # compile_regions(whole_fusion=False), the default until 2026-11-29: MIE's blocks one by one, its masks built
+        # eagerly between them
+        variants |= {
+            f"{base}_compiled, blocks one by one": (_compiled(model, whole_fusion=False), float_dtype),
+            "int8_per_tensor_attention_compiled, blocks one by one": (
+                _compiled(int_models["int8_per_tensor_attention"], whole_fusion=False),
+                float_dtype,
+            ),
+        }
         if device == "cpu":
             variants["int8_compiled, float ops in bf16 autocast"] = (compiled_int8, torch.bfloat16)
             variants["int8_per_tensor_compiled, float ops in bf16 autocast"] = (compiled_per_tensor, torch.bfloat16)
@@ -369,13 +378,6 @@ def latency_mode(args) -> None:
                 None,
             )
             variants["bf16 autocast, float model compiled (reference)"] = (_compiled(model), torch.bfloat16)
-            # compile_regions(whole_fusion=False), the default until 2026-11-29: MIE's blocks one by one, its masks
-            # built eagerly between them
-            variants["int8_per_tensor_attention_compiled, blocks one by one"] = (
-                _compiled(int_models["int8_per_tensor_attention"], whole_fusion=False),
-                None,
-            )
-            variants[f"{base}_compiled, blocks one by one"] = (_compiled(model, whole_fusion=False), None)
     # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
     # speed-up grows when the GEMMs, not the float operations around them, dominate
     torch.manual_seed(0)
