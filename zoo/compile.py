@@ -14,7 +14,6 @@ the device (``benchmarks/train_step.py``); measure before turning it on.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from torch import nn
@@ -37,29 +36,23 @@ def compile_regions(module: nn.Module, *, whole_fusion: bool = True, **options: 
     Returns:
         The qualified names of the compiled modules.
     """
-    regions: list[tuple[str, nn.Module]] = []
+    if options.get("mode") in ("reduce-overhead", "max-autotune"):
+        # Seen on an H200 (benchmarks/train_step.py, vqa_sort_of_clevr.py, 2026-11-28): training steps ran 1.29x faster,
+        # but validation then failed with "accessing tensor output of CUDAGraphs that has been overwritten by a
+        # subsequent run": one block graph, replayed once per block, reuses its output memory while it is needed.
+        raise ConfigError(
+            f"compile: mode={options['mode']!r} records CUDA graphs per region, which fail on the zoo's per-block "
+            "graphs; use the default mode or 'max-autotune-no-cudagraphs'"
+        )
+    compiled: list[str] = []
     for name, child in module.named_modules():
-        if any(name.startswith(f"{done}.") for done, _ in regions):
-            continue  # inside a region already chosen
+        if any(name.startswith(f"{done}.") for done in compiled):
+            continue  # inside a region already compiled
         if (
             isinstance(child, TransformerBlock)
             or (isinstance(child, Encoder) and child.compilable)
             or (isinstance(child, Fusion) and whole_fusion)
         ):
-            regions.append((name, child))
-    if options.get("mode") in ("reduce-overhead", "max-autotune"):
-        # Seen on an H200 (benchmarks/train_step.py, vqa_sort_of_clevr.py, 2026-11-28): with MIE's blocks compiled one
-        # by one, validation failed with "accessing tensor output of CUDAGraphs that has been overwritten by a
-        # subsequent run": one block graph, replayed once per block, reuses its output memory while it is needed.
-        shared = Counter(type(child).forward for _, child in regions)  # one code object, one graph
-        repeated = sorted({type(c).__name__ for _, c in regions if shared[type(c).forward] > 1})
-        if repeated:
-            raise ConfigError(
-                f"compile: mode={options['mode']!r} records CUDA graphs per region, and several {repeated} regions "
-                "would replay one graph that overwrites its own outputs; compile the fusion module whole "
-                "(whole_fusion=true) with one-block text encoders, or use the default mode or "
-                "'max-autotune-no-cudagraphs'"
-            )
-    for _, child in regions:
-        child.compile(**options)
-    return [name for name, _ in regions]
+            child.compile(**options)
+            compiled.append(name)
+    return compiled
