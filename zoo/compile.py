@@ -37,12 +37,14 @@ def compile_regions(module: nn.Module, *, whole_fusion: bool = True, **options: 
         The qualified names of the compiled modules.
     """
     if options.get("mode") in ("reduce-overhead", "max-autotune"):
-        # Seen on an H200 (benchmarks/train_step.py, vqa_sort_of_clevr.py, 2026-11-28): training steps ran 1.29x faster,
-        # but validation then failed with "accessing tensor output of CUDAGraphs that has been overwritten by a
-        # subsequent run": one block graph, replayed once per block, reuses its output memory while it is needed.
+        # Seen on an H200: with MIE's blocks compiled one by one (benchmarks/train_step.py, vqa_sort_of_clevr.py,
+        # 2026-11-28) training steps ran 1.29x faster, but validation failed with "accessing tensor output of
+        # CUDAGraphs that has been overwritten by a subsequent run" (one block graph, replayed once per block, reuses
+        # its output memory while it is needed); with MIE compiled whole (vqa_gpu.yaml, 2026-11-29) the same error
+        # came from the backward of DynamicBatchAdjustment's memory probe, which runs the graphs several times.
         raise ConfigError(
-            f"compile: mode={options['mode']!r} records CUDA graphs per region, which fail on the zoo's per-block "
-            "graphs; use the default mode or 'max-autotune-no-cudagraphs'"
+            f"compile: mode={options['mode']!r} records CUDA graphs, whose outputs the next replay overwrites while "
+            "Lightning's loop still needs them; use the default mode or 'max-autotune-no-cudagraphs'"
         )
     compiled: list[str] = []
     for name, child in module.named_modules():
