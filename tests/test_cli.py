@@ -184,3 +184,47 @@ def test_components_lists_every_kind(capsys):
         "zoo.layers.ffn.FeedForward",
     ):
         assert expected in out, expected
+
+
+def _fitted_checkpoint(elsewhere) -> Path:
+    from zoo.cli import ZooCLI
+
+    flags = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
+    flags += ["--test_after_fit=false", "--trainer.logger=false"]
+    cli = ZooCLI(args=resolve_config_args(["fit", "--config", "vqa.yaml", *SMALL, *flags]))
+    return Path(cli.trainer.checkpoint_callback.last_model_path)
+
+
+def test_test_and_predict_run_the_converted_integer_model(elsewhere, capsys):
+    from zoo.cli import ZooCLI
+    from zoo.quant import load_converted
+
+    ckpt, out = _fitted_checkpoint(elsewhere), elsewhere / "vqa_int.pt"
+    main(["convert", "--ckpt", str(ckpt), "--out", str(out), "--quant", "{}"])
+    args = ["--config", "vqa.yaml", *SMALL, "--trainer.logger=false", "--converted", str(out)]
+    cli = ZooCLI(args=resolve_config_args(["test", *args]))
+    assert any(getattr(m, "zoo_converted", False) for m in cli.model.modules()), "the integer layers ran"
+    tested = cli.trainer.callback_metrics["test/acc"].item()
+    # the same integer model loaded in Python scores alike on the same test split
+    reference = load_converted(out)
+    reference_cli = ZooCLI(args=resolve_config_args(args[:-2]), run=False)
+    metrics = reference_cli.trainer.test(reference, datamodule=reference_cli.datamodule, verbose=False)
+    assert tested == pytest.approx(metrics[0]["test/acc"])
+    main(["predict", *args, f"--trainer.default_root_dir={elsewhere / 'predict'}"])
+    assert (elsewhere / "predict" / "predictions.jsonl").is_file()
+    with pytest.raises(SystemExit):  # a config of another architecture
+        main(["test", *args, "--model.init_args.fusion.init_args.depth=3"])
+    err = capsys.readouterr().err
+    assert f"--converted {out} does not fit the configured VQA" in err and "model.fusion.blocks.2" in err
+
+
+def test_converted_model_errors_name_the_flag(elsewhere, capsys):
+    args = ["--config", "vqa.yaml", *SMALL, "--trainer.logger=false"]
+    for command, flags, message in [
+        ("test", ["--converted", "gone.pt"], "--converted gone.pt: no such file"),
+        ("fit", ["--converted", "gone.pt"], "--converted runs an integer model in validate, test or predict"),
+        ("test", ["--converted", "gone.pt", "--ckpt_path", "x.ckpt"], "--converted and --ckpt_path"),
+    ]:
+        with pytest.raises(SystemExit):
+            main([command, *args, *flags])
+        assert message in capsys.readouterr().err

@@ -3,7 +3,8 @@
 * ``python -m zoo fit|validate|test|predict --config vqa.yaml``: a bare config name that is not a local file is
   looked up among the configs shipped in ``cli_configs/``.
 * ``python -m zoo components``: every pluggable class by kind, with its constructor arguments.
-* ``python -m zoo convert ...``: turn a QAT checkpoint into a real integer model (see ``zoo.quant.convert``).
+* ``python -m zoo convert ...``: turn a QAT checkpoint into a real integer model (see ``zoo.quant.convert``);
+  ``python -m zoo validate|test|predict --config vqa.yaml --converted MODEL.pt`` then runs that integer model.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from zoo.errors import ZooUserError
+from zoo.errors import ConfigError, DataError, ZooUserError
 
 
 class ZooCLI(LightningCLI):
@@ -52,6 +53,13 @@ class ZooCLI(LightningCLI):
         parser.add_argument(
             "--test_after_fit", type=bool, default=False, help="After fit, test the best checkpoint (fit only)."
         )
+        parser.add_argument(
+            "--converted",
+            type=str | None,
+            default=None,
+            help="validate, test, predict: run the integer model that `python -m zoo convert` wrote (its layers and "
+            "weights replace the configured model's; the config must describe the architecture it was converted from).",
+        )
 
     def instantiate_trainer(self, **kwargs) -> Trainer:
         # `trainer.strategy: adaptive` is decided here, where the model exists and its size is known
@@ -68,11 +76,23 @@ class ZooCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
+        if self.config_init[self.subcommand].get("converted"):
+            raise ConfigError(
+                "--converted runs an integer model in validate, test or predict; fit trains the float or QAT model "
+                "that `python -m zoo convert` turns into one"
+            )
         # a resumed run restores its own weights; its initial checkpoint need not exist any more
         if self.config_init[self.subcommand].get("ckpt_path") and getattr(self.model, "initial_checkpoint", None):
             self.model.initial_checkpoint = None
 
+    def before_validate(self) -> None:
+        self._load_converted()
+
+    def before_test(self) -> None:
+        self._load_converted()
+
     def before_predict(self) -> None:
+        self._load_converted()
         # `python -m zoo predict` writes what it predicts (LightningCLI alone keeps it in memory and drops it)
         from lightning.pytorch.callbacks import BasePredictionWriter
 
@@ -80,6 +100,29 @@ class ZooCLI(LightningCLI):
 
         if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
+
+    def _load_converted(self) -> None:
+        """``--converted PATH``: swap the configured model's layers for the integer ones saved at ``PATH`` and load
+        them (:func:`zoo.quant.load_converted`)."""
+        config = self.config_init[self.subcommand]
+        path = config.get("converted")
+        if not path:
+            return
+        if config.get("ckpt_path"):
+            raise ConfigError("--converted and --ckpt_path both give the model's weights; give one of them")
+        if not Path(path).is_file():
+            raise DataError(f"--converted {path}: no such file (`python -m zoo convert --out` writes it)")
+        from zoo.quant import load_converted
+
+        try:
+            load_converted(path, self.model)
+        except (RuntimeError, KeyError) as err:  # load_state_dict's missing / unexpected / reshaped keys, over lines
+            detail = " ".join(str(err).split())
+            detail = detail if len(detail) <= 300 else detail[:300] + " ..."
+            raise ConfigError(
+                f"--converted {path} does not fit the configured {type(self.model).__name__}; give the config of the "
+                f"run it was converted from ({detail})"
+            ) from None
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):
