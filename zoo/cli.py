@@ -123,6 +123,12 @@ class ZooCLI(LightningCLI):
                 f"--converted {path} does not fit the configured {type(self.model).__name__}; give the config of the "
                 f"run it was converted from ({detail})"
             ) from None
+        if getattr(self.model, "compile_options", False) is not False:
+            import torch._inductor.config
+
+            # compiled, the integer layers run oneDNN's GEMMs and convolutions only with their weights as graph
+            # constants (zoo.quant.convert); the loop runs without gradients, where freezing applies
+            torch._inductor.config.freezing = True
 
     def after_fit(self) -> None:
         if not self.config.fit.get("test_after_fit"):
