@@ -195,7 +195,7 @@ def _fitted_checkpoint(elsewhere) -> Path:
     return Path(cli.trainer.checkpoint_callback.last_model_path)
 
 
-def test_test_and_predict_run_the_converted_integer_model(elsewhere, capsys, monkeypatch):
+def test_test_and_predict_run_the_converted_integer_model(elsewhere, capsys):
     import torch._inductor.config
 
     from zoo.cli import ZooCLI
@@ -215,9 +215,9 @@ def test_test_and_predict_run_the_converted_integer_model(elsewhere, capsys, mon
     main(["predict", *args, f"--trainer.default_root_dir={elsewhere / 'predict'}"])
     assert (elsewhere / "predict" / "predictions.jsonl").is_file()
     # compiled, with inductor freezing (the integer GEMMs' condition); the eager backend keeps the test quick
-    monkeypatch.setattr(torch._inductor.config, "freezing", False)
-    cli = ZooCLI(args=resolve_config_args(["validate", *args, "--model.init_args.compile={backend: eager}"]))
-    assert cli.model.compiled_regions and torch._inductor.config.freezing
+    with torch._inductor.config.patch(freezing=False):  # restored on exit, for the tests that follow
+        cli = ZooCLI(args=resolve_config_args(["validate", *args, "--model.init_args.compile={backend: eager}"]))
+        assert cli.model.compiled_regions and torch._inductor.config.freezing
     with pytest.raises(SystemExit):  # a config of another architecture
         main(["test", *args, "--model.init_args.fusion.init_args.depth=3"])
     err = capsys.readouterr().err
