@@ -49,7 +49,7 @@ from zoo.errors import ConfigError, DataError
 from zoo.layers.ffn import FeedForward
 from zoo.quant.attention import QATScaledDotProduct, QuantizedScaledDotProduct
 from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
-from zoo.quant.fake_quant import FakeQuantizer, quant_range, quantize_codes, row_qparams
+from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
 from zoo.quant.kernels import (
     PrepackedLayer,
     activation_key,
@@ -71,6 +71,7 @@ from zoo.quant.qat import (
     qat_layers,
     quantize_,
     restore_qat_layers,
+    static_quantizers,
 )
 
 __all__ = [
@@ -427,7 +428,7 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
     it. A ``BatchNorm2d`` that follows a fake-quantized convolution in an ``nn.Sequential`` folds into the integer
     convolution (its running statistics) and is replaced by ``nn.Identity``. Warns when a layer still runs above its
     target bits (a checkpoint taken before the schedule's last stage)."""
-    unobserved = list(dict.fromkeys(n for n, q in _static_input_quantizers(module) if not q.initialized))
+    unobserved = list(dict.fromkeys(n for n, q in static_quantizers(module) if not q.initialized))
     if unobserved:
         raise ConfigError(
             f"{len(unobserved)} layers with per-tensor inputs have observed no data, e.g. {unobserved[0]!r}: their "
@@ -467,18 +468,6 @@ def convert_(module: nn.Module, *, fuse: bool = True) -> nn.Module:
         fuse_feedforward_(module)
         fuse_convolutions_(module)
     return module.eval()
-
-
-def _static_input_quantizers(module: nn.Module) -> list[tuple[str, FakeQuantizer]]:
-    # (layer name, quantizer) of every static activation scale (observed or learned): the per-tensor inputs of
-    # linears and convolutions and the attention products' operands; what calibration is for
-    found: list[tuple[str, FakeQuantizer]] = []
-    for name, m in module.named_modules():
-        if isinstance(m, QATScaledDotProduct):
-            found += [(name, quantizer) for quantizer in m.act_quant.values()]
-        elif isinstance(m, QATLinear | QATConv1d | QATConv2d) and m.act_quant.granularity == "per_tensor":
-            found.append((name, m.act_quant))
-    return found
 
 
 def _sibling(name: str, offset: int) -> str:
@@ -656,7 +645,7 @@ def calibrate(task: nn.Module, batches: Iterable[Any], num_batches: int) -> int:
     has no per-tensor input quantizer (per-token scales need no calibration)."""
     from lightning.pytorch.utilities import move_data_to_device
 
-    if not _static_input_quantizers(task):
+    if not static_quantizers(task):
         return 0
     device, seen = next(task.parameters()).device, 0
     with torch.no_grad(), calibrating(task):
@@ -747,7 +736,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.quant is None:
             raise ConfigError("--calibrate is for post-training quantization (--quant): QAT trained the scales")
         _calibrate(model, checkpoint, args.calibrate, source=str(ckpt_path), datamodule_class=args.datamodule_class)
-    elif args.quant is not None and _static_input_quantizers(model):
+    elif args.quant is not None and static_quantizers(model):
         raise ConfigError(
             f"--quant {args.quant} quantizes activations per tensor, with static scales (activation_granularity "
             "per_tensor, conv_bit for the convolutions, or attention_bit), which must be observed: add --calibrate N "

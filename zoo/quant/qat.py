@@ -45,6 +45,7 @@ __all__ = [
     "quantize_",
     "restore_qat_layers",
     "set_schedule_bits",
+    "static_quantizers",
     "weight_quant_error",
 ]
 
@@ -583,6 +584,18 @@ def freeze_observers(module: nn.Module, frozen: bool = True) -> int:
     return count
 
 
+def static_quantizers(module: nn.Module) -> list[tuple[str, FakeQuantizer]]:
+    """``(layer name, quantizer)`` for every activation quantizer of ``module`` with a static per-tensor scale
+    (observed or learned): the per-tensor inputs of linears and convolutions, the attention products' operands. What
+    :func:`calibrating` observes, and what conversion needs observed. (Weights are quantized per channel or per row.)"""
+    found = []
+    for name, m in module.named_modules():
+        if isinstance(m, FakeQuantizer) and m.granularity == "per_tensor":
+            # "<layer>.act_quant" or "<layer>.act_quant.<operand>"
+            found.append((name.rpartition("act_quant")[0].rstrip("."), m))
+    return found
+
+
 @contextlib.contextmanager
 def calibrating(module: nn.Module) -> Iterator[nn.Module]:
     """Within the block, the per-tensor input quantizers of ``module`` observe every batch it runs on (a moving
@@ -595,7 +608,7 @@ def calibrating(module: nn.Module) -> Iterator[nn.Module]:
                 model(batch)
         convert_(model)
     """
-    quantizers = [m for m in module.modules() if isinstance(m, FakeQuantizer) and m.granularity == "per_tensor"]
+    quantizers = [quantizer for _, quantizer in static_quantizers(module)]
     states = [(q.training, q.observer_enabled) for q in quantizers]
     for q in quantizers:
         q.train()
