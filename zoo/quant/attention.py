@@ -11,7 +11,7 @@ The projections around it (``qkv``, ``proj``) are quantized linears; this module
   with AMX, under ``torch.compile``, at 8 bits, it runs torchao's int8 attention: inductor generates the kernel from
   torchao's C++ template (``torchao.prototype.inductor``; uint8 ``q k^T`` and ``p v`` on AMX tiles, the softmax in
   float32 between them, the probabilities and the output written as codes). Everywhere else (eager mode, a GPU, no
-  torchao, other bit widths) it runs :func:`quantized_product`, the same arithmetic QAT trained with.
+  torchao, other bit widths, a single head) it runs :func:`quantized_product`, the same arithmetic QAT trained with.
 
 Why torchao here, when the linears use core PyTorch's kernels: core PyTorch 2.11 has no int8 attention, and torchao
 0.18's x86 template needs no compiled extension of its own (its PyPI wheel ships CUDA extensions only; inductor
@@ -207,6 +207,9 @@ class QuantizedScaledDotProduct(nn.Module):
             and dropout_p == 0.0
             and q.device.type == "cpu"
             and q.dtype == torch.float32
+            # with one head the kernel's [B, 1, T, Dh] output has the layout of the dequantization after it, so inductor
+            # fuses that into torchao 0.18's template, which cannot take it ("Unsupported for `epilogue_nodes`")
+            and q.shape[1] > 1
             and torch.compiler.is_compiling()  # the op has no eager CPU kernel: inductor generates it
             and self._has_kernel
         )
