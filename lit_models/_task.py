@@ -30,7 +30,7 @@ class ZooTask(LightningModule):
         compile: ``torch.compile`` the fusion module, the tensor-input encoders and the other transformer blocks
             when the trainer sets the model up (:func:`zoo.compile.compile_regions`); ``True``, or a dict of its
             keyword arguments (``whole_fusion``, and ``torch.compile``'s options). Under FSDP the fusion module's
-            blocks are compiled one by one, each an FSDP unit.
+            blocks are compiled one by one, each an FSDP unit, unless ``whole_fusion`` is set.
         initial_checkpoint: weights to start training from: a Lightning checkpoint of a task with the same layers,
             or a plain state dict (:func:`zoo.weights.load_weights`). Only the weights are taken; optimizer,
             schedule and epoch start afresh (``--ckpt_path`` resumes a run instead, and ``python -m zoo fit`` then
@@ -90,12 +90,9 @@ class ZooTask(LightningModule):
 
             options = dict(self.compile_options)
             if mesh is not None and mesh["data_parallel"].size() > 1:
-                if options.get("whole_fusion"):
-                    raise ConfigError(
-                        "compile: whole_fusion=true cannot be used under FSDP, which gathers each transformer block's "
-                        "parameters in hooks between compiled blocks; leave it unset"
-                    )
-                options["whole_fusion"] = False
+                # torchtitan's order: each FSDP unit (a block) compiled alone, its parameters gathered in hooks
+                # between the graphs. An explicit whole_fusion=true trains correctly too (tests/test_parallel.py)
+                options.setdefault("whole_fusion", False)
             self.compiled_regions = compile_regions(self, **options)
         if mesh is not None:
             from zoo.parallel.parallelize import apply_fsdp

@@ -131,7 +131,7 @@ def _loss(fusion: nn.Module, inputs: dict[str, Tokens]) -> torch.Tensor:
     return out.pooled.square().mean() + out.tokens.embeddings.sin().mean()
 
 
-def _worker(rank: int, world: int, dp: int, tp: int, init_file: str) -> None:
+def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: str) -> None:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
     from torch.utils.flop_counter import FlopCounterMode
@@ -146,6 +146,11 @@ def _worker(rank: int, world: int, dp: int, tp: int, init_file: str) -> None:
         reference, model = _fusion(), _fusion()
         if tp > 1:
             assert apply_tensor_parallel(model, mesh["tensor_parallel"]) == 2
+        if compiled:  # as the task orders it: tensor parallelism, compilation, FSDP
+            from zoo.compile import compile_regions
+
+            whole = compiled == "whole"
+            assert compile_regions(model, whole_fusion=whole) == ([""] if whole else ["blocks.0", "blocks.1"])
         if dp > 1:
             apply_fsdp(model, mesh["data_parallel"])
         inputs = _inputs(4)
@@ -180,6 +185,12 @@ def _worker(rank: int, world: int, dp: int, tp: int, init_file: str) -> None:
             # the outputs' rounding differences, through two steps at lr 0.5: 1e-4 (a wrong gradient, e.g. one not
             # all-reduced or averaged over the data-parallel ranks, is off by 1e-2 or more)
             torch.testing.assert_close(full.detach(), p_ref.detach(), rtol=1e-4, atol=1e-4, msg=name)
+        if compiled:  # inductor built the blocks' forward and backward (one graph serves both blocks), where a
+            # fallback to eager would have passed the checks above
+            from torch._dynamo.utils import counters
+
+            inductor = counters["inductor"]["fxgraph_cache_miss"] + counters["inductor"]["fxgraph_cache_hit"]
+            assert counters["stats"]["unique_graphs"] >= 1 and inductor >= 2, (dict(counters["stats"]), inductor)
     finally:
         dist.barrier()  # no rank tears gloo down while another still talks to it
         dist.destroy_process_group()
@@ -189,14 +200,19 @@ def _worker(rank: int, world: int, dp: int, tp: int, init_file: str) -> None:
     os._exit(0)
 
 
-@pytest.mark.parametrize(("dp", "tp"), [(1, 2), (2, 1), (2, 2)], ids=["tp2", "fsdp2", "fsdp2xtp2"])
-def test_sharded_training_matches_one_process(dp, tp, tmp_path):
+@pytest.mark.parametrize(
+    ("dp", "tp", "compiled"),
+    [(1, 2, ""), (2, 1, ""), (2, 2, ""), (2, 1, "blocks"), (2, 1, "whole")],
+    ids=["tp2", "fsdp2", "fsdp2xtp2", "fsdp2_compiled_blocks", "fsdp2_compiled_whole"],
+)
+def test_sharded_training_matches_one_process(dp, tp, compiled, tmp_path):
     """Two SGD steps of MIE split by tensor parallelism, FSDP2 or both equal the same steps in one process on the
-    whole batch: outputs, and every parameter after the updates."""
+    whole batch: outputs, and every parameter after the updates. ``compiled``: compiled by inductor before FSDP wraps
+    the model, MIE's blocks one by one (what a task's ``compile: true`` does under FSDP) or MIE ``whole``."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(dp * tp, dp, tp, str(tmp_path / "init")), nprocs=dp * tp, join=True)
+    mp.spawn(_worker, args=(dp * tp, dp, tp, compiled, str(tmp_path / "init")), nprocs=dp * tp, join=True)
 
 
 def test_tensor_parallelism_refuses_heads_it_cannot_split(tmp_path):

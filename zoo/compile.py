@@ -31,7 +31,7 @@ def compile_regions(module: nn.Module, *, whole_fusion: bool = True, **options: 
     Args:
         module: any model; searched recursively.
         whole_fusion: compile each :class:`~zoo.contracts.Fusion` as one region; ``False`` compiles its transformer
-            blocks one by one (faster compilation of deep stacks; what FSDP2 needs).
+            blocks one by one (faster compilation of deep stacks; a task's default under FSDP2).
         options: keyword arguments of ``torch.compile`` (``mode``, ``dynamic``, ``fullgraph``, ...).
 
     Returns:
@@ -49,8 +49,8 @@ def compile_regions(module: nn.Module, *, whole_fusion: bool = True, **options: 
         )
     compiled: list[str] = []
     for name, child in module.named_modules():
-        if any(name.startswith(f"{done}.") for done in compiled):
-            continue  # inside a region already compiled
+        if any(done == "" or name.startswith(f"{done}.") for done in compiled):
+            continue  # inside a region already compiled ("" is ``module`` itself)
         if (
             isinstance(child, TransformerBlock)
             or (isinstance(child, Encoder) and child.compilable)
