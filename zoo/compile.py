@@ -44,7 +44,7 @@ def compile_regions(module: nn.Module, *, whole_fusion: bool = True, **options: 
         # its output memory while it is needed); with MIE compiled whole (vqa_gpu.yaml, 2026-11-29) the same error
         # came from the backward of DynamicBatchAdjustment's memory probe, which runs the graphs several times; and
         # without that callback (vqa.yaml, 2026-11-29), and in inference alone, the image encoder's graph output was
-        # overwritten before MIE's graph, which reads it, was recorded: CUDA graph trees need one graph per step.
+        # overwritten before MIE's graph, which reads it, was recorded.
         raise ConfigError(
             f"compile: mode={options['mode']!r} records CUDA graphs, whose outputs the next replay overwrites while "
             "Lightning's loop still needs them; use the default mode or 'max-autotune-no-cudagraphs'"
