@@ -50,6 +50,7 @@ import argparse
 import copy
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -509,6 +510,7 @@ def profile_mode(args) -> None:
     variants = {base: (model, float_dtype), "int8": (int8, float_dtype)}
     if device == "cpu" and args.compile:  # where a compiled model's time goes, with the latency mode's settings
         torch._inductor.config.freezing = True
+        torch._inductor.config.cpp.enable_kernel_profile = True  # each generated kernel a profiler event of its own
         variants |= {
             "int8_compiled, float ops in bf16 autocast": (_compiled(int8), torch.bfloat16),
             "int8_per_tensor_compiled": (_compiled(per_tensor), None),
@@ -536,9 +538,15 @@ def profile_mode(args) -> None:
             "bound_from_faster_gemms": round(total / (total - gemm), 2) if total > gemm else None,
             "top_ops_ms": {k: round(v, 2) for k, v in list(per_forward.items())[:15]},
         }
+        if any(_KERNEL.match(k) for k in per_forward):
+            payload[name]["inductor_kernels_ms"] = _inductor_kernels(per_forward)
         rows.append({"model": name, **{k: v for k, v in payload[name].items() if k != "top_ops_ms"}})
         print(f"\n{name}: top operators, ms per forward (self time)")
         print(table([{"op": k, "ms": v} for k, v in payload[name]["top_ops_ms"].items()], ["op", "ms"]))
+        if "inductor_kernels_ms" in payload[name]:
+            kernels = payload[name]["inductor_kernels_ms"]
+            print(f"{name}: inductor's generated kernels by kind, ms per forward")
+            print(table([{"kind": k, "ms": v} for k, v in kernels.items()], ["kind", "ms"]))
     print()
     print(table(rows, ["model", "ms_per_forward", "gemm_ms", "gemm_share", "bound_from_faster_gemms"]))
     payload["method"] = (
@@ -547,6 +555,33 @@ def profile_mode(args) -> None:
     )
     path = write_result("qat_profile", payload, Path(args.out_dir))
     print(f"wrote {path}")
+
+
+#: the profiler's name of a kernel inductor generated (``cpp.enable_kernel_profile``): ``graph_<n>_kernel`` for a
+#: template (here torchao's int8 attention), ``graph_<n>_cpp_fused_<ops>_<k>`` for the fused pointwise and norm loops
+_KERNEL = re.compile(r"graph_\d+_(kernel|cpp_fused_.*)$")
+
+
+def _inductor_kernels(per_forward: dict[str, float]) -> dict[str, float]:
+    """The generated kernels' ms per forward, by kind: templates, and fused loops by what they compute."""
+    kinds: dict[str, float] = {}
+    for key, ms in per_forward.items():
+        match = _KERNEL.match(key)
+        if not match:
+            continue
+        ops = match.group(1)
+        if ops == "kernel":
+            kind = "template (int8 attention)"
+        elif "eye" in ops or "masked_fill" in ops:
+            kind = "attention masks (with what fused into them)"
+        elif "native_layer_norm" in ops:
+            kind = "layer norms (+ residual, input quantization)"
+        elif "round" in ops:
+            kind = "quantization / dequantization"
+        else:
+            kind = "other fused loops"
+        kinds[kind] = kinds.get(kind, 0.0) + ms
+    return {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
 
 
 def _cpu_model() -> str:
