@@ -8,6 +8,9 @@ loop (loader, forward, backward, optimizer, Lightning's hooks).
 
     python benchmarks/train_step.py --steps 200                                   # H200: vqa.yaml, bf16, batch 256
     python benchmarks/train_step.py --steps 20 --batch-size 16 --precision 32-true   # CPU smoke run
+
+``--profile-steps N`` runs N more steps under ``torch.profiler`` and reports, per step, the device's kernel time
+against the wall time, the host-device synchronizations and the top host operators and device kernels.
 """
 
 from __future__ import annotations
@@ -34,8 +37,39 @@ VARIANTS = {
 }
 
 
-def run_one(config: str, overrides: list[str], steps: int, out: Path) -> None:
-    """Time the loader and the training loop of one variant in this process; write the figures to ``out``."""
+def step_profile(prof, steps: int, wall_ms: float) -> dict:
+    """Per optimizer step, from a ``torch.profiler`` trace of ``steps`` steps: the device's kernel time against the
+    wall time (what is left is the host: Python, Lightning, launches, waits), the host-device synchronizations, and the
+    top host operators and device kernels by self time."""
+    events = prof.key_averages()
+
+    def per_step(us: float) -> float:
+        return round(us / 1e3 / steps, 3)
+
+    host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
+    device = sorted((e for e in events if e.self_device_time_total > 0), key=lambda e: -e.self_device_time_total)
+    syncs = {
+        e.key: e.count / steps
+        for e in events
+        if e.key in ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "aten::item",
+                     "aten::_local_scalar_dense", "cudaMemcpyAsync")
+    }  # fmt: skip
+    kernel_ms = per_step(sum(e.self_device_time_total for e in device))
+    return {
+        "steps": steps,
+        "wall_ms_per_step": round(wall_ms, 2),
+        "device_kernel_ms_per_step": kernel_ms,
+        "device_busy_fraction": round(kernel_ms / wall_ms, 3) if kernel_ms and wall_ms else None,
+        "host_syncs_per_step": syncs,
+        "top_host_ops_ms": {e.key: per_step(e.self_cpu_time_total) for e in host[:20]},
+        "top_device_kernels_ms": {e.key[:120]: per_step(e.self_device_time_total) for e in device[:15]},
+    }
+
+
+def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_steps: int = 0) -> None:
+    """Time the loader and the training loop of one variant in this process; write the figures to ``out``. With
+    ``profile_steps``, the last that many steps run under ``torch.profiler`` (after the timed ones' median is taken
+    from the steps before them) and :func:`step_profile` summarises them."""
     import torch
     from lightning.pytorch.callbacks import Callback
 
@@ -47,6 +81,28 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path) -> None:
 
         def on_train_batch_end(self, *args, **kwargs) -> None:
             self.times.append(time.perf_counter())
+
+    class StepProfiler(Callback):
+        """Profiles the optimizer steps from ``first`` on (0-based), to the end of fit."""
+
+        def __init__(self, first: int) -> None:
+            self.first, self.prof, self.start = first, None, 0.0
+
+        def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+            if trainer.global_step == self.first and self.prof is None:
+                from torch.profiler import ProfilerActivity, profile
+
+                activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+                self.prof = profile(activities=activities)
+                self.prof.__enter__()
+                self.start = time.perf_counter()
+
+        def on_train_end(self, trainer, *args, **kwargs) -> None:
+            if self.prof is not None:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.wall = time.perf_counter() - self.start
+                self.prof.__exit__(None, None, None)
 
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
@@ -61,10 +117,14 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path) -> None:
     del loader
     clock = StepClock()
     trainer.callbacks.append(clock)
+    profiler = StepProfiler(steps - profile_steps) if profile_steps else None
+    if profiler:
+        trainer.callbacks.append(profiler)
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start
-    gaps = [b - a for a, b in zip(clock.times, clock.times[1:], strict=False)]
+    timed = clock.times[: len(clock.times) - profile_steps]  # the profiler's overhead stays out of the step time
+    gaps = [b - a for a, b in zip(timed, timed[1:], strict=False)]
     steady = gaps[len(gaps) // 2 :]
     step = statistics.median(steady)
     result = {
@@ -80,6 +140,8 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path) -> None:
         "compiled_regions": getattr(model, "compiled_regions", []),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
     }
+    if profiler and profiler.prof is not None:
+        result["profile"] = step_profile(profiler.prof, profile_steps, 1e3 * profiler.wall / profile_steps)
     out.write_text(json.dumps(result, indent=2))
 
 
@@ -93,10 +155,17 @@ def main() -> None:
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--work-dir", default="/tmp/zoo_train_step")
+    parser.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many steps after the timed ones (torch.profiler): device kernel time against wall time, "
+        "host-device synchronizations, top host operators and device kernels per step",
+    )
     parser.add_argument("--run-one", nargs=3, metavar=("CONFIG", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.run_one:
-        run_one(args.run_one[0], extra, int(args.run_one[1]), Path(args.run_one[2]))
+        run_one(args.run_one[0], extra, int(args.run_one[1]), Path(args.run_one[2]), args.profile_steps)
         return
 
     import torch
@@ -104,10 +173,11 @@ def main() -> None:
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
+    total = args.steps + args.profile_steps
     common = [
-        f"--trainer.max_steps={args.steps}",
+        f"--trainer.max_steps={total}",
         "--trainer.max_epochs=-1",
-        f"--trainer.limit_train_batches={args.steps}",
+        f"--trainer.limit_train_batches={total}",
         "--trainer.limit_val_batches=0",
         "--trainer.enable_checkpointing=false",
         "--trainer.enable_progress_bar=false",
@@ -122,7 +192,8 @@ def main() -> None:
     for name in args.variants:
         out = work / f"{name}.json"
         out.unlink(missing_ok=True)
-        cmd = [sys.executable, __file__, "--run-one", args.config, str(args.steps), str(out), *common, *VARIANTS[name]]
+        cmd = [sys.executable, __file__, "--run-one", args.config, str(total), str(out),
+               f"--profile-steps={args.profile_steps}", *common, *VARIANTS[name]]  # fmt: skip
         proc = launch(cmd, work / f"{name}.log", 0)
         proc.wait()
         if proc.returncode != 0 or not out.is_file():
@@ -139,9 +210,11 @@ def main() -> None:
                 "vs eager": f"{base / r['step_ms']:.2f}x" if base else "",
                 "loader batches/s": f"{r['loader_batches_per_s']:.0f}",
                 "first step s": f"{r['first_step_s']:.0f}",
+                "device busy": f"{busy:.0%}" if (busy := r.get("profile", {}).get("device_busy_fraction")) else "",
             }
         )
-    printed = table(rows, ["variant", "step ms", "samples/s", "vs eager", "loader batches/s", "first step s"])
+    columns = ["variant", "step ms", "samples/s", "vs eager", "loader batches/s", "first step s"]
+    printed = table(rows, columns + (["device busy"] if args.profile_steps else []))
     print(printed)
     path = write_result(
         f"train_step_{Path(args.config).stem}",
