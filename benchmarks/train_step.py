@@ -50,9 +50,10 @@ def step_profile(prof, steps: int, wall_ms: float) -> dict:
         return round(us / 1e3 / steps, 3)
 
     host = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)
-    # kernels and copies only: a user range (Optimizer.step, Lightning's) also carries the device time it spans
+    # kernels and copies only: a host range (Optimizer.step, Lightning's) has a device twin that spans its kernels
+    ranges = {e.key for e in events if e.device_type == DeviceType.CPU}
     device = sorted(
-        (e for e in events if e.device_type == DeviceType.CUDA and e.self_device_time_total > 0),
+        (e for e in events if e.device_type == DeviceType.CUDA and e.key not in ranges and e.self_device_time_total),
         key=lambda e: -e.self_device_time_total,
     )
     syncs = {
