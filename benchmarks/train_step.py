@@ -208,6 +208,8 @@ def main() -> None:
             print(f"variant {name} failed:\n{(work / f'{name}.log').read_text()[-3000:]}", file=sys.stderr)
             continue
         results[name] = json.loads(out.read_text())
+    if not results:
+        raise SystemExit("every variant failed (their logs are in the work dir)")
     base = results.get("eager", {}).get("step_ms")
     for name, r in results.items():
         rows.append(
