@@ -116,12 +116,14 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_st
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
     data.prepare_data()
     data.setup("fit")
-    loader = iter(data.train_dataloader())
+    loader = data.train_dataloader()
+    timed_batches = min(steps, len(loader)) - 1  # one epoch at most: a large batch makes short epochs
+    loader = iter(loader)
     batch_size = len(next(loader)["label"])
     first = time.perf_counter()
-    for _ in range(steps - 1):
+    for _ in range(timed_batches):
         next(loader)
-    loader_rate = (steps - 1) / (time.perf_counter() - first)
+    loader_rate = timed_batches / (time.perf_counter() - first)
     del loader
     clock = StepClock()
     trainer.callbacks.append(clock)
