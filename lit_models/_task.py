@@ -128,7 +128,8 @@ class ZooTask(LightningModule):
         loss = self._loss(logits, labels)
         self.check_finite(loss)
         valid = labels != IGNORE_INDEX
-        acc = (logits.argmax(-1)[valid] == labels[valid]).float().mean()
+        # masked sums rather than boolean indexing, whose data-dependent shape waits for the device every step
+        acc = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum()
         self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(labels))
         return loss
 
