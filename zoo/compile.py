@@ -5,8 +5,8 @@ The regions are the model's parts rather than the whole model: Python-side code 
 hooks) runs eagerly, and ``state_dict`` keys do not change (``nn.Module.compile`` wraps the module's call, not the
 module). A fusion module is one region by default: its attention masks, every block and the final norm become one
 graph, so the masks are never written out between blocks and one guard check serves the stack (against the blocks
-compiled one by one: the converted integer VQA model up to 1.2x faster on the 2-core CPU and 1.23x on an H200, an H200
-training step 1.06-1.08x faster than eager where the blocks one by one ran 0.80-0.97x; README).
+compiled one by one: the converted integer VQA model up to 1.2x faster on the 2-core CPU and 1.23x on an H200; an H200
+training step 0.89-1.16x the speed of eager over five calls, where the blocks one by one ran 0.80-0.97x; README).
 ``whole_fusion=False`` compiles its blocks one by one instead, as torchtitan does: one compilation serves every block
 of the same shape (parameters are graph inputs), so deep stacks compile faster, and under FSDP2 each block is a unit
 whose parameter gathering runs in hooks between the graphs. Whether compiling pays at all depends on the model and
