@@ -39,8 +39,10 @@ VARIANTS = {
 
 def step_profile(prof, steps: int, wall_ms: float) -> dict:
     """Per optimizer step, from a ``torch.profiler`` trace of ``steps`` steps: the device's kernel time against the
-    wall time (what is left is the host: Python, Lightning, launches, waits), the host-device synchronizations, and the
-    top host operators and device kernels by self time. Lightning runs the forward and backward inside
+    wall time (what is left is the host: Python, Lightning, launches, waits), the calls that may wait for the device
+    (``cudaStreamSynchronize`` and the like do; ``aten::item`` does on a device tensor only, and AdamW reads its
+    step counts, CPU tensors, that way; ``cudaMemcpyAsync`` does from pageable memory), and the top host operators
+    and device kernels by self time. Lightning runs the forward and backward inside
     ``optimizer.step(closure)``, so the ``Optimizer.step`` range's host self time holds their Python too."""
     from torch.autograd import DeviceType
 
@@ -94,7 +96,7 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_st
         """Profiles the optimizer steps from ``first`` on (0-based), to the end of fit."""
 
         def __init__(self, first: int) -> None:
-            self.first, self.prof, self.start = first, None, 0.0
+            self.first, self.prof, self.start, self.wall = first, None, 0.0, 0.0
 
         def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
             if trainer.global_step == self.first and self.prof is None:
@@ -102,7 +104,7 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_st
 
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
                 self.prof = profile(activities=activities)
-                self.prof.__enter__()
+                self.prof.start()
                 self.start = time.perf_counter()
 
         def on_train_end(self, trainer, *args, **kwargs) -> None:
@@ -110,7 +112,7 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_st
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.wall = time.perf_counter() - self.start
-                self.prof.__exit__(None, None, None)
+                self.prof.stop()
 
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
