@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import os
 import shutil
 import subprocess
@@ -145,11 +146,51 @@ def _data_parallel_size(run: dict) -> int:
     return run["devices"]
 
 
+@functools.cache
 def _checkpoint_shapes(path: Path) -> dict[str, list[int]]:
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)["state_dict"]
     return {k: list(v.shape) for k, v in state.items()}
+
+
+def _report(args, runs: dict[str, dict]) -> None:
+    """Print the table of the variants run so far and (re)write the JSON result with them."""
+    import torch
+
+    reference = runs.get("single", {}).get("checkpoint")
+    shapes = _checkpoint_shapes(Path(reference)) if reference else None
+    rows = []
+    base = None
+    for name, run in runs.items():
+        if run.get("checkpoint") and shapes is not None:
+            run["checkpoint_matches_single"] = _checkpoint_shapes(Path(run["checkpoint"])) == shapes
+        measured = run.get("throughput", {})
+        per_device = next((v for k, v in measured.items() if k.endswith("device/samples_per_sec")), None)
+        # Lightning's global rate multiplies by the world size, but a tensor-parallel group shares its samples
+        samples = per_device * _data_parallel_size(run) if per_device else None
+        run["samples_per_sec"] = samples
+        mfu = next((v for k, v in measured.items() if k.endswith("mfu")), None)
+        base = base or (samples if name == "single" else None)
+        rows.append(
+            {
+                "variant": name,
+                "devices": run["devices"],
+                "samples/s": f"{samples:.0f}" if samples else "failed" if run["returncode"] else "",
+                "vs single": f"{samples / base:.2f}x" if samples and base else "",
+                "MFU": f"{100 * mfu:.1f}%" if mfu else "",
+                "peak GiB": run.get("peak_allocated_gib") or "",
+                "checkpoint = single's": run.get("checkpoint_matches_single", ""),
+            }
+        )
+    columns = ["variant", "devices", "samples/s", "vs single", "MFU", "peak GiB", "checkpoint = single's"]
+    printed = table(rows, columns) if rows else "no variant ran"
+    print(printed)
+    params = None
+    if shapes:
+        params = sum(int(torch.tensor(s).prod()) for s in shapes.values())
+    payload = {"settings": vars(args), "parameters_in_checkpoint": params, "runs": runs, "printed_table": printed}
+    print(f"wrote {write_result('parallel', payload, Path(args.out_dir))}")
 
 
 def main() -> None:
@@ -199,44 +240,14 @@ def main() -> None:
         if code != 0:
             print(f"variant {name} failed ({code}):\n{text[-3000:]}", file=sys.stderr)
             runs[name] = run | {"log_tail": text[-3000:]}
+            _report(args, runs)
             continue
         run |= _metrics(work / name / "version_0" / "metrics.csv")
         last = work / name / "checkpoints" / "last.ckpt"
         run["checkpoint"] = str(last) if last.is_file() else None
         runs[name] = run
-    reference = runs.get("single", {}).get("checkpoint")
-    shapes = _checkpoint_shapes(Path(reference)) if reference else None
-    rows = []
-    base = None
-    for name, run in runs.items():
-        if run.get("checkpoint") and shapes is not None:
-            run["checkpoint_matches_single"] = _checkpoint_shapes(Path(run["checkpoint"])) == shapes
-        measured = run.get("throughput", {})
-        per_device = next((v for k, v in measured.items() if k.endswith("device/samples_per_sec")), None)
-        # Lightning's global rate multiplies by the world size, but a tensor-parallel group shares its samples
-        samples = per_device * _data_parallel_size(run) if per_device else None
-        run["samples_per_sec"] = samples
-        mfu = next((v for k, v in measured.items() if k.endswith("mfu")), None)
-        base = base or (samples if name == "single" else None)
-        rows.append(
-            {
-                "variant": name,
-                "devices": run["devices"],
-                "samples/s": f"{samples:.0f}" if samples else "failed" if run["returncode"] else "",
-                "vs single": f"{samples / base:.2f}x" if samples and base else "",
-                "MFU": f"{100 * mfu:.1f}%" if mfu else "",
-                "peak GiB": run.get("peak_allocated_gib") or "",
-                "checkpoint = single's": run.get("checkpoint_matches_single", ""),
-            }
-        )
-    columns = ["variant", "devices", "samples/s", "vs single", "MFU", "peak GiB", "checkpoint = single's"]
-    printed = table(rows, columns) if rows else "no variant ran"
-    print(printed)
-    params = None
-    if shapes:
-        params = sum(int(torch.tensor(s).prod()) for s in shapes.values())
-    payload = {"settings": vars(args), "parameters_in_checkpoint": params, "runs": runs, "printed_table": printed}
-    print(f"wrote {write_result('parallel', payload, Path(args.out_dir))}")
+        # after every variant, so that a run cut short (a device call's time limit) keeps what it measured
+        _report(args, runs)
 
 
 if __name__ == "__main__":
