@@ -118,6 +118,7 @@ def _model_flags(args) -> list[str]:
         f"--model.init_args.fusion.init_args.modality_fusion_layers={max(1, 2 * args.depth // 3)}",
         f"--data.init_args.batch_size={args.batch_size}",
         f"--data.init_args.num_workers={args.num_workers}",
+        *(["--model.init_args.compile=true"] if args.compile else []),
     ]
 
 
@@ -208,6 +209,7 @@ def main() -> None:
     )
     parser.add_argument("--dba-global-batch", type=int, default=4096, help="the *_dba variants' global batch")
     parser.add_argument("--num-workers", type=int, default=4)
+    parser.add_argument("--compile", action="store_true", help="the task's compile: true in every variant")
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--work-dir", default="/tmp/zoo_parallel")

@@ -107,7 +107,13 @@ class ZooTask(LightningModule):
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim <= 1 or name.endswith(".bias") or "embed" in name else decay).append(param)
-        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if not self._parallelized:
+            return groups
+        # tensor parallelism leaves parameters on several meshes, which torch's foreach kernels cannot take together
+        from zoo.parallel.optim import split_by_mesh
+
+        return [split for group in groups for split in split_by_mesh(group)]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
@@ -115,6 +121,16 @@ class ZooTask(LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        # torch's clip_grad_norm_ cannot take parameters on several meshes (tensor parallelism): zoo.parallel.optim's
+        # sums the norm mesh by mesh. Clipping by value is elementwise, and Lightning's own does it.
+        if self._parallelized and gradient_clip_val and (gradient_clip_algorithm or "norm") == "norm":
+            from zoo.parallel.optim import clip_grad_norm_
+
+            clip_grad_norm_([p for group in optimizer.param_groups for p in group["params"]], gradient_clip_val)
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # -- every task of the zoo classifies: logits [B, num_classes] against batch["label"] [B] (-100 is ignored) ----
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:

@@ -137,6 +137,7 @@ def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: s
     from torch.utils.flop_counter import FlopCounterMode
 
     from zoo.callbacks.throughput import _tensor_parallel_size
+    from zoo.parallel.optim import clip_grad_norm_, split_by_mesh
     from zoo.parallel.parallelize import apply_fsdp, apply_tensor_parallel
 
     torch.set_num_threads(1)
@@ -169,14 +170,22 @@ def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: s
             assert sharded.get_total_flops() == whole.get_total_flops() > 0
             assert _tensor_parallel_size(SimpleNamespace(device_mesh=mesh)) == tp
         opt_ref = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
-        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
-        for _ in range(2):  # two steps: the second runs on weights the sharded optimizer updated
+        # foreach, as on a GPU, where one list may not mix plain tensors and DTensors (tensor parallelism without
+        # FSDP) or meshes (FSDP over tensor parallelism): a group per mesh
+        opt = torch.optim.SGD(split_by_mesh({"params": list(model.parameters())}), lr=0.5, momentum=0.9, foreach=True)
+        for step in range(2):  # two steps: the second runs on weights the sharded optimizer updated
             ref_out = reference(inputs).tokens.embeddings[rows]
             out = model(local).tokens.embeddings
             # fp32 sums in another order (sharded GEMMs, all-reduce): 1e-5 relative
             torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
             _loss(reference, inputs).backward()
             _loss(model, local).backward()
+            if step == 0:  # clipped to half the norm: the sharded norm must be the whole model's, on every rank
+                max_norm = 0.5 * torch.nn.utils.get_total_norm([p.grad for p in reference.parameters()]).item()
+            ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, foreach=True)
+            norm = clip_grad_norm_(model.parameters(), max_norm)
+            assert not isinstance(norm, DTensor)
+            torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
             for optimizer in (opt_ref, opt):
                 optimizer.step()
                 optimizer.zero_grad()
@@ -206,9 +215,10 @@ def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: s
     ids=["tp2", "fsdp2", "fsdp2xtp2", "fsdp2_compiled_blocks", "fsdp2_compiled_whole"],
 )
 def test_sharded_training_matches_one_process(dp, tp, compiled, tmp_path):
-    """Two SGD steps of MIE split by tensor parallelism, FSDP2 or both equal the same steps in one process on the
-    whole batch: outputs, and every parameter after the updates. ``compiled``: compiled by inductor before FSDP wraps
-    the model, MIE's blocks one by one (what a task's ``compile: true`` does under FSDP) or MIE ``whole``."""
+    """Two SGD steps of MIE split by tensor parallelism, FSDP2 or both, gradients clipped by norm, equal the same steps
+    in one process on the whole batch: outputs, gradient norms, and every parameter after the updates. ``compiled``:
+    compiled by inductor before FSDP wraps the model, MIE's blocks one by one (what a task's ``compile: true`` does
+    under FSDP) or MIE ``whole``."""
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
@@ -256,9 +266,10 @@ def test_image_encoders_load_checkpoints_from_before_pos_scale_had_a_dimension()
 
 def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
     """``python -m zoo fit`` under Lightning's ModelParallelStrategy (2 x 2 processes on gloo): the task applies the
-    zoo's tensor-parallel plan and FSDP2 in ``configure_model``, trains, and writes one checkpoint with the full
-    shapes of an unsharded model; a second fit resumes from it, optimizer and batch plan included, and trains on.
-    ``DynamicBatchAdjustment`` counts the data-parallel ranks only (the tensor-parallel pairs share a batch)."""
+    zoo's tensor-parallel plan and FSDP2 in ``configure_model``, trains (foreach AdamW, gradients clipped), and writes
+    one checkpoint with the full shapes of an unsharded model; a second fit resumes from it, optimizer and batch plan
+    included, and trains on. ``DynamicBatchAdjustment`` counts the data-parallel ranks only (the tensor-parallel pairs
+    share a batch)."""
     import subprocess
     import sys
 
@@ -288,6 +299,7 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
         "enable_progress_bar": False,
         "callbacks": [batch_adjustment, checkpoint],
         "default_root_dir": str(tmp_path),
+        "gradient_clip_val": 1.0,  # the task's clipping over parameters on two meshes (zoo.parallel.optim)
     }
     config.write_text(yaml.safe_dump({"trainer": trainer, "test_after_fit": False}))
     small = [
@@ -295,6 +307,7 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
         "--model.init_args.fusion.init_args.modality_fusion_layers=1",
         "--data.init_args.num_images=600",
         "--data.init_args.batch_size=4",
+        "--model.init_args.optimizer.init_args.foreach=true",  # as on a GPU: AdamW's lists, one group per mesh
     ]
     cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *small]
     last = tmp_path / "ckpt" / "last.ckpt"
