@@ -1,8 +1,8 @@
 """Training throughput, MFU and memory of the VQA model across Lightning strategies on one machine's GPUs, side by
 side: one device, DDP, FSDP2, tensor parallelism, FSDP2 across tensor-parallel pairs (``fsdp_tp``, 4 devices or
 more; Lightning's ``ModelParallelStrategy`` with the zoo's plans, ``zoo.parallel.parallelize``), ``strategy:
-adaptive`` (``zoo.parallel.plan.select_parallelism``), and one device with the micro-batch measured by
-``zoo.parallel.batch_adjustment.DynamicBatchAdjustment`` (``single_dba``).
+adaptive`` (``zoo.parallel.plan.select_parallelism``), and one device or FSDP2 with the micro-batch measured by
+``zoo.parallel.batch_adjustment.DynamicBatchAdjustment`` (``single_dba``, ``fsdp_dba``).
 
 Each variant is a ``python -m zoo fit`` of ``vqa.yaml`` widened to ``--width`` / ``--depth`` / ``--heads`` (so that
 the GEMMs, not the launch overheads, dominate), in its own processes, one after the other, with
@@ -57,6 +57,7 @@ VARIANTS = {
     "adaptive": (None, "adaptive"),
     # one device, the micro-batch measured by DynamicBatchAdjustment for --dba-global-batch (probe: --batch-size)
     "single_dba": (1, "auto"),
+    "fsdp_dba": (None, "fsdp"),  # the same under FSDP2, each rank probing its shard
 }
 
 
