@@ -53,6 +53,7 @@ class ZooTask(LightningModule):
         self.compiled_regions: list[str] = []
         self.initial_checkpoint = initial_checkpoint
         self._parallelized = False
+        self._foreach_given: dict[int, dict[int, Any]] = {}  # optimizer -> group -> foreach, where turned off
 
     def setup(self, stage: str) -> None:
         self.check_sample_rate()
@@ -107,13 +108,7 @@ class ZooTask(LightningModule):
             if not param.requires_grad:
                 continue
             (no_decay if param.ndim <= 1 or name.endswith(".bias") or "embed" in name else decay).append(param)
-        groups = [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-        if not self._parallelized:
-            return groups
-        # tensor parallelism leaves parameters on several meshes, which torch's foreach kernels cannot take together
-        from zoo.parallel.optim import split_by_mesh
-
-        return [split for group in groups for split in split_by_mesh(group)]
+        return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
         optimizer = self.optimizer_factory(self.parameter_groups())
@@ -121,6 +116,23 @@ class ZooTask(LightningModule):
             return optimizer
         scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_train_start(self) -> None:
+        # here, after a checkpoint's optimizer state (which carries the groups' options) is restored: groups that mix
+        # plain tensors and DTensors (tensor parallelism without FSDP) cannot run torch's foreach kernels
+        if self._parallelized:
+            from zoo.parallel.optim import foreach_off_where_mixed
+
+            self._foreach_given = {i: foreach_off_where_mixed(opt) for i, opt in enumerate(self.trainer.optimizers)}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # the options the user gave, so that a run resumed on one device steps with foreach again
+        states = checkpoint.get("optimizer_states") or []
+        for i, given in self._foreach_given.items():
+            groups = states[i].get("param_groups") if i < len(states) else None  # None on ranks that save nothing
+            if groups:
+                for j, value in given.items():
+                    groups[j]["foreach"] = value
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         # torch's clip_grad_norm_ cannot take parameters on several meshes (tensor parallelism): zoo.parallel.optim's

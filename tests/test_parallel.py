@@ -137,7 +137,7 @@ def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: s
     from torch.utils.flop_counter import FlopCounterMode
 
     from zoo.callbacks.throughput import _tensor_parallel_size
-    from zoo.parallel.optim import clip_grad_norm_, split_by_mesh
+    from zoo.parallel.optim import clip_grad_norm_, foreach_off_where_mixed
     from zoo.parallel.parallelize import apply_fsdp, apply_tensor_parallel
 
     torch.set_num_threads(1)
@@ -171,8 +171,9 @@ def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: s
             assert _tensor_parallel_size(SimpleNamespace(device_mesh=mesh)) == tp
         opt_ref = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
         # foreach, as on a GPU, where one list may not mix plain tensors and DTensors (tensor parallelism without
-        # FSDP) or meshes (FSDP over tensor parallelism): a group per mesh
-        opt = torch.optim.SGD(split_by_mesh({"params": list(model.parameters())}), lr=0.5, momentum=0.9, foreach=True)
+        # FSDP); it may mix meshes (FSDP over tensor parallelism)
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9, foreach=True)
+        assert foreach_off_where_mixed(opt) == ({0: True} if dp == 1 and tp > 1 else {})
         for step in range(2):  # two steps: the second runs on weights the sharded optimizer updated
             ref_out = reference(inputs).tokens.embeddings[rows]
             out = model(local).tokens.embeddings
@@ -324,6 +325,58 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
     assert state["model.fusion.blocks.1.ffn.fc2.weight"].shape == (128, 512)
     moments = checkpoint["optimizer_states"][0]["state"]
     assert moments and all(v["exp_avg"].shape == v["exp_avg_sq"].shape for v in moments.values())
+
+
+def test_cli_trains_with_tensor_parallelism_alone_and_resumes_on_one_device(tmp_path):
+    """Tensor parallelism without FSDP (2 CPU processes) leaves the encoders' parameters plain beside the blocks'
+    DTensors: with foreach AdamW and gradient clipping, as on a GPU, the task steps the mixed groups one tensor at a
+    time and clips mesh by mesh. The checkpoint keeps the groups and options the user gave, so one device resumes it."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    strategy = {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 2, "save_distributed_checkpoint": False},
+    }
+    checkpoint = {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "save_top_k": 0},
+    }
+    trainer = {
+        "accelerator": "cpu",
+        "max_epochs": 3,
+        "limit_train_batches": 2,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_progress_bar": False,
+        "callbacks": [checkpoint],
+        "default_root_dir": str(tmp_path),
+        "gradient_clip_val": 1.0,
+    }
+    small = [
+        "--model.init_args.fusion.init_args.depth=2",
+        "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+        "--data.init_args.num_images=600",
+        "--data.init_args.batch_size=4",
+        "--model.init_args.optimizer.init_args.foreach=true",
+    ]
+    last = tmp_path / "ckpt" / "last.ckpt"
+    runs = [({"devices": 2, "strategy": strategy, "max_steps": 1}, []), ({"devices": 1, "max_steps": 2}, [last])]
+    for i, (setting, resume) in enumerate(runs):
+        config = tmp_path / f"run{i}.yaml"
+        config.write_text(yaml.safe_dump({"trainer": trainer | setting, "test_after_fit": False}))
+        cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *small]
+        cmd += [f"--ckpt_path={path}" for path in resume]
+        run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+        state = torch.load(last, map_location="cpu", weights_only=True)
+        assert state["global_step"] == i + 1
+        groups = state["optimizer_states"][0]["param_groups"]
+        assert [g["foreach"] for g in groups] == [True, True], "the user's option, not the run's"
+    assert "Restored all states from the checkpoint" in run.stdout + run.stderr
 
 
 def test_attention_regroups_the_qkv_of_checkpoints_from_before_it_was_grouped_by_head():

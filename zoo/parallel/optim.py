@@ -1,35 +1,46 @@
-"""Optimizer groups and gradient clipping for a model whose parameters live on several device meshes.
+"""Optimizer steps and gradient clipping for a model whose parameters live on several device meshes.
 
 Tensor parallelism without FSDP leaves the layers it does not split (encoders, norms, heads) as plain tensors beside
 the DTensors of the split blocks; FSDP over tensor-parallel blocks gives 2-D DTensors beside the 1-D ones of the rest.
-torch's multi-tensor (``foreach``) kernels, which the optimizers and ``clip_grad_norm_`` use by default on a GPU, take
-a list of tensors together and refuse a list that mixes plain tensors with DTensors ("got mixed torch.Tensor and
-DTensor"). So the optimizer gets one group per mesh, and the norm is summed mesh by mesh.
+torch's multi-tensor (``foreach``) kernels, the optimizers' default on a GPU, refuse a list that mixes plain tensors
+with DTensors ("got mixed torch.Tensor and DTensor"); they take DTensors of several meshes. ``clip_grad_norm_``
+refuses both mixes. So a parameter group that mixes steps one tensor at a time, and the norm is summed mesh by mesh.
+The parameter groups themselves stay as the task built them, so that checkpoints move between topologies.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
+from torch.optim import Optimizer
+
+from zoo.errors import ConfigError
 
 
 def _mesh(tensor: Tensor):
     return tensor.device_mesh if isinstance(tensor, DTensor) else None
 
 
-def split_by_mesh(group: dict) -> list[dict]:
-    """``group`` (an optimizer parameter group) split into one group per device mesh of its parameters, each with
-    the group's other options; ``[group]`` itself where all its parameters share one (or none: plain tensors), so
-    that a model on one device gets the same groups, and loads the same optimizer checkpoints, as before."""
-    by_mesh: dict = {}
-    for param in group["params"]:
-        by_mesh.setdefault(_mesh(param), []).append(param)
-    if len(by_mesh) <= 1:
-        return [group]
-    return [{**group, "params": params} for params in by_mesh.values()]
+def foreach_off_where_mixed(optimizer: Optimizer) -> dict[int, Any]:
+    """Set ``foreach=False`` on each parameter group of ``optimizer`` that mixes plain tensors and DTensors; returns
+    the groups changed, by index, with the value each had. ConfigError for such a group set to ``fused``."""
+    changed = {}
+    for index, group in enumerate(optimizer.param_groups):
+        if len({isinstance(p, DTensor) for p in group["params"]}) < 2:
+            continue
+        if group.get("fused"):
+            raise ConfigError(
+                f"optimizer: fused={group['fused']} cannot step parameters that mix plain tensors and DTensors "
+                "(tensor parallelism without FSDP); leave fused unset, or add data parallelism (FSDP)"
+            )
+        if group.get("foreach") is not False:
+            changed[index] = group.get("foreach")
+            group["foreach"] = False
+    return changed
 
 
 @torch.no_grad()
