@@ -99,7 +99,8 @@ class ZooTask(LightningModule):
             from zoo.parallel.parallelize import apply_fsdp
 
             if mesh["data_parallel"].size() > 1:
-                apply_fsdp(self, mesh["data_parallel"])
+                bf16 = str(getattr(self._trainer, "precision", "")) == "bf16-mixed" and mesh.device_type == "cuda"
+                apply_fsdp(self, mesh["data_parallel"], param_dtype=torch.bfloat16 if bf16 else None)
             self._parallelized = True
 
     def parameter_groups(self) -> list[dict]:

@@ -90,7 +90,7 @@ class _Size:
 def test_under_fsdp_the_fusion_blocks_are_compiled_one_by_one_unless_whole_fusion_is_set(monkeypatch):
     import zoo.parallel.parallelize as parallelize
 
-    monkeypatch.setattr(parallelize, "apply_fsdp", lambda module, mesh: None)
+    monkeypatch.setattr(parallelize, "apply_fsdp", lambda module, mesh, **kwargs: None)
     task = _vqa(compile={"backend": "eager"})
     task._device_mesh = _Mesh(dp=2, tp=1)
     task.configure_model()

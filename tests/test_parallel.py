@@ -226,6 +226,42 @@ def test_sharded_training_matches_one_process(dp, tp, compiled, tmp_path):
     mp.spawn(_worker, args=(dp * tp, dp, tp, compiled, str(tmp_path / "init")), nprocs=dp * tp, join=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fsdp_gathers_bf16_weights_and_computes_as_autocast_does(tmp_path):
+    """What the task asks of FSDP2 under bf16-mixed on CUDA (``apply_fsdp(param_dtype=bf16)``), on a mesh of one
+    process: the blocks run on gathered bf16 weights, the last block stays gathered for the backward, the others
+    are sharded again, and loss and fp32 gradients are autocast's on the plain model."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from zoo.parallel.parallelize import apply_fsdp
+
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cuda", (1,), mesh_dim_names=("data_parallel",))
+        reference, model = _fusion().cuda(), _fusion().cuda()
+        apply_fsdp(model, mesh, param_dtype=torch.bfloat16)
+        seen = []
+        for block in model.blocks:
+            block.attn.register_forward_pre_hook(lambda m, args: seen.append(m.qkv.weight.dtype))
+        inputs = {m: Tokens(t.embeddings.cuda(), t.mask.cuda()) for m, t in _inputs(4).items()}
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            ref_loss, loss = _loss(reference, inputs), _loss(model, inputs)
+        assert seen == [torch.bfloat16] * len(model.blocks)
+        sharded = [isinstance(b.attn.qkv.weight, DTensor) for b in model.blocks]
+        assert sharded == [True] * (len(sharded) - 1) + [False]
+        ref_loss.backward()
+        loss.backward()
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-3)
+        for (name, p_ref), (_, p) in zip(reference.named_parameters(), model.named_parameters(), strict=True):
+            assert p.grad.dtype == torch.float32, name
+            # bf16 rounding of the layer norms' weights, which autocast keeps in fp32: 1e-2
+            torch.testing.assert_close(p.grad.full_tensor(), p_ref.grad, rtol=1e-2, atol=1e-3, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_tensor_parallelism_refuses_heads_it_cannot_split(tmp_path):
     fusion = MIE(dim=24, depth=1, num_heads=3, modality_fusion_layers=1)
     mesh = _FakeMesh(2)

@@ -7,9 +7,10 @@ The order is torchtitan's: tensor parallelism first, then (optionally) ``torch.c
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import fully_shard
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor.parallel import ColwiseParallel, ParallelStyle, RowwiseParallel, parallelize_module
 
 from zoo.errors import ConfigError
@@ -55,12 +56,26 @@ def apply_tensor_parallel(module: nn.Module, tp_mesh: DeviceMesh) -> int:
     return len(blocks)
 
 
-def apply_fsdp(module: nn.Module, dp_mesh: DeviceMesh, **fsdp_kwargs) -> None:
+def apply_fsdp(
+    module: nn.Module, dp_mesh: DeviceMesh, *, param_dtype: torch.dtype | None = None, **fsdp_kwargs
+) -> None:
     """Shard ``module`` over ``dp_mesh`` with FSDP2 (in place): each :class:`TransformerBlock` is a unit of its
     own, gathered just before it runs, and the rest of the model (encoders' stems, embeddings, heads) is the root
-    unit. ``fsdp_kwargs`` go to ``torch.distributed.fsdp.fully_shard`` (e.g. ``mp_policy``)."""
-    for block in [m for m in module.modules() if isinstance(m, TransformerBlock)]:
-        fully_shard(block, mesh=dp_mesh, **fsdp_kwargs)
+    unit. The last block, the first of the backward, keeps its weights gathered after the forward rather than
+    gathering them again at once (torchtitan's choice). ``fsdp_kwargs`` go to ``fully_shard``.
+
+    ``param_dtype`` (the task gives bf16 under ``bf16-mixed`` on CUDA): the blocks gather their weights in it, half
+    the all-gather traffic of fp32, and reduce their gradients in fp32. Their inputs are left as they come, so that
+    autocast computes as on one device (an fp32 residual stream, layer norms in fp32; CPU autocast leaves a layer
+    norm's bf16 weight beside an fp32 input, which fails, hence CUDA only)."""
+    blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
+    policy = {}
+    if param_dtype is not None:
+        policy["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False
+        )
+    for i, block in enumerate(blocks):  # modules() order: a fusion module's blocks come after its encoders'
+        fully_shard(block, mesh=dp_mesh, **{"reshard_after_forward": i < len(blocks) - 1, **policy, **fsdp_kwargs})
     fully_shard(module, mesh=dp_mesh, **fsdp_kwargs)
 
 
