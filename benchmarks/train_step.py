@@ -9,6 +9,8 @@ loop (loader, forward, backward, optimizer, Lightning's hooks).
     python benchmarks/train_step.py --steps 200                                   # H200: vqa.yaml, bf16, batch 256
     python benchmarks/train_step.py --steps 20 --batch-size 16 --precision 32-true   # CPU smoke run
 
+Other arguments are CLI overrides given to every variant, e.g. ``--model.init_args.fusion.init_args.depth=8``.
+
 ``--profile-steps N`` runs N more steps under ``torch.profiler`` and reports, per step, the device's kernel time
 against the wall time, the host-device synchronizations and the top host operators and device kernels.
 """
@@ -205,7 +207,7 @@ def main() -> None:
         out = work / f"{name}.json"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--run-one", args.config, str(total), str(out),
-               f"--profile-steps={args.profile_steps}", *common, *VARIANTS[name]]  # fmt: skip
+               f"--profile-steps={args.profile_steps}", *common, *extra, *VARIANTS[name]]  # fmt: skip
         proc = launch(cmd, work / f"{name}.log", 0)
         proc.wait()
         if proc.returncode != 0 or not out.is_file():
@@ -232,7 +234,11 @@ def main() -> None:
     print(printed)
     path = write_result(
         f"train_step_{Path(args.config).stem}",
-        {"settings": vars(args) | {"precision": precision}, "runs": results, "printed_table": printed},
+        {
+            "settings": vars(args) | {"precision": precision, "overrides": extra},
+            "runs": results,
+            "printed_table": printed,
+        },
         Path(args.out_dir),
     )
     print(f"wrote {path}")
