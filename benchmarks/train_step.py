@@ -13,6 +13,8 @@ Other arguments are CLI overrides given to every variant, e.g. ``--model.init_ar
 
 ``--profile-steps N`` runs N more steps under ``torch.profiler`` and reports, per step, the device's kernel time
 against the wall time, the host-device synchronizations and the top host operators and device kernels.
+``--sync-steps N`` runs N more steps under torch's CUDA sync debug mode and counts the synchronizations per step by
+the Python line that caused them.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import json
 import statistics
 import sys
 import time
+import traceback
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +82,13 @@ def step_profile(prof, steps: int, wall_ms: float) -> dict:
     }
 
 
-def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_steps: int = 0) -> None:
-    """Time the loader and the training loop of one variant in this process; write the figures to ``out``. With
-    ``profile_steps``, the last that many steps run under ``torch.profiler`` (after the timed ones' median is taken
-    from the steps before them) and :func:`step_profile` summarises them."""
+def run_one(
+    config: str, overrides: list[str], steps: int, out: Path, profile_steps: int = 0, sync_steps: int = 0
+) -> None:
+    """Time the loader and the training loop of one variant in this process; write the figures to ``out``. Of the
+    ``steps``, the last ``profile_steps + sync_steps`` stay out of the timed median: ``profile_steps`` run under
+    ``torch.profiler`` (:func:`step_profile` summarises them), then ``sync_steps`` under torch's CUDA sync debug mode,
+    which names the Python line of every host-device synchronization (:class:`SyncSites`)."""
     import torch
     from lightning.pytorch.callbacks import Callback
 
@@ -95,10 +102,11 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_st
             self.times.append(time.perf_counter())
 
     class StepProfiler(Callback):
-        """Profiles the optimizer steps from ``first`` on (0-based), to the end of fit."""
+        """Profiles the optimizer steps ``first`` to ``last`` (0-based, ``last`` excluded)."""
 
-        def __init__(self, first: int) -> None:
-            self.first, self.prof, self.start, self.wall = first, None, 0.0, 0.0
+        def __init__(self, first: int, last: int) -> None:
+            self.first, self.last, self.prof, self.start, self.wall = first, last, None, 0.0, 0.0
+            self.running = False
 
         def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
             if trainer.global_step == self.first and self.prof is None:
@@ -107,14 +115,56 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_st
                 activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
                 self.prof = profile(activities=activities)
                 self.prof.start()
-                self.start = time.perf_counter()
+                self.start, self.running = time.perf_counter(), True
+            elif trainer.global_step == self.last:
+                self.stop()
 
         def on_train_end(self, trainer, *args, **kwargs) -> None:
-            if self.prof is not None:
+            self.stop()
+
+        def stop(self) -> None:
+            if self.running:
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
                 self.wall = time.perf_counter() - self.start
                 self.prof.stop()
+                self.running = False
+
+    class SyncSites(Callback):
+        """From step ``first`` on, counts the host-device synchronizations by the Python line that caused them:
+        torch's CUDA sync debug mode warns at each, and the innermost frame outside torch names it (backward and
+        other C++ threads have no Python frame: those are not seen)."""
+
+        def __init__(self, first: int) -> None:
+            self.first, self.steps, self.sites, self.on = first, 0, {}, False
+
+        def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
+            if trainer.global_step == self.first and not self.on:
+                self.shown, warnings.showwarning = warnings.showwarning, self.record
+                warnings.filterwarnings("always", message=".*synchroniz.*")
+                torch.cuda.set_sync_debug_mode("warn")
+                self.on = True
+
+        def on_train_batch_end(self, *args, **kwargs) -> None:
+            self.steps += self.on
+
+        def on_train_end(self, *args, **kwargs) -> None:
+            if self.on:
+                torch.cuda.set_sync_debug_mode(0)
+                warnings.showwarning = self.shown
+
+        def record(self, message, category, filename, lineno, file=None, line=None) -> None:
+            if "synchroniz" not in str(message):
+                return self.shown(message, category, filename, lineno, file, line)
+            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
+            frames = [f for f in frames if not f.filename.endswith(("warnings.py", "train_step.py"))]
+            where = frames[-1] if frames else None
+            site = f"{where.filename.split('site-packages/')[-1]}:{where.lineno} {where.name}" if where else "?"
+            self.sites[site] = self.sites.get(site, 0) + 1
+
+        def per_step(self) -> dict[str, float]:
+            ranked = sorted(self.sites.items(), key=lambda kv: -kv[1])
+            return {site: round(count / max(1, self.steps), 2) for site, count in ranked}
 
     cli = ZooCLI(args=resolve_config_args(["--config", config, *overrides]), run=False)
     model, data, trainer = cli.model, cli.datamodule, cli.trainer
@@ -131,13 +181,14 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_st
     del loader
     clock = StepClock()
     trainer.callbacks.append(clock)
-    profiler = StepProfiler(steps - profile_steps) if profile_steps else None
-    if profiler:
-        trainer.callbacks.append(profiler)
+    profiler = StepProfiler(steps - profile_steps - sync_steps, steps - sync_steps) if profile_steps else None
+    syncs = SyncSites(steps - sync_steps) if sync_steps and torch.cuda.is_available() else None
+    trainer.callbacks += [c for c in (profiler, syncs) if c is not None]
     start = time.perf_counter()
     trainer.fit(model, datamodule=data)
     fit_seconds = time.perf_counter() - start
-    timed = clock.times[: len(clock.times) - profile_steps]  # the profiler's overhead stays out of the step time
+    # the profiler's and the sync debug mode's overheads stay out of the step time
+    timed = clock.times[: len(clock.times) - profile_steps - sync_steps]
     gaps = [b - a for a, b in zip(timed, timed[1:], strict=False)]
     steady = gaps[len(gaps) // 2 :]
     step = statistics.median(steady)
@@ -156,6 +207,8 @@ def run_one(config: str, overrides: list[str], steps: int, out: Path, profile_st
     }
     if profiler and profiler.prof is not None:
         result["profile"] = step_profile(profiler.prof, profile_steps, 1e3 * profiler.wall / profile_steps)
+    if syncs is not None:
+        result["sync_sites_per_step"] = syncs.per_step()
     out.write_text(json.dumps(result, indent=2))
 
 
@@ -176,10 +229,19 @@ def main() -> None:
         help="profile this many steps after the timed ones (torch.profiler): device kernel time against wall time, "
         "host-device synchronizations, top host operators and device kernels per step",
     )
+    parser.add_argument(
+        "--sync-steps",
+        type=int,
+        default=0,
+        help="run this many steps more under torch's CUDA sync debug mode: host-device synchronizations per step, "
+        "by the Python line that caused them",
+    )
     parser.add_argument("--run-one", nargs=3, metavar=("CONFIG", "STEPS", "OUT"), help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     if args.run_one:
-        run_one(args.run_one[0], extra, int(args.run_one[1]), Path(args.run_one[2]), args.profile_steps)
+        run_one(
+            args.run_one[0], extra, int(args.run_one[1]), Path(args.run_one[2]), args.profile_steps, args.sync_steps
+        )
         return
 
     import torch
@@ -187,7 +249,7 @@ def main() -> None:
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    total = args.steps + args.profile_steps
+    total = args.steps + args.profile_steps + args.sync_steps
     common = [
         f"--trainer.max_steps={total}",
         "--trainer.max_epochs=-1",
@@ -207,7 +269,8 @@ def main() -> None:
         out = work / f"{name}.json"
         out.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--run-one", args.config, str(total), str(out),
-               f"--profile-steps={args.profile_steps}", *common, *extra, *VARIANTS[name]]  # fmt: skip
+               f"--profile-steps={args.profile_steps}", f"--sync-steps={args.sync_steps}",
+               *common, *extra, *VARIANTS[name]]  # fmt: skip
         proc = launch(cmd, work / f"{name}.log", 0)
         proc.wait()
         if proc.returncode != 0 or not out.is_file():
