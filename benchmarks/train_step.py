@@ -23,6 +23,7 @@ import argparse
 import json
 import statistics
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -132,8 +133,8 @@ def run_one(
 
     class SyncSites(Callback):
         """From step ``first`` on, counts the host-device synchronizations by the Python line that caused them:
-        torch's CUDA sync debug mode warns at each, and the innermost frame outside torch names it (backward and
-        other C++ threads have no Python frame: those are not seen)."""
+        torch's CUDA sync debug mode warns at each, and the innermost frame outside torch names it (the innermost
+        frame where all are torch's, as in its own threads; "no frame" where there is no Python stack)."""
 
         def __init__(self, first: int) -> None:
             self.first, self.steps, self.sites, self.on = first, 0, {}, False
@@ -156,10 +157,14 @@ def run_one(
         def record(self, message, category, filename, lineno, file=None, line=None) -> None:
             if "synchroniz" not in str(message):
                 return self.shown(message, category, filename, lineno, file, line)
-            frames = [f for f in traceback.extract_stack()[:-1] if "/torch/" not in f.filename]
-            frames = [f for f in frames if not f.filename.endswith(("warnings.py", "train_step.py"))]
-            where = frames[-1] if frames else None
-            site = f"{where.filename.split('site-packages/')[-1]}:{where.lineno} {where.name}" if where else "?"
+            stack = [
+                f for f in traceback.extract_stack()[:-1] if not f.filename.endswith(("warnings.py", "train_step.py"))
+            ]
+            outside = [f for f in stack if "/torch/" not in f.filename]
+            where = (outside or stack or [None])[-1]  # a thread of torch's own: its innermost frame
+            site = f"{where.filename.split('site-packages/')[-1]}:{where.lineno} {where.name}" if where else "no frame"
+            thread = threading.current_thread().name
+            site += "" if thread == "MainThread" else f" (thread {thread})"
             self.sites[site] = self.sites.get(site, 0) + 1
 
         def per_step(self) -> dict[str, float]:
