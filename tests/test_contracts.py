@@ -136,3 +136,17 @@ def test_a_batch_without_an_encoders_field_names_it():
     model = MultimodalModel({"text": TransformerTextEncoder(dim=DIM, depth=1)}, FUSIONS["mie"](["text"]))
     with pytest.raises(ConfigError, match=r"no 'text' field for encoders\['text'\]; its fields are \['image'\]"):
         model({"image": _image(0)})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_text_encoder_on_cuda_gives_the_cpu_tokens():
+    """On a GPU the tokenizer copies ids and mask from pinned memory without blocking: the same tokens as on the
+    CPU, and the same encoding."""
+    encoder = TransformerTextEncoder(dim=DIM, depth=1).eval()
+    ids, mask = encoder.tokenizer(TEXTS, torch.device("cpu"))
+    ids_gpu, mask_gpu = encoder.tokenizer(TEXTS, torch.device("cuda"))
+    assert ids_gpu.is_cuda and torch.equal(ids_gpu.cpu(), ids) and torch.equal(mask_gpu.cpu(), mask)
+    expected = encoder(list(TEXTS))
+    out = encoder.cuda()(list(TEXTS))
+    torch.testing.assert_close(out.embeddings.cpu(), expected.embeddings, rtol=1e-4, atol=1e-4)
+    assert torch.equal(out.mask.cpu(), expected.mask)
