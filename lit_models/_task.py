@@ -159,7 +159,10 @@ class ZooTask(LightningModule):
         valid = labels != IGNORE_INDEX
         # masked sums rather than boolean indexing, whose data-dependent shape waits for the device every step
         acc = ((logits.argmax(-1) == labels) & valid).sum() / valid.sum()
-        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=True, batch_size=len(labels))
+        # Lightning turns progress-bar metrics into Python numbers every step, one host-device sync each: only when
+        # a bar shows them (a run without one, e.g. on a cluster, keeps its steps free of those waits)
+        shown = self.trainer.progress_bar_callback is not None
+        self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=shown, batch_size=len(labels))
         return loss
 
     def check_finite(self, loss: Tensor) -> None:

@@ -171,6 +171,19 @@ def test_nan_loss_stops_with_a_clear_error(elsewhere, capsys):
     assert err.startswith("zoo: error: the training loss became nan") and "Traceback" not in err
 
 
+@pytest.mark.parametrize("bar", [False, True])
+def test_training_metrics_reach_the_progress_bar_only_when_one_shows_them(elsewhere, bar):
+    """Lightning turns progress-bar metrics into numbers every step (a host-device sync on a GPU): without a bar the
+    task's training loss and accuracy are logged but not turned."""
+    from zoo.cli import ZooCLI
+
+    flags = [*SMALL, "--trainer.max_steps=1", "--trainer.limit_val_batches=0", "--test_after_fit=false"]
+    flags += ["--trainer.logger=false", f"--trainer.enable_progress_bar={bar}"]
+    cli = ZooCLI(args=resolve_config_args(["fit", "--config", "vqa.yaml", *flags]))
+    assert "train/loss" in cli.trainer.callback_metrics
+    assert ("train/loss" in cli.trainer.progress_bar_metrics) is bar
+
+
 def test_components_lists_every_kind(capsys):
     main(["components"])
     out = capsys.readouterr().out
