@@ -301,6 +301,49 @@ def test_image_encoders_load_checkpoints_from_before_pos_scale_had_a_dimension()
     assert encoder.pos_scale.shape == (1,) and encoder.pos_scale.item() == 0.25
 
 
+def _model_parallel(dp: int, tp: int) -> dict:
+    """Lightning's ModelParallelStrategy as YAML, with one unsharded checkpoint file."""
+    return {
+        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
+        "init_args": {"data_parallel_size": dp, "tensor_parallel_size": tp, "save_distributed_checkpoint": False},
+    }
+
+
+def _last_checkpoint(folder) -> dict:
+    return {
+        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+        "init_args": {"dirpath": str(folder), "save_last": True, "save_top_k": 0},
+    }
+
+
+def _cpu_trainer(folder, callbacks: list[dict], **settings) -> dict:
+    """The CLI tests' trainer: two batches an epoch, no validation, gradients clipped by norm (over parameters on
+    several meshes: ``zoo.parallel.optim``)."""
+    return {
+        "accelerator": "cpu",
+        "max_epochs": 3,
+        "limit_train_batches": 2,
+        "limit_val_batches": 0,
+        "num_sanity_val_steps": 0,
+        "logger": False,
+        "enable_progress_bar": False,
+        "callbacks": callbacks,
+        "default_root_dir": str(folder),
+        "gradient_clip_val": 1.0,
+        **settings,
+    }
+
+
+#: the CLI tests' small model and data, with foreach AdamW as on a GPU
+SMALL_MP = [
+    "--model.init_args.fusion.init_args.depth=2",
+    "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+    "--data.init_args.num_images=600",
+    "--data.init_args.batch_size=4",
+    "--model.init_args.optimizer.init_args.foreach=true",
+]
+
+
 def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
     """``python -m zoo fit`` under Lightning's ModelParallelStrategy (2 x 2 processes on gloo): the task applies the
     zoo's tensor-parallel plan and FSDP2 in ``configure_model``, trains (foreach AdamW, gradients clipped), and writes
@@ -313,40 +356,12 @@ def test_cli_trains_with_fsdp_and_tensor_parallelism_on_cpu(tmp_path):
     import yaml
 
     config = tmp_path / "mp.yaml"
-    strategy = {
-        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-        "init_args": {"data_parallel_size": 2, "tensor_parallel_size": 2, "save_distributed_checkpoint": False},
-    }
-    checkpoint = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "save_top_k": 0},
-    }
+    strategy, checkpoint = _model_parallel(2, 2), _last_checkpoint(tmp_path / "ckpt")
     # 16 samples a step: micro-batches of 4 on each of the 2 data-parallel ranks, accumulated twice
     batch_adjustment = {"class_path": "zoo.parallel.DynamicBatchAdjustment", "init_args": {"global_batch_size": 16}}
-    trainer = {
-        "accelerator": "cpu",
-        "devices": 4,
-        "strategy": strategy,
-        "max_steps": 1,
-        "max_epochs": 3,
-        "limit_train_batches": 2,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "logger": False,
-        "enable_progress_bar": False,
-        "callbacks": [batch_adjustment, checkpoint],
-        "default_root_dir": str(tmp_path),
-        "gradient_clip_val": 1.0,  # the task's clipping over parameters on two meshes (zoo.parallel.optim)
-    }
+    trainer = _cpu_trainer(tmp_path, [batch_adjustment, checkpoint], devices=4, strategy=strategy, max_steps=1)
     config.write_text(yaml.safe_dump({"trainer": trainer, "test_after_fit": False}))
-    small = [
-        "--model.init_args.fusion.init_args.depth=2",
-        "--model.init_args.fusion.init_args.modality_fusion_layers=1",
-        "--data.init_args.num_images=600",
-        "--data.init_args.batch_size=4",
-        "--model.init_args.optimizer.init_args.foreach=true",  # as on a GPU: AdamW's lists, one group per mesh
-    ]
-    cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *small]
+    cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *SMALL_MP]
     last = tmp_path / "ckpt" / "last.ckpt"
     for extra in ([], ["--ckpt_path", str(last), "--trainer.max_steps=2"]):
         run = subprocess.run([*cmd, *extra], capture_output=True, text=True, cwd=tmp_path, timeout=600)
@@ -372,39 +387,14 @@ def test_cli_trains_with_tensor_parallelism_alone_and_resumes_on_one_device(tmp_
 
     import yaml
 
-    strategy = {
-        "class_path": "lightning.pytorch.strategies.ModelParallelStrategy",
-        "init_args": {"data_parallel_size": 1, "tensor_parallel_size": 2, "save_distributed_checkpoint": False},
-    }
-    checkpoint = {
-        "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-        "init_args": {"dirpath": str(tmp_path / "ckpt"), "save_last": True, "save_top_k": 0},
-    }
-    trainer = {
-        "accelerator": "cpu",
-        "max_epochs": 3,
-        "limit_train_batches": 2,
-        "limit_val_batches": 0,
-        "num_sanity_val_steps": 0,
-        "logger": False,
-        "enable_progress_bar": False,
-        "callbacks": [checkpoint],
-        "default_root_dir": str(tmp_path),
-        "gradient_clip_val": 1.0,
-    }
-    small = [
-        "--model.init_args.fusion.init_args.depth=2",
-        "--model.init_args.fusion.init_args.modality_fusion_layers=1",
-        "--data.init_args.num_images=600",
-        "--data.init_args.batch_size=4",
-        "--model.init_args.optimizer.init_args.foreach=true",
-    ]
+    strategy, checkpoint = _model_parallel(1, 2), _last_checkpoint(tmp_path / "ckpt")
+    trainer = _cpu_trainer(tmp_path, [checkpoint])
     last = tmp_path / "ckpt" / "last.ckpt"
     runs = [({"devices": 2, "strategy": strategy, "max_steps": 1}, []), ({"devices": 1, "max_steps": 2}, [last])]
     for i, (setting, resume) in enumerate(runs):
         config = tmp_path / f"run{i}.yaml"
         config.write_text(yaml.safe_dump({"trainer": trainer | setting, "test_after_fit": False}))
-        cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *small]
+        cmd = [sys.executable, "-m", "zoo", "fit", "--config", "vqa.yaml", "--config", str(config), *SMALL_MP]
         cmd += [f"--ckpt_path={path}" for path in resume]
         run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, timeout=600)
         assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
