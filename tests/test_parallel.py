@@ -268,6 +268,28 @@ def test_fsdp_gathers_bf16_weights_and_computes_as_autocast_does(tmp_path, compi
         dist.destroy_process_group()
 
 
+def test_mixed_parameter_groups_step_one_tensor_at_a_time_and_refuse_fused(tmp_path):
+    """A group of plain tensors and DTensors gets ``foreach=False`` (the value it had is returned, for the checkpoint);
+    a group of one kind is left alone; ``fused`` on a mixed group is a ConfigError naming it."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import distribute_tensor
+
+    from zoo.parallel.optim import foreach_off_where_mixed
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain, sharded = nn.Parameter(torch.ones(4)), nn.Parameter(distribute_tensor(torch.ones(4), mesh))
+        optimizer = torch.optim.AdamW([{"params": [plain, sharded]}, {"params": [nn.Parameter(torch.ones(2))]}])
+        assert foreach_off_where_mixed(optimizer) == {0: None}
+        assert [g["foreach"] for g in optimizer.param_groups] == [False, None]
+        fused = torch.optim.AdamW([plain, sharded], fused=True)
+        with pytest.raises(ConfigError, match="fused=True"):
+            foreach_off_where_mixed(fused)
+    finally:
+        dist.destroy_process_group()
+
+
 def test_tensor_parallelism_refuses_heads_it_cannot_split(tmp_path):
     fusion = MIE(dim=24, depth=1, num_heads=3, modality_fusion_layers=1)
     mesh = _FakeMesh(2)
