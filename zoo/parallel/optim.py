@@ -58,8 +58,7 @@ def clip_grad_norm_(parameters: Iterable[nn.Parameter], max_norm: float, norm_ty
     for params in by_mesh.values():
         norm = torch.nn.utils.get_total_norm([p.grad for p in params], norm_type)
         norms.append(norm.full_tensor() if isinstance(norm, DTensor) else norm)
-    device = norms[0].device
-    total = torch.nn.utils.get_total_norm([n.to(device) for n in norms], norm_type)
+    total = torch.nn.utils.get_total_norm(norms, norm_type)
     for params in by_mesh.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total.to(params[0].grad.device))
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
     return total
