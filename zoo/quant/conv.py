@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from zoo.quant.fake_quant import quant_range
 from zoo.quant.kernels import (
+    UINT8_OFFSET,
     PrepackedLayer,
     activation_key,
     apply_activation,
@@ -31,10 +32,6 @@ from zoo.quant.kernels import (
 from zoo.quant.qat import QATConv1d, QATConv2d
 
 __all__ = ["QuantizedConv1d", "QuantizedConv2d", "fold_batch_norm", "fuse_convolutions_"]
-
-#: oneDNN's int8 convolution reads unsigned codes: a layer's int8 codes ``q`` (zero point ``z``) travel as
-#: ``q + 128`` with zero point ``z + 128``, which stands for the same values
-_UINT8_OFFSET = 128
 
 
 class QuantizedConv2d(PrepackedLayer):
@@ -161,7 +158,7 @@ class QuantizedConv2d(PrepackedLayer):
         if self.act_scale.device.type == "meta":
             return
         self._x_scale = float(self.act_scale)
-        self._x_zero_point = int(self.act_zero_point) + _UINT8_OFFSET  # of the uint8 codes
+        self._x_zero_point = int(self.act_zero_point) + UINT8_OFFSET  # of the uint8 codes
         self._packed_scale = self.weight_scale.float()
         self._packed_zero_point = torch.zeros(self.out_channels, dtype=torch.int64, device=self.weight_scale.device)
         self._packed_bias = None if self.bias is None else self.bias.float()
@@ -180,7 +177,7 @@ class QuantizedConv2d(PrepackedLayer):
         """The uint8 codes of a float input, channels-last: the fake quantizer's codes plus 128."""
         qmin, qmax = quant_range(self.activation_bit, self.activation_symmetric)
         q = torch.div(x.float(), self._x_scale).round_().add_(self._x_zero_point)
-        q = q.clamp_(qmin + _UINT8_OFFSET, qmax + _UINT8_OFFSET)
+        q = q.clamp_(qmin + UINT8_OFFSET, qmax + UINT8_OFFSET)
         return q.to(torch.uint8).contiguous(memory_format=torch.channels_last)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,7 +10,8 @@
   in training: the same codes the fake quantizer computed), and the product runs as a real integer GEMM (int8 x int8,
   int32 sums), then is rescaled to float:
   on x86 CPUs oneDNN's VNNI/AMX GEMM on a weight reordered once into its blocked layout
-  (``torch.ops.onednn.qlinear_pointwise``, the kernel inductor's x86 int8 path lowers to), elsewhere
+  (``torch.ops.onednn.qlinear_pointwise``, the kernel inductor's x86 int8 path lowers to; the input codes travel as
+  uint8, offset by 128, see :data:`~zoo.quant.kernels.UINT8_OFFSET`), elsewhere
   ``torch._int_mm`` (cuBLASLt on CUDA). Under ``torch.compile`` the oneDNN GEMM needs inductor's freezing
   (``torch._inductor.config.freezing = True``, the usual CPU inference setting); without it compiled graphs take
   ``torch._int_mm``.
@@ -51,6 +52,7 @@ from zoo.quant.attention import QATScaledDotProduct, QuantizedScaledDotProduct
 from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
 from zoo.quant.fake_quant import quant_range, quantize_codes, row_qparams
 from zoo.quant.kernels import (
+    UINT8_OFFSET,
     PrepackedLayer,
     activation_key,
     apply_activation,
@@ -131,7 +133,7 @@ class QuantizedLinear(PrepackedLayer):
         self.activation_granularity = activation_granularity
         #: a key of ACTIVATIONS applied to the output, set by fuse_feedforward_ (derived from the model, not saved)
         self.activation: str | None = None
-        #: (the next layer,) when this layer writes that layer's int8 input codes instead of floats on the oneDNN
+        #: (the next layer,) when this layer writes that layer's uint8 input codes instead of floats on the oneDNN
         #: per-tensor path; set by fuse_feedforward_ (a tuple, so that the next layer is not a submodule of this one)
         self._codes_for: tuple[QuantizedLinear, ...] = ()
         packed = weight_bit <= 4
@@ -213,24 +215,27 @@ class QuantizedLinear(PrepackedLayer):
         self._packed_scale = self.weight_scale.float()
         self._packed_bias = None if self.bias is None else self.bias.float()
         if self.activation_granularity == "per_tensor" and self.act_scale.device.type != "meta":
-            self._x_scale, self._x_zero_point = float(self.act_scale), int(self.act_zero_point)
+            # of the uint8 codes oneDNN reads
+            self._x_scale, self._x_zero_point = float(self.act_scale), int(self.act_zero_point) + UINT8_OFFSET
 
     def forward(self, x: Tensor) -> Tensor:
         shape = x.shape
         if not shape or shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: expected input [..., {self.in_features}], got {list(shape)}")
-        if x.dtype == torch.int8:  # the input's codes, written by the layer before (fuse_feedforward_)
+        onednn = self._runs_onednn()
+        if x.dtype == torch.uint8:  # the input's codes, written by the layer before (fuse_feedforward_)
             if self.activation_granularity != "per_tensor":
                 raise TypeError(
-                    f"{type(self).__name__}: int8 input codes need a per-tensor input scale; this layer quantizes "
+                    f"{type(self).__name__}: input codes need a per-tensor input scale; this layer quantizes "
                     f"its input {self.activation_granularity}"
                 )
             q, out_dtype = x.reshape(-1, self.in_features), self.weight_scale.dtype  # the model's float dtype
+            if not onednn:
+                q = (q.to(torch.int16) - UINT8_OFFSET).to(torch.int8)
             scale, zero_point = self.act_scale, self.act_zero_point
         else:
-            q, scale, zero_point = self._quantize_input(x.reshape(-1, self.in_features).float())
+            q, scale, zero_point = self._quantize_input(x.reshape(-1, self.in_features).float(), unsigned=onednn)
             out_dtype = x.dtype
-        onednn = self._runs_onednn()
         if onednn and self.activation_granularity == "per_tensor":
             # the whole layer in oneDNN: the input's scale and zero point, the bias and the activation run in the
             # GEMM's epilogue, which writes the output once, in the input's dtype, or as the next layer's input codes
@@ -242,13 +247,15 @@ class QuantizedLinear(PrepackedLayer):
                 x_scale=self._x_scale,
                 x_zero_point=self._x_zero_point,
                 bias=self._packed_bias,
-                **self._epilogue(out_dtype, torch.int8),
+                **self._epilogue(out_dtype, torch.uint8),
             )
-            return (y if y.dtype == torch.int8 else y.to(out_dtype)).reshape(*shape[:-1], self.out_features)
+            return (y if y.dtype == torch.uint8 else y.to(out_dtype)).reshape(*shape[:-1], self.out_features)
         if onednn:
             # s_w (q_x . q_w) per output channel, float32, from oneDNN's int8 GEMM on the prepacked weight; the
             # per-token scales multiply after it
-            y = onednn_int8_mm(q, self._packed, self._packed_scale, self._packed_zero_point).mul_(scale.reshape(-1, 1))
+            y = onednn_int8_mm(
+                q, self._packed, self._packed_scale, self._packed_zero_point, x_zero_point=UINT8_OFFSET
+            ).mul_(scale.reshape(-1, 1))
         else:
             acc = int8_mm(q, self._wt)
             if acc.shape[1] != self.out_features:
@@ -268,10 +275,11 @@ class QuantizedLinear(PrepackedLayer):
             y = y.add_(self.bias)
         return apply_activation(y, self.activation).to(out_dtype).reshape(*shape[:-1], self.out_features)
 
-    def _quantize_input(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        # int8 codes of a float32 [rows, in_features] input, with their scale and zero point: the codes of
-        # quantize_codes (what the fake quantizer computed), with fewer passes over the input (a per-token symmetric
-        # scale maps every row into [-qmax, qmax] already, so its clamp is skipped)
+    def _quantize_input(self, x: Tensor, *, unsigned: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        # the codes of a float32 [rows, in_features] input, with their scale and zero point: the codes of
+        # quantize_codes (what the fake quantizer computed), int8, or with unsigned=True uint8 plus UINT8_OFFSET (what
+        # oneDNN reads), with fewer passes over the input (a per-token symmetric scale maps every row into
+        # [-qmax, qmax] already, so its clamp is skipped)
         qmin, qmax = quant_range(self.activation_bit, self.activation_symmetric)
         if self.activation_granularity == "per_token":
             scale, zero_point = row_qparams(x, self.activation_bit, self.activation_symmetric)
@@ -282,6 +290,8 @@ class QuantizedLinear(PrepackedLayer):
             q.add_(zero_point)
         if not (self.activation_symmetric and self.activation_granularity == "per_token"):
             q.clamp_(qmin, qmax)
+        if unsigned:
+            return q.add_(UINT8_OFFSET).to(torch.uint8), scale, zero_point
         return q.to(torch.int8), scale, zero_point
 
     def get_extra_state(self) -> dict[str, Any]:
@@ -302,7 +312,7 @@ class QuantizedLinear(PrepackedLayer):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"W{self.weight_bit}A{self.activation_bit}, {self.activation_granularity}"
             + (f", activation={self.activation}" if self.activation else "")
-            + (", writes the next layer's int8 input codes" if self._codes_for else "")
+            + (", writes the next layer's uint8 input codes" if self._codes_for else "")
         )
 
 
@@ -316,10 +326,10 @@ def fuse_feedforward_(module: nn.Module) -> int:
       of as a separate pass over the ``[tokens, hidden]`` output (GELU's ``erf`` alone cost about as much as the
       layer's integer GEMM at VQA's width).
     * When the activation folded and ``fc1`` and ``fc2`` both take per-tensor inputs, ``fc2`` 8-bit ones, ``fc1``
-      writes ``fc2``'s int8 input codes directly on that path (in eval mode), instead of floats that ``fc2`` would
-      read back to quantize; ``fc2`` then returns the model's float dtype (float32, or bf16 after
-      ``.to(torch.bfloat16)``). oneDNN clamps the codes to ``[-128, 127]`` where a symmetric fake quantizer stops at
-      -127: the two differ only for an output below ``-127.5`` times ``fc2``'s input scale, which a GELU output (at
+      writes ``fc2``'s input codes (uint8, offset by 128) directly on that path (in eval mode), instead of floats that
+      ``fc2`` would read back to quantize; ``fc2`` then returns the model's float dtype (float32, or bf16 after
+      ``.to(torch.bfloat16)``). oneDNN clamps the codes to ``[0, 255]``, i.e. ``[-128, 127]`` before the offset,
+      where a symmetric fake quantizer stops at -127: the two differ only for an output below ``-127.5`` times ``fc2``'s input scale, which a GELU output (at
       least -0.17) reaches only when ``fc2``'s whole input range is below 0.17, and a ReLU output never.
     """
     count = 0

@@ -31,7 +31,14 @@ __all__ = [
     "onednn_prepack",
     "pack_int4",
     "unpack_int4",
+    "UINT8_OFFSET",
 ]
+
+#: oneDNN's int8 kernels read unsigned input codes: a layer's int8 codes ``q`` (zero point ``z``) travel as ``q + 128``
+#: with zero point ``z + 128``, which stand for the same values. Signed inputs would do on CPUs with AMX, but on those
+#: with VNNI alone (AMD Zen 4, Intel before Sapphire Rapids) oneDNN 3.x runs a signed-input GEMM on its reference
+#: kernel (``ref_int8``), a thousand times slower than its VNNI kernel for the same unsigned GEMM.
+UINT8_OFFSET = 128
 
 
 def pack_int4(codes: Tensor) -> Tensor:
@@ -135,11 +142,12 @@ def onednn_int8_mm(
     output_zero_point: int = 0,
 ) -> Tensor:
     """``act(x_scale * weight_scale * ((a - x_zero_point) @ w.T) + bias)``, ``[M, N]`` in ``out_dtype``: oneDNN's int8
-    GEMM of ``a`` (int8 ``[M, K]``) and a weight prepacked by :func:`onednn_prepack` (int8 ``[N, K]`` codes), scaled
+    GEMM of ``a`` (uint8 ``[M, K]`` codes, see :data:`UINT8_OFFSET`) and a weight prepacked by :func:`onednn_prepack`
+    (int8 ``[N, K]`` codes), scaled
     per output channel (``weight_scale`` float32 ``[N]``; ``zero_point`` int64 zeros ``[N]``, symmetric weights), with
     the input's scale and zero point, the bias and the activation (a key of :data:`ACTIVATIONS`) applied in the
-    GEMM's epilogue. With ``out_dtype=torch.int8`` the epilogue writes codes ``clamp(round(y / output_scale) +
-    output_zero_point, -128, 127)`` instead."""
+    GEMM's epilogue. With ``out_dtype=torch.uint8`` the epilogue writes codes ``clamp(round(y / output_scale) +
+    output_zero_point, 0, 255)`` instead."""
     post_op, algorithm = ACTIVATIONS[activation] if activation else ("none", "")
     return torch.ops.onednn.qlinear_pointwise(
         a,
