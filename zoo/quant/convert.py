@@ -329,8 +329,9 @@ def fuse_feedforward_(module: nn.Module) -> int:
       writes ``fc2``'s input codes (uint8, offset by 128) directly on that path (in eval mode), instead of floats that
       ``fc2`` would read back to quantize; ``fc2`` then returns the model's float dtype (float32, or bf16 after
       ``.to(torch.bfloat16)``). oneDNN clamps the codes to ``[0, 255]``, i.e. ``[-128, 127]`` before the offset,
-      where a symmetric fake quantizer stops at -127: the two differ only for an output below ``-127.5`` times ``fc2``'s input scale, which a GELU output (at
-      least -0.17) reaches only when ``fc2``'s whole input range is below 0.17, and a ReLU output never.
+      where a symmetric fake quantizer stops at -127: the two differ only for an output below ``-127.5`` times
+      ``fc2``'s input scale, which a GELU output (at least -0.17) reaches only when ``fc2``'s whole input range is
+      below 0.17, and a ReLU output never.
     """
     count = 0
     for ffn in module.modules():
