@@ -14,6 +14,7 @@ Every integer policy quantizes the image encoder's convolutions too (``conv_bit`
 
     python benchmarks/qat.py --mode latency                       # CPU here (about 4 minutes on 2 quiet cores)
     python benchmarks/qat.py --mode latency --device cuda         # H200: bf16 baseline
+    python benchmarks/qat.py --mode latency --sweep-only --sweep-batches 64 256   # the whole VQA forward alone
 
 ``--mode profile`` (CPU by default): where the time of one VQA forward goes, fp32 against the converted int8 model
 (and, on the CPU, the compiled int8 model with bf16 float operations against the float model compiled in bf16),
@@ -405,7 +406,7 @@ def latency_mode(args) -> None:
         torch.set_num_threads(threads)
         key = f"threads={threads}"
         results[key] = {}
-        for scope in ("vqa", "mie"):
+        for scope in () if args.sweep_only else ("vqa", "mie"):
             fns = {
                 name: _call(
                     m.model.fusion if scope == "mie" else m, tokens if scope == "mie" else inputs, dtype, device
@@ -414,10 +415,11 @@ def latency_mode(args) -> None:
             }
             print(f"timing {scope} with {threads} threads: {list(fns)}", file=sys.stderr)
             results[key][scope] = side_by_side(fns, reps=args.reps, device=device, base=base)
-        fns = {name: _call(m, wide_tokens, float_dtype, device) for name, m in wide_variants.items()}
-        results[key]["mie_d768"] = side_by_side(fns, reps=args.reps, device=device, base=base)
-        results[key]["ffn_layer"] = _ffn_layer(device, args.reps, args.compile)
-        if device == "cpu":
+        if not args.sweep_only:
+            fns = {name: _call(m, wide_tokens, float_dtype, device) for name, m in wide_variants.items()}
+            results[key]["mie_d768"] = side_by_side(fns, reps=args.reps, device=device, base=base)
+            results[key]["ffn_layer"] = _ffn_layer(device, args.reps, args.compile)
+        if device == "cpu" and not args.sweep_only:
             results[key]["attention_layer"] = _attention_layer(args.reps)
         if args.sweep_batches:
             results[key]["vqa_by_batch"] = _batch_sweep(model, variants, args, device, base)
@@ -845,6 +847,8 @@ def main() -> None:
     parser.add_argument("--sweep-batches", type=int, nargs="*", default=[16, 64, 256],
                         help="latency: batch sizes of the whole-VQA sweep (none: no sweep)")  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--sweep-only", action="store_true",
+                        help="latency: the --sweep-batches rows alone (minutes, not an hour)")  # fmt: skip
     parser.add_argument("--threads", type=int, nargs="*", default=None,
                         help="latency: thread counts to time with, e.g. 1 2 (default: torch's)")  # fmt: skip
     # accuracy mode

@@ -186,7 +186,9 @@ def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: s
             ref_norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), max_norm, foreach=True)
             norm = clip_grad_norm_(model.parameters(), max_norm)
             assert not isinstance(norm, DTensor)
-            torch.testing.assert_close(norm, ref_norm, rtol=1e-5, atol=0)
+            # the gradients' rounding differences (inductor's fused kernels sum in their own order: 1.3e-5 on an
+            # AMD Zen 4 CPU); a norm that missed the other ranks' shards is off by tens of percent
+            torch.testing.assert_close(norm, ref_norm, rtol=1e-4, atol=0)
             for optimizer in (opt_ref, opt):
                 optimizer.step()
                 optimizer.zero_grad()
