@@ -108,6 +108,7 @@ def _batch_adjustment(args) -> dict:
 
 def _model_flags(args) -> list[str]:
     w, h = args.width, args.heads
+    compile_ = "{whole_fusion: true}" if args.whole_fusion else "true"
     return [
         f"--model.init_args.encoders.image.init_args.dim={w}",
         f"--model.init_args.encoders.text.init_args.dim={w}",
@@ -119,7 +120,7 @@ def _model_flags(args) -> list[str]:
         f"--model.init_args.fusion.init_args.modality_fusion_layers={max(1, 2 * args.depth // 3)}",
         f"--data.init_args.batch_size={args.batch_size}",
         f"--data.init_args.num_workers={args.num_workers}",
-        *(["--model.init_args.compile=true"] if args.compile else []),
+        *([f"--model.init_args.compile={compile_}"] if args.compile else []),
     ]
 
 
@@ -211,6 +212,8 @@ def main() -> None:
     parser.add_argument("--dba-global-batch", type=int, default=4096, help="the *_dba variants' global batch")
     parser.add_argument("--num-workers", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="the task's compile: true in every variant")
+    parser.add_argument("--whole-fusion", action="store_true",
+                        help="with --compile: compile {whole_fusion: true}, MIE one graph under FSDP2 too")  # fmt: skip
     parser.add_argument("--precision", default=None, help="default: bf16-mixed on a GPU, 32-true on the CPU")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--work-dir", default="/tmp/zoo_parallel")
