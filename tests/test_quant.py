@@ -487,6 +487,14 @@ def test_fc1_writes_fc2_codes_only_for_an_8_bit_per_tensor_fc2():
     assert not per_token.fc1._codes_for
     with pytest.raises(TypeError, match="input codes need a per-tensor input scale"):
         per_token.fc2(torch.zeros(3, 64, dtype=torch.uint8))
+    # fc2 reads its input codes as fc1 writes them (uint8, plus 128) or as int8, on either path
+    codes = torch.randint(-127, 128, (5, 64), dtype=torch.int8)
+    shifted = (codes.to(torch.int16) + 128).to(torch.uint8)
+    for fc2 in (chained.fc2, _int_mm_twin(chained).fc2):
+        with torch.no_grad():
+            torch.testing.assert_close(fc2(codes), fc2(shifted), rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(chained.fc2(codes), _int_mm_twin(chained).fc2(codes), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.skipif(not ONEDNN, reason="oneDNN's int8 GEMM runs on x86 CPUs")

@@ -223,15 +223,18 @@ class QuantizedLinear(PrepackedLayer):
         if not shape or shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: expected input [..., {self.in_features}], got {list(shape)}")
         onednn = self._runs_onednn()
-        if x.dtype == torch.uint8:  # the input's codes, written by the layer before (fuse_feedforward_)
+        if x.dtype in (torch.int8, torch.uint8):
+            # the input's codes: uint8 (plus UINT8_OFFSET) as the layer before writes them (fuse_feedforward_), or
+            # int8; each path takes its own
             if self.activation_granularity != "per_tensor":
                 raise TypeError(
                     f"{type(self).__name__}: input codes need a per-tensor input scale; this layer quantizes "
                     f"its input {self.activation_granularity}"
                 )
             q, out_dtype = x.reshape(-1, self.in_features), self.weight_scale.dtype  # the model's float dtype
-            if not onednn:
-                q = (q.to(torch.int16) - UINT8_OFFSET).to(torch.int8)
+            wanted, offset = (torch.uint8, UINT8_OFFSET) if onednn else (torch.int8, -UINT8_OFFSET)
+            if q.dtype != wanted:
+                q = (q.to(torch.int16) + offset).to(wanted)
             scale, zero_point = self.act_scale, self.act_zero_point
         else:
             q, scale, zero_point = self._quantize_input(x.reshape(-1, self.in_features).float(), unsigned=onednn)
