@@ -24,6 +24,19 @@ ROOT = RESULTS.parents[1]
 ENV_THAT_TIMES = ("GLIBC_TUNABLES", "LD_PRELOAD", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "KMP_AFFINITY")
 
 
+def cpu_model() -> str:
+    """The CPU's name, core count and the instruction set torch dispatches to, e.g. ``"AMD EPYC, 2 cores, AVX512"``:
+    which CPU ran a result matters (oneDNN's int8 kernels differ between CPUs with AMX and without)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                return f"{name}, {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
+    except OSError:
+        pass
+    return "unknown"
+
+
 def machine() -> dict:
     """Where a result was measured: host, CPU, GPU, library versions, date."""
     info = {
@@ -31,6 +44,7 @@ def machine() -> dict:
         "host": platform.node(),
         "python": platform.python_version(),
         "cpu": platform.processor() or platform.machine(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch": torch.__version__,
         "cuda": torch.version.cuda,

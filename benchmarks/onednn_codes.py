@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
 import torch  # noqa: E402
-from _common import table, write_result  # noqa: E402
+from _common import cpu_model, table, write_result  # noqa: E402
 
 from zoo.quant.kernels import UINT8_OFFSET, onednn_int8_mm, onednn_prepack  # noqa: E402
 
@@ -91,10 +91,8 @@ def main() -> None:
         row = {"shape": f"{m}x{k}x{n}", **time_shape(m, k, n, args.reps)}
         row["int8 / uint8 time"] = round(row["int8_ms"] / row["uint8_ms"], 2)
         rows.append(row)
-    from qat import _cpu_model
-
     payload = {
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "amx": bool(torch.cpu._is_amx_tile_supported()),
         "threads": torch.get_num_threads(),
         "kernels": kernel_names(),

@@ -67,6 +67,7 @@ import torch._inductor.config  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import (  # noqa: E402
     ValidationHistory,
+    cpu_model,
     finished_runs,
     launch,
     table,
@@ -313,6 +314,31 @@ def _call(module: nn.Module, inputs: Any, autocast_dtype: torch.dtype | None, de
     return call
 
 
+def _wide_variants(tokens: dict, batch: int, base: str, device: str, compile_: bool) -> tuple[dict, dict]:
+    """The same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights), float and integer, on
+    tokens of ``tokens``' lengths: how the integer speed-up grows when the GEMMs, not the float operations around
+    them, dominate. Returns the variants by name and their input tokens."""
+    torch.manual_seed(0)
+    wide = MIE(modalities=("image", "text"), dim=768, depth=2, num_heads=12, modality_fusion_layers=1).to(device).eval()
+    wide_tokens = {
+        m: Tokens.dense(torch.randn(batch, t.embeddings.shape[1], 768, device=device)) for m, t in tokens.items()
+    }
+    wide_int8, wide_per_tensor, wide_attention = (
+        _integer(wide, policy, wide_tokens) for policy in ("int8", "int8_per_tensor", "int8_per_tensor_attention")
+    )
+    wide_variants = {base: wide, "int8": wide_int8, "int8_per_tensor": wide_per_tensor}
+    if device == "cpu":
+        wide_variants["int8, torch._int_mm (no oneDNN packing)"] = _without_onednn_packing(wide_int8)
+    if compile_:
+        wide_variants |= {
+            f"{base}_compiled": _compiled(wide),
+            "int8_compiled": _compiled(wide_int8),
+            "int8_per_tensor_compiled": _compiled(wide_per_tensor),
+            "int8_per_tensor_attention_compiled": _compiled(wide_attention),
+        }
+    return wide_variants, wide_tokens
+
+
 def latency_mode(args) -> None:
     device = args.device
     if device == "cuda" and not torch.cuda.is_available():
@@ -380,27 +406,8 @@ def latency_mode(args) -> None:
                 None,
             )
             variants["bf16 autocast, float model compiled (reference)"] = (_compiled(model), torch.bfloat16)
-    # the same fusion transformer at a ViT-B width (768, FFN 3072; two blocks, fresh weights): how the integer
-    # speed-up grows when the GEMMs, not the float operations around them, dominate
-    torch.manual_seed(0)
-    wide = MIE(modalities=("image", "text"), dim=768, depth=2, num_heads=12, modality_fusion_layers=1).to(device).eval()
     wide_batch = max(1, batch // 4)
-    wide_tokens = {
-        m: Tokens.dense(torch.randn(wide_batch, t.embeddings.shape[1], 768, device=device)) for m, t in tokens.items()
-    }
-    wide_int8, wide_per_tensor, wide_attention = (
-        _integer(wide, policy, wide_tokens) for policy in ("int8", "int8_per_tensor", "int8_per_tensor_attention")
-    )
-    wide_variants = {base: wide, "int8": wide_int8, "int8_per_tensor": wide_per_tensor}
-    if device == "cpu":
-        wide_variants["int8, torch._int_mm (no oneDNN packing)"] = _without_onednn_packing(wide_int8)
-    if args.compile:
-        wide_variants |= {
-            f"{base}_compiled": _compiled(wide),
-            "int8_compiled": _compiled(wide_int8),
-            "int8_per_tensor_compiled": _compiled(wide_per_tensor),
-            "int8_per_tensor_attention_compiled": _compiled(wide_attention),
-        }
+    wide = None if args.sweep_only else _wide_variants(tokens, wide_batch, base, device, args.compile)
     results: dict[str, Any] = {}
     for threads in args.threads or [torch.get_num_threads()]:
         torch.set_num_threads(threads)
@@ -415,7 +422,8 @@ def latency_mode(args) -> None:
             }
             print(f"timing {scope} with {threads} threads: {list(fns)}", file=sys.stderr)
             results[key][scope] = side_by_side(fns, reps=args.reps, device=device, base=base)
-        if not args.sweep_only:
+        if wide is not None:
+            wide_variants, wide_tokens = wide
             fns = {name: _call(m, wide_tokens, float_dtype, device) for name, m in wide_variants.items()}
             results[key]["mie_d768"] = side_by_side(fns, reps=args.reps, device=device, base=base)
             results[key]["ffn_layer"] = _ffn_layer(device, args.reps, args.compile)
@@ -426,7 +434,7 @@ def latency_mode(args) -> None:
     payload = {
         "mode": "latency",
         "device": device,
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "batch_size": batch,
         "tokens_per_example": sum(t.embeddings.shape[1] for t in tokens.values()) + 1,
         "scopes": {
@@ -519,7 +527,7 @@ def profile_mode(args) -> None:
             "int8_per_tensor_attention_compiled": (_compiled(attention), None),
             "bf16 autocast, float model compiled": (_compiled(model), torch.bfloat16),
         }
-    rows, payload = [], {"mode": "profile", "device": device, "cpu_model": _cpu_model(), "batch_size": batch}
+    rows, payload = [], {"mode": "profile", "device": device, "cpu_model": cpu_model(), "batch_size": batch}
     for name, (m, dtype) in variants.items():
         call = _call(m.to(device), inputs, dtype, device)
         with torch.inference_mode():
@@ -584,19 +592,6 @@ def _inductor_kernels(per_forward: dict[str, float]) -> dict[str, float]:
             kind = "other fused loops"
         kinds[kind] = kinds.get(kind, 0.0) + ms
     return {k: round(v, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return (
-                    line.split(":", 1)[1].strip()
-                    + f", {os.cpu_count()} cores, {torch.backends.cpu.get_cpu_capability()}"
-                )
-    except OSError:
-        pass
-    return "unknown"
 
 
 def _print_latency(payload: dict) -> None:
