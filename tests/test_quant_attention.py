@@ -147,6 +147,7 @@ def test_converted_product_equals_fake_quant_and_saves_with_weights_only(tmp_pat
     mask = _masks()["float"]
     product = _calibrated(q, k, v, mask)
     converted = QuantizedScaledDotProduct.from_qat(product)
+    converted.exact = True
     with torch.no_grad():
         assert torch.equal(converted(q, k, v, mask), product(q, k, v, mask))
 
@@ -166,6 +167,36 @@ def test_converted_product_equals_fake_quant_and_saves_with_weights_only(tmp_pat
         assert torch.equal(loaded(x).pooled, integer(x).pooled)
 
 
+@pytest.mark.parametrize("mask_kind", ["bool", "float", None])
+def test_converted_product_without_the_kernel_runs_float_sdpa_on_the_codes(mask_kind):
+    q, k, v = _qkv(length=64)
+    mask = None if mask_kind is None else _masks(length=64)[mask_kind]
+    converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
+    exact = copy.deepcopy(converted)
+    exact.exact = True
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = converted(q, k, v, mask)
+    ops = {event.key for event in prof.key_averages()}
+    # one fused SDPA call, no [B, H, T, T] logits written out by two batched GEMMs
+    assert any("scaled_dot_product" in op for op in ops) and not any("bmm" in op for op in ops), ops
+    with torch.no_grad():
+        double_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+        reference = F.scaled_dot_product_attention(*(t.double() for t in (q, k, v)), attn_mask=double_mask)
+        error = (got.double() - reference).abs().mean().item()
+        exact_error = (exact(q, k, v, mask).double() - reference).abs().mean().item()
+    # what it drops is the probabilities' rounding to codes of 1/255, noise the model learnt to tolerate: without it
+    # the output is closer to float attention than the trained arithmetic's
+    assert error < exact_error, (error, exact_error)
+
+
+def test_converted_product_below_8_bits_keeps_the_trained_arithmetic():
+    q, k, v = _qkv()
+    product = _calibrated(q, k, v, None, bits=6)
+    converted = QuantizedScaledDotProduct.from_qat(product)
+    with torch.no_grad():
+        assert torch.equal(converted(q, k, v), product(q, k, v))
+
+
 def test_unobserved_attention_refuses_to_convert():
     qat = quantize_(_mie(), attention_bit=8, activation_granularity="per_tensor").eval()
     with pytest.raises(ConfigError, match="blocks.0"):
@@ -180,6 +211,7 @@ def test_compiled_product_runs_the_integer_kernel_within_one_output_code(heads):
     q, k, v = _qkv(heads=heads)
     mask = _masks()["float"]
     converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask)).eval()
+    converted.exact = True  # the eager reference: the kernel's arithmetic, probabilities rounded to codes
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(converted), dynamic=False)
     with torch.no_grad():

@@ -22,9 +22,17 @@ class ScaledDotProduct(nn.Module):
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
     ) -> Tensor:
-        if attn_mask is not None and attn_mask.dtype != torch.bool:
-            attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
+        return scaled_dot_product(q, k, v, attn_mask, dropout_p)
+
+
+def scaled_dot_product(
+    q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` with the mask of :class:`ScaledDotProduct`'s contract: bool (``True`` = may
+    attend) or float (added to the logits) in any dtype."""
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(q.dtype)  # SDPA wants a float mask in the query's dtype (bf16 under autocast)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 class SelfAttention(nn.Module):

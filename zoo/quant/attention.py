@@ -10,8 +10,12 @@ The projections around it (``qkv``, ``proj``) are quantized linears; this module
 * :class:`QuantizedScaledDotProduct` (what :func:`zoo.quant.convert_` makes of it) keeps those scales. On an x86 CPU
   with AMX, under ``torch.compile``, at 8 bits, it runs torchao's int8 attention: inductor generates the kernel from
   torchao's C++ template (``torchao.prototype.inductor``; uint8 ``q k^T`` and ``p v`` on AMX tiles, the softmax in
-  float32 between them, the probabilities and the output written as codes). Everywhere else (eager mode, a GPU, no
-  torchao, other bit widths, a single head) it runs :func:`quantized_product`, the same arithmetic QAT trained with.
+  float32 between them, the probabilities and the output written as codes). Everywhere else (eager mode, a GPU, a CPU
+  without AMX, no torchao, a single head) there is no integer attention kernel to run, so at 8 bits it runs float
+  SDPA on the dequantized query, key and value codes and quantizes its output: the trained arithmetic but for the
+  probabilities' rounding, and as fast as the float model's attention. ``exact=True``, or another bit width, runs
+  :func:`quantized_product` instead, the arithmetic QAT trained with, which writes the ``[B, H, T, T]`` logits and
+  probabilities out and ran at about half the speed of float SDPA on a CPU without AMX (README, "QAT").
 
 Why torchao here, when the linears use core PyTorch's kernels: core PyTorch 2.11 has no int8 attention, and torchao
 0.18's x86 template needs no compiled extension of its own (its PyPI wheel ships CUDA extensions only; inductor
@@ -29,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import ConfigError
-from zoo.layers.attention import ScaledDotProduct
+from zoo.layers.attention import ScaledDotProduct, scaled_dot_product
 from zoo.quant.fake_quant import (
     FakeQuantizer,
     QuantMethod,
@@ -154,13 +158,26 @@ class QuantizedScaledDotProduct(nn.Module):
     """The integer form of :class:`QATScaledDotProduct`: ``[B, H, T, Dh]`` three times -> ``[B, H, T, Dh]`` in the
     query's dtype, from 8-bit codes of the query, key, value and probabilities (see the module docstring for where
     the integer kernel runs). The buffers ``scale`` and ``zero_point`` hold the four static quantizers' parameters,
-    in the order of :data:`TENSORS`."""
+    in the order of :data:`TENSORS`.
+
+    ``exact``: where the integer kernel does not run, run the fake-quantized model's arithmetic (its output to the
+    last bit) rather than float SDPA on the dequantized codes (the default at 8 bits: the probabilities are not
+    rounded to their codes, an error of at most 1/510 each, and no ``[B, H, T, T]`` tensor is written out). A runtime
+    choice, not saved with the state dict; set it on a loaded model with ``layer.exact = True``.
+    """
 
     zoo_converted = True
 
-    def __init__(self, *, bits: int = 8, symmetric: bool = True, device: torch.device | str | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        bits: int = 8,
+        symmetric: bool = True,
+        exact: bool = False,
+        device: torch.device | str | None = None,
+    ) -> None:
         super().__init__()
-        self.bits, self.symmetric = check_bits(bits, "attention_bit"), symmetric
+        self.bits, self.symmetric, self.exact = check_bits(bits, "attention_bit"), symmetric, exact
         self.register_buffer("scale", torch.ones(len(TENSORS), device=device))
         self.register_buffer("zero_point", torch.zeros(len(TENSORS), device=device))
         self.register_load_state_dict_post_hook(lambda module, _: module._refresh())
@@ -193,7 +210,10 @@ class QuantizedScaledDotProduct(nn.Module):
         if self._runs_kernel(q, dropout_p):
             return self._integer(q, k, v, attn_mask)
         quantize = {name: functools.partial(self._fake_quantize, i) for i, name in enumerate(TENSORS)}
-        return quantized_product(q, k, v, attn_mask, quantize, self.bits, dropout_p)
+        if self.exact or self.bits != 8:  # below 8 bits the probabilities' rounding is too coarse to drop
+            return quantized_product(q, k, v, attn_mask, quantize, self.bits, dropout_p)
+        q, k, v = quantize["q"](q), quantize["k"](k), quantize["v"](v)
+        return quantize["out"](scaled_dot_product(q, k, v, attn_mask, dropout_p))
 
     def _fake_quantize(self, index: int, x: Tensor) -> Tensor:
         # the trained quantizer's arithmetic on its frozen scale, held as a tensor as the quantizer held it, so that the
@@ -248,4 +268,5 @@ class QuantizedScaledDotProduct(nn.Module):
             raise ValueError(f"QuantizedScaledDotProduct: state dict configuration {state} differs from this layer's")
 
     def extra_repr(self) -> str:
-        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}"
+        exact = ", exact" if self.exact else ""
+        return f"bits={self.bits}, {'symmetric' if self.symmetric else 'asymmetric'}{exact}"
