@@ -197,6 +197,21 @@ def test_converted_product_below_8_bits_keeps_the_trained_arithmetic():
         assert torch.equal(converted(q, k, v), product(q, k, v))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("exact", [False, True])
+def test_converted_product_on_cuda_matches_cpu(exact):
+    q, k, v = _qkv()
+    mask = _masks()["bool"]
+    converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
+    converted.exact = exact
+    with torch.no_grad():
+        cpu = converted(q, k, v, mask)
+        cuda = copy.deepcopy(converted).cuda()(q.cuda(), k.cuda(), v.cuda(), mask.cuda()).cpu()
+    steps = ((cuda - cpu) / converted.scale[-1]).round().abs()
+    # the same codes but where the kernels' float summation orders put a value across a rounding boundary
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01, (steps.max(), (steps > 0).float().mean())
+
+
 def test_unobserved_attention_refuses_to_convert():
     qat = quantize_(_mie(), attention_bit=8, activation_granularity="per_tensor").eval()
     with pytest.raises(ConfigError, match="blocks.0"):
