@@ -168,16 +168,17 @@ def start_runs(
     return procs
 
 
-def launch(cmd: list[str], log: Path, index: int) -> subprocess.Popen:
+def launch(cmd: list[str], log: Path, index: int | None) -> subprocess.Popen:
     """Start one run of a benchmark in its own process, stdout and stderr to ``log``, the repository on its path.
 
     With several GPUs visible (all of the machine's, or those ``CUDA_VISIBLE_DEVICES`` lists), run ``index`` gets
-    the ``index mod count``-th, so that parallel runs spread over the GPUs instead of all sharing the first.
+    the ``index mod count``-th, so that parallel runs spread over the GPUs instead of all sharing the first;
+    ``index=None`` leaves it every visible GPU (a run that uses several).
     """
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     gpus = visible.split(",") if visible else [str(i) for i in range(torch.cuda.device_count())]
-    if len(gpus) > 1:
+    if index is not None and len(gpus) > 1:
         env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
     with open(log, "w") as out:  # the child keeps its own copy of the descriptor
         return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)

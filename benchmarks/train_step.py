@@ -286,7 +286,7 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--run-one", args.config, str(total), str(out),
                f"--profile-steps={args.profile_steps}", f"--sync-steps={args.sync_steps}",
                *common, *extra, *VARIANTS[name]]  # fmt: skip
-        proc = launch(cmd, work / f"{name}.log", 0)
+        proc = launch(cmd, work / f"{name}.log", None)  # one variant at a time: every GPU (--trainer.devices=N)
         proc.wait()
         if proc.returncode != 0 or not out.is_file():
             print(f"variant {name} failed:\n{(work / f'{name}.log').read_text()[-3000:]}", file=sys.stderr)
