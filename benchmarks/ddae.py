@@ -107,6 +107,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="post-hoc logit adjustment at evaluation (Menon et al. 2021): logits - tau * log(training class prior);\n"
         "not DDAE: a loss-free reference for what the head/tail trade-off allows (0: off)",
     )
+    p.add_argument(
+        "--feature-interpolation",
+        type=float,
+        default=0.0,
+        help="frozen encoder: add M * rarity_y points per training example of class y, each between the features of\n"
+        "two random examples of y (SMOTE, Chawla et al. 2002); not DDAE: a control for what new in-class points\n"
+        "give a head on frozen features, with no text to make (0: off)",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--weight-decay", type=float, default=0.05)
@@ -392,19 +400,25 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
         quality = np.concatenate([quality, aug.f1[kept].clip(0, 1) if use_filter else np.ones(len(kept))])
     pool_x = data["pool_x"]
     x = pool_x[torch.as_tensor(index)] if args.encoder == "minilm-frozen" else [pool_x[i] for i in index]
+    y = data["pool_y"][index]
+    if args.feature_interpolation:
+        if args.encoder != "minilm-frozen":
+            raise SystemExit("--feature-interpolation needs --encoder minilm-frozen (features, not texts)")
+        x, y = _interpolated(x, y, train_y, args.feature_interpolation, data["num_classes"])
+        quality = np.concatenate([quality, np.ones(len(y) - len(quality))])
     per_seed = {"val": [], "test": []}
     start = time.perf_counter()
     for seed in range(args.seeds):
         preds = train_and_test(
             args,
             train_x=x,
-            train_y=data["pool_y"][index],
+            train_y=y,
             quality=quality,
             resample=resample,
             eval_x=data["eval_x"],
             num_classes=data["num_classes"],
             seed=seed,
-            originals=len(train_y) if args.defer_augmentation else None,
+            originals=len(train_y) if args.defer_augmentation or args.feature_interpolation else None,
         )
         for split in per_seed:
             labels = data["eval_y"][split]
@@ -418,6 +432,26 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
     run["augment_seconds"] = (aug.augment_seconds + aug.score_seconds) if augment else 0.0
     run["rejected_fraction"] = float(1 - (aug.f1 >= args.threshold).mean()) if augment and use_filter else 0.0
     return run
+
+
+def _interpolated(
+    x: torch.Tensor, y: np.ndarray, train_y: np.ndarray, copies: float, num_classes: int
+) -> tuple[torch.Tensor, np.ndarray]:
+    """``x`` ``[N, D]`` and ``y`` with, appended, ``round(copies * rarity_y * n_y)`` points of each class ``y``, each
+    ``a + u (b - a)`` for two random original examples ``a``, ``b`` of ``y`` and ``u ~ U(0, 1)`` (seed 0); ``rarity_y``
+    as the augmenter's: 0 for the largest class, 1 for the smallest."""
+    n = np.bincount(train_y, minlength=num_classes)
+    rarity = np.log(n.max() / n) / np.log(n.max() / n.min())
+    rng = np.random.default_rng(0)
+    xs, ys = [x], [y]
+    for c in range(num_classes):
+        members = np.flatnonzero(train_y == c)  # the originals come first in x
+        k = int(round(copies * rarity[c] * len(members)))
+        if k:
+            a, b = x[rng.choice(members, k)], x[rng.choice(members, k)]
+            xs.append(a + torch.as_tensor(rng.random((k, 1)), dtype=x.dtype) * (b - a))
+            ys.append(np.full(k, c, dtype=y.dtype))
+    return torch.cat(xs), np.concatenate(ys)
 
 
 def main(argv: list[str] | None = None) -> dict:
