@@ -189,6 +189,20 @@ def test_converted_product_without_the_kernel_runs_float_sdpa_on_the_codes(mask_
     assert error < exact_error, (error, exact_error)
 
 
+def test_compiled_product_without_the_kernel_matches_eager():
+    q, k, v = _qkv()
+    mask = _masks()["bool"]
+    converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
+    converted._has_kernel = False  # as on a CPU without AMX, or without torchao
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(converted), dynamic=False, fullgraph=True)
+    with torch.no_grad():
+        expected, got = converted(q, k, v, mask), compiled(q, k, v, mask)
+    steps = ((got - expected) / converted.scale[-1]).round().abs()
+    # one graph, and the same codes but where inductor's fused float arithmetic crosses a rounding boundary
+    assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01, (steps.max(), (steps > 0).float().mean())
+
+
 def test_converted_product_below_8_bits_keeps_the_trained_arithmetic():
     q, k, v = _qkv()
     product = _calibrated(q, k, v, None, bits=6)
