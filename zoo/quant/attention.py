@@ -13,9 +13,11 @@ The projections around it (``qkv``, ``proj``) are quantized linears; this module
   float32 between them, the probabilities and the output written as codes). Everywhere else (eager mode, a GPU, a CPU
   without AMX, no torchao, a single head) there is no integer attention kernel to run, so at 8 bits it runs float
   SDPA on the dequantized query, key and value codes and quantizes its output: the trained arithmetic but for the
-  probabilities' rounding, and as fast as the float model's attention. ``exact=True``, or another bit width, runs
-  :func:`quantized_product` instead, the arithmetic QAT trained with, which writes the ``[B, H, T, T]`` logits and
-  probabilities out and ran at about half the speed of float SDPA on a CPU without AMX (README, "QAT").
+  probabilities' rounding, at the float kernel's speed plus the passes that quantize q, k, v and the output (on the
+  2-core AMD EPYC the compiled VQA forward ran 3-6% slower than without integer attention). ``exact=True``, or
+  another bit width, runs :func:`quantized_product` instead, the arithmetic QAT trained with, which writes the
+  ``[B, H, T, T]`` logits and probabilities out and ran at about half the speed of float SDPA on a CPU without AMX
+  (README, "QAT").
 
 Why torchao here, when the linears use core PyTorch's kernels: core PyTorch 2.11 has no int8 attention, and torchao
 0.18's x86 template needs no compiled extension of its own (its PyPI wheel ships CUDA extensions only; inductor
