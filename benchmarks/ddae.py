@@ -54,7 +54,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from _common import machine  # noqa: E402
 
 from datamodules._common import SeededShuffleSampler  # noqa: E402
-from datamodules.ddae.augment import TextAugmenter  # noqa: E402
+from datamodules.ddae.augment import TextAugmenter, rarity  # noqa: E402
 from datamodules.ddae.datamodule import frequency_groups  # noqa: E402
 from datamodules.ddae.filter import BERTScoreFilter, score_augmentations  # noqa: E402
 from datamodules.ddae.sampler import ClassAwareSampler  # noqa: E402
@@ -439,14 +439,13 @@ def _interpolated(
 ) -> tuple[torch.Tensor, np.ndarray]:
     """``x`` ``[N, D]`` and ``y`` with, appended, ``round(copies * rarity_y * n_y)`` points of each class ``y``, each
     ``a + u (b - a)`` for two random original examples ``a``, ``b`` of ``y`` and ``u ~ U(0, 1)`` (seed 0); ``rarity_y``
-    as the augmenter's: 0 for the largest class, 1 for the smallest."""
-    n = np.bincount(train_y, minlength=num_classes)
-    rarity = np.log(n.max() / n) / np.log(n.max() / n.min())
+    as the augmenter's (``datamodules.ddae.augment.rarity``): 0 for the largest class, 1 for the smallest."""
+    rarity_y = rarity(np.bincount(train_y, minlength=num_classes))
     rng = np.random.default_rng(0)
     xs, ys = [x], [y]
     for c in range(num_classes):
         members = np.flatnonzero(train_y == c)  # the originals come first in x
-        k = int(round(copies * rarity[c] * len(members)))
+        k = int(round(copies * rarity_y[c] * len(members)))
         if k:
             a, b = x[rng.choice(members, k)], x[rng.choice(members, k)]
             xs.append(a + torch.as_tensor(rng.random((k, 1)), dtype=x.dtype) * (b - a))

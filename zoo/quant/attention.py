@@ -45,6 +45,7 @@ from zoo.quant.fake_quant import (
     quant_range,
     quantize_codes,
 )
+from zoo.quant.kernels import UINT8_OFFSET
 
 __all__ = ["QATScaledDotProduct", "QuantizedScaledDotProduct", "integer_attention_kernel", "quantized_product"]
 
@@ -211,11 +212,11 @@ class QuantizedScaledDotProduct(nn.Module):
     ) -> Tensor:
         if self._runs_kernel(q, dropout_p):
             return self._integer(q, k, v, attn_mask)
-        quantize = {name: functools.partial(self._fake_quantize, i) for i, name in enumerate(TENSORS)}
         if self.exact or self.bits != 8:  # below 8 bits the probabilities' rounding is too coarse to drop
+            quantize = {name: functools.partial(self._fake_quantize, i) for i, name in enumerate(TENSORS)}
             return quantized_product(q, k, v, attn_mask, quantize, self.bits, dropout_p)
-        q, k, v = quantize["q"](q), quantize["k"](k), quantize["v"](v)
-        return quantize["out"](scaled_dot_product(q, k, v, attn_mask, dropout_p))
+        q, k, v = (self._fake_quantize(i, x) for i, x in enumerate((q, k, v)))
+        return self._fake_quantize(TENSORS.index("out"), scaled_dot_product(q, k, v, attn_mask, dropout_p))
 
     def _fake_quantize(self, index: int, x: Tensor) -> Tensor:
         # the trained quantizer's arithmetic on its frozen scale, held as a tensor as the quantizer held it, so that the
@@ -238,9 +239,9 @@ class QuantizedScaledDotProduct(nn.Module):
 
     def _integer(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
         qmin, qmax = quant_range(self.bits, self.symmetric)
-        # a signed code c is the unsigned c + 128, so the kernel's zero points are z + 128
+        # a signed code c is the unsigned c + UINT8_OFFSET (128), so the kernel's zero points are z + UINT8_OFFSET
         codes = [
-            (quantize_codes(x, self.scale[i], self.zero_point[i], qmin, qmax) + 128).to(torch.uint8)
+            (quantize_codes(x, self.scale[i], self.zero_point[i], qmin, qmax) + UINT8_OFFSET).to(torch.uint8)
             for i, x in enumerate((q, k, v))
         ]
         return self.integer_product(*codes, attn_mask)
@@ -258,9 +259,9 @@ class QuantizedScaledDotProduct(nn.Module):
         levels = 2**self.bits - 1
         out = torch.ops.torchao.qscaled_dot_product.default(
             q, k, v, attn_mask, 0.0, False, q.shape[-1] ** -0.5,
-            sq, zq + 128, sk, zk + 128, sv, zv + 128, 1.0 / levels, 0, so, zo + 128,
+            sq, zq + UINT8_OFFSET, sk, zk + UINT8_OFFSET, sv, zv + UINT8_OFFSET, 1.0 / levels, 0, so, zo + UINT8_OFFSET,
         )  # fmt: skip
-        return (out.float() - (zo + 128)) * so
+        return (out.float() - (zo + UINT8_OFFSET)) * so
 
     def get_extra_state(self) -> dict[str, Any]:
         return {"zoo_converted": "attention", "bits": self.bits, "symmetric": self.symmetric}
