@@ -31,7 +31,9 @@ FFN-A8, and W4A8 everywhere); ``qat_fixed4`` (W4A8 everywhere, schedule [4]); ``
 everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 -> 4, the shipped vqa_qat.yaml policy);
 ``qat_mixed_per_tensor`` and ``ptq_mixed_per_tensor`` (the mixed policy with static per-tensor input scales, the
 fastest integer path on x86 CPUs; PTQ observes them on 16 training batches). ``--ptq`` picks the post-training
-variants (default: all).
+variants (default: all but the low-bit ones). Run only when named: ``qat_w3ffn``/``ptq_w3ffn``, ``qat_w2ffn``/
+``ptq_w2ffn`` and ``qat_a4``/``ptq_a4``, the shipped policy (``*_mixed_per_tensor_attention``) with FFN weights at 3
+or 2 bits, or every input at 4 bits (``LOW_BITS``): where PTQ is expected to lose what QAT can recover.
 
 By default each QAT run trains from scratch as vqa_qat.yaml does (float for the first half, then the stages). With
 ``--finetune-epochs N`` the float run goes first and every QAT run starts from its final weights
@@ -108,6 +110,22 @@ POLICIES |= {
 #: the convolutions (the image encoder's stem, 8-bit in every policy above, as in the QAT configs) left in float:
 #: their share
 POLICIES["int8_per_tensor_float_convs"] = {**POLICIES["int8_per_tensor"], "conv_bit": None}
+#: below the issue's bits, where post-training quantization is expected to lose what QAT can recover: the shipped
+#: policy (mixed_per_tensor_attention) with FFN weights at 3 or 2 bits (ranges fitted by the MSE observer, PTQ and QAT
+#: alike: at these bits a min-max range rounds most weights to zero), or with every linear's and convolution's input
+#: at 4 bits (attention's operands stay at 8)
+LOW_BITS = {
+    **{
+        f"w{b}ffn": {
+            **POLICIES["mixed_per_tensor_attention"],
+            "overrides": {**DEFAULT_OVERRIDES, "*.ffn.fc1": b, "*.ffn.fc2": b},
+            "observer": "mse",
+        }
+        for b in (3, 2)
+    },
+    "a4": {**POLICIES["mixed_per_tensor_attention"], "activation_bit": 4},
+}
+POLICIES |= LOW_BITS
 #: accuracy variants: config, QAT schedule and quantize_ arguments (None: a float run), PTQ policies of the float runs.
 #: float_finetune (with --finetune-epochs only) continues the float run as the QAT fine-tunes do, without
 #: quantization: what the extra epochs alone give, and the weights of a second PTQ baseline (ptq_*_ft).
@@ -119,12 +137,16 @@ TRAINED = {
     "qat_mixed": ("vqa_qat.yaml", [8, 6, 4], POLICIES["mixed"]),
     "qat_mixed_per_tensor": ("vqa_qat.yaml", [8, 6, 4], POLICIES["mixed_per_tensor"]),
     "qat_mixed_per_tensor_attention": ("vqa_qat.yaml", [8, 6, 4], POLICIES["mixed_per_tensor_attention"]),
+    "qat_w3ffn": ("vqa_qat.yaml", [8, 6, 3], LOW_BITS["w3ffn"]),
+    "qat_w2ffn": ("vqa_qat.yaml", [8, 4, 2], LOW_BITS["w2ffn"]),
+    "qat_a4": ("vqa_qat.yaml", [8, 6, 4], LOW_BITS["a4"]),
 }
 PTQ = {
     "ptq_mixed": POLICIES["mixed"],
     "ptq_w4": POLICIES["w4"],
     "ptq_mixed_per_tensor": POLICIES["mixed_per_tensor"],
     "ptq_mixed_per_tensor_attention": POLICIES["mixed_per_tensor_attention"],
+    **{f"ptq_{name}": policy for name, policy in LOW_BITS.items()},
 }
 #: training batches the per-tensor input scales of a PTQ variant are observed on
 CALIBRATION_BATCHES = 16
@@ -768,14 +790,14 @@ def accuracy_mode(args, extra: list[str]) -> None:
     def launch_run(name: str, flags: list[str]) -> None:
         out = work / f"{name}.json"
         cmd = [sys.executable, __file__, "--run-one", name, str(out), "--reps", str(args.reps),
-               "--ptq", *(args.ptq or PTQ), *flags,
+               "--ptq", *(args.ptq or [p for p in PTQ if not _low_bits(p)]), *flags,
                f"--trainer.default_root_dir={work / name}"]  # fmt: skip
         procs[name] = (launch(cmd, work / f"{name}.log", len(procs)), out)
         if not args.parallel:
             procs[name][0].wait()
 
     if args.variants is None:
-        args.variants = [v for v in TRAINED if args.finetune_epochs or v != "float_finetune"]
+        args.variants = [v for v in TRAINED if (args.finetune_epochs or v != "float_finetune") and not _low_bits(v)]
     if "float_finetune" in args.variants and not args.finetune_epochs:
         raise SystemExit("--variants float_finetune: only with --finetune-epochs")
     qat_runs = [name for name in args.variants if name != "float"]
@@ -809,6 +831,11 @@ def accuracy_mode(args, extra: list[str]) -> None:
     print(f"wrote {path}")
 
 
+def _low_bits(variant: str) -> bool:
+    """Whether ``variant`` is one of the LOW_BITS runs (only when named: --variants, --ptq)."""
+    return variant.removeprefix("qat_").removeprefix("ptq_").removesuffix("_ft") in LOW_BITS
+
+
 def _accuracy_rows(results: dict[str, dict]) -> list[dict]:
     def pct(metrics: dict, key: str = "test/acc") -> str:
         return f"{100 * metrics[key]:.2f}%" if key in metrics else ""
@@ -821,6 +848,10 @@ def _accuracy_rows(results: dict[str, dict]) -> list[dict]:
             "qat_mixed": f"{mixed} [8,6,4]", "ptq_mixed_per_tensor": f"{mixed}, per-tensor A",
             "ptq_mixed_per_tensor_ft": f"{mixed}, per-tensor A",
             "qat_mixed_per_tensor": f"{mixed} [8,6,4], per-tensor A"}  # fmt: skip
+    for name, label in {"w3ffn": "W8 attn/W3 FFN-A8", "w2ffn": "W8 attn/W2 FFN-A8", "a4": f"{mixed[:-2]}A4"}.items():
+        schedule = TRAINED[f"qat_{name}"][1]
+        stages = ",".join(map(str, schedule))
+        bits |= {f"ptq_{name}": label, f"ptq_{name}_ft": label, f"qat_{name}": f"{label} [{stages}]"}
     rows = []
     for name, result in results.items():
         is_float = TRAINED[name][1] is None
