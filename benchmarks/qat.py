@@ -87,6 +87,7 @@ from zoo.quant import (  # noqa: E402
     calibrate,
     calibrating,
     convert_,
+    converted_layers,
     quantize_,
     save_converted,
     state_dict_bytes,
@@ -727,7 +728,8 @@ def run_one(
         converted = convert_(copy.deepcopy(qmodel).cpu())
         size = save_converted(converted, work / f"{variant}.pt")
         converted = converted.to(model.device)
-        entry = {"bytes": size, "fraction_of_float": round(size / result["float_bytes"], 4)}
+        entry = {"bytes": size, "fraction_of_float": round(size / result["float_bytes"], 4),
+                 "layers": converted_layers(converted)}  # fmt: skip
         if schedule is None:  # post-training quantized: the fake-quant model is a separate one
             entry["test_fake_quant"] = _test(trainer, qmodel, data)
         entry["test_converted"] = _test(trainer, converted, data)
@@ -823,8 +825,9 @@ def accuracy_mode(args, extra: list[str]) -> None:
         if result is not None:
             results[name] = result
         rows = _accuracy_rows(results)
-        columns = ["variant", "bits", "test acc", "fake-quant acc", "exact attention", "relational", "non-relational",
-                   "vs float", "vs float ft", "size", "of float", "GPU vs bf16", "CPU vs fp32"]  # fmt: skip
+        columns = ["variant", "bits", "weight bits run", "test acc", "fake-quant acc", "exact attention",
+                   "relational", "non-relational", "vs float", "vs float ft", "size", "of float", "GPU vs bf16",
+                   "CPU vs fp32"]  # fmt: skip
         print(table(rows, columns) + (f"\nstill running: {', '.join(pending)}" if pending else ""), flush=True)
         payload = {"settings": vars(args) | {"common": common}, "runs": results, "rows": rows, "pending": pending}
         path = write_result("qat_accuracy", payload, Path(args.out_dir))
@@ -866,6 +869,7 @@ def _accuracy_rows(results: dict[str, dict]) -> list[dict]:
             rows.append({
                 "variant": variant + (" (converted)" if variant != name or not is_float else ""),
                 "bits": bits.get(variant, ""),
+                "weight bits run": _linear_bits(entry),
                 "test acc": pct(metrics),
                 "fake-quant acc": pct(fake),
                 "exact attention": pct(entry.get("test_converted_exact_attention", {})),
@@ -879,6 +883,13 @@ def _accuracy_rows(results: dict[str, dict]) -> list[dict]:
                 "CPU vs fp32": _speed(latency.get("cpu"), "fp32"),
             })  # fmt: skip
     return rows
+
+
+def _linear_bits(entry: dict) -> str:
+    """The weight bits the converted linears run at, e.g. "8/4" (from ``converted_layers``): a run stopped before
+    its schedule's last stage shows bits above its targets here."""
+    bits = {int(kind.split()[1][1:].split("A")[0]) for kind in entry.get("layers", {}) if kind.startswith("linear ")}
+    return "/".join(map(str, sorted(bits, reverse=True)))
 
 
 def _speed(timing: dict | None, base: str) -> str:

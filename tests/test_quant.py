@@ -20,6 +20,7 @@ from zoo.quant import (
     QuantizedLinear,
     calibrating,
     convert_,
+    converted_layers,
     fuse_feedforward_,
     load_converted,
     pack_int4,
@@ -69,6 +70,31 @@ def test_quantize_dequantize_error_within_half_a_step_of_float64(bits, method, g
     # differ by one step, and are rare.
     steps = ((y - ref).abs() / scale64).round()
     assert steps.max() <= 1 and (steps > 0).float().mean() < 1e-3
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("method", ["symmetric", "asymmetric"])
+@pytest.mark.parametrize("shape", [(16, 97), (1024, 1024)])  # on the CPU: all 21 ratios at once, one at a time
+def test_mse_observer_picks_each_rows_best_clipping_ratio_of_the_grid(bits, method, shape):
+    from zoo.quant.fake_quant import _MSE_GRID, fake_quantize, qparams_from_range
+
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(bits)) * torch.logspace(-2, 1, shape[0])[:, None]
+    quantizer = FakeQuantizer(bits=bits, symmetric=method == "symmetric", granularity="per_channel",
+                              channels=shape[0], observer="mse")  # fmt: skip
+    quantizer.observe(w)
+    qmin, qmax = quant_range(bits, method == "symmetric")
+
+    def row_errors(lo, hi):
+        scale, zero_point = qparams_from_range(lo, hi, bits, method == "symmetric")
+        return (fake_quantize(w, scale, zero_point, qmin, qmax) - w).pow(2).sum(1)
+
+    lo, hi = w.amin(1, keepdim=True), w.amax(1, keepdim=True)
+    grid = torch.stack([row_errors(lo * r, hi * r) for r in _MSE_GRID])  # [ratios, rows], one ratio at a time
+    chosen = row_errors(quantizer.min_val, quantizer.max_val)
+    torch.testing.assert_close(chosen, grid.min(0).values, rtol=1e-5, atol=0)
+    assert (chosen <= row_errors(lo, hi) * (1 + 1e-5)).all()  # never worse than the min-max range (ratio 1.0)
+    if bits == 2:  # at 2 bits the min-max range rounds most weights to zero: clipping must win on most rows
+        assert (chosen < 0.9 * row_errors(lo, hi)).float().mean() > 0.9
 
 
 def test_error_halves_with_each_added_bit():
@@ -222,6 +248,18 @@ def test_converted_model_matches_fake_quant_model():
     quant_error = (unquantized - expected).abs()
     assert diff.max() < 0.25 * quant_error.max(), (diff.max(), quant_error.max())
     assert diff.mean() < 0.05 * quant_error.mean() + 1e-4, (diff.mean(), quant_error.mean())
+
+
+def test_conversion_before_the_last_stage_warns_and_converted_layers_reports_the_bits_run():
+    model = quantize_(_mie(depth=2, dim=32), attention_bit=8)  # attention projections 8, FFN 4 (DEFAULT_OVERRIDES)
+    with torch.no_grad(), calibrating(model):
+        model(_tokens())
+    set_schedule_bits(model, 6)  # a checkpoint of the 6-bit stage: the FFN layers still run above their 4-bit target
+    with pytest.warns(UserWarning, match=r"4 layers run above their target weight bits.*ffn\.fc1 \(6 > 4\)"):
+        early = convert_(copy.deepcopy(model))
+    assert converted_layers(early) == {"linear W8A8": 4, "linear W6A8": 4, "attention A8": 2}
+    set_schedule_bits(model, None)
+    assert converted_layers(convert_(model)) == {"linear W8A8": 4, "linear W4A8": 4, "attention A8": 2}
 
 
 def test_int4_codes_pack_two_per_byte_and_unpack_exactly():

@@ -633,7 +633,10 @@ def state_dict_bytes(module: nn.Module) -> int:
     return buffer.getbuffer().nbytes
 
 
-def _summary(module: nn.Module) -> dict[str, int]:
+def converted_layers(module: nn.Module) -> dict[str, int]:
+    """How many integer layers of each kind and bit width ``module`` holds, e.g. ``{"linear W4A8": 12, "attention A8":
+    7}``: the bits a converted model really runs at (a checkpoint from before the schedule's last stage converts
+    above its targets)."""
     counts: dict[str, int] = {}
     for m in module.modules():
         if isinstance(m, QuantizedLinear):
@@ -765,7 +768,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     size = save_converted(model, args.out, metadata=metadata)
     print(
-        f"converted {ckpt_path} -> {args.out}: {_summary(model)}; weights {size / 1e6:.2f} MB on disk, "
+        f"converted {ckpt_path} -> {args.out}: {converted_layers(model)}; weights {size / 1e6:.2f} MB on disk, "
         f"{size / float_bytes:.1%} of the float model's {float_bytes / 1e6:.2f} MB",
         file=sys.stderr,
     )

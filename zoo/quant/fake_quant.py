@@ -57,6 +57,10 @@ Granularity = Literal["per_channel", "per_token", "per_tensor"]
 Observer = Literal["minmax", "mse"]
 _EPS = 1e-12  # smallest scale: a row of zeros quantizes to zeros instead of dividing by zero
 _MSE_GRID = tuple(1.0 - 0.025 * i for i in range(21))  # clipping ratios 1.0 .. 0.5 tried by the MSE observer
+#: elements of the ``[ratios, channels, in]`` trial tensor the MSE observer builds at once, by device type (others:
+#: ``"default"``): on the CPU, chunks that stay in cache run as fast as one ratio at a time and larger ones slower; on
+#: a GPU, fewer and larger kernels (``benchmarks/mse_observer.py``)
+MSE_CHUNK_ELEMENTS = {"cpu": 1 << 18, "default": 1 << 24}
 
 
 def check_bits(bits: Any, key: str) -> int:
@@ -228,16 +232,19 @@ class FakeQuantizer(nn.Module):
         self.initialized = True
 
     def _mse_clip(self, w: Tensor, lo: Tensor, hi: Tensor) -> tuple[Tensor, Tensor]:
+        # several clipping ratios at once ([r, C, in] trial codes): QAT refits the ranges at every step, and one ratio
+        # at a time launched 21 times the kernels
         qmin, qmax = self.qrange
-        best_err = torch.full_like(lo, float("inf"))
-        best_lo, best_hi = lo.clone(), hi.clone()
-        for ratio in _MSE_GRID:
-            s, z = qparams_from_range(lo * ratio, hi * ratio, self.bits, self.symmetric)
-            err = (fake_quantize(w, s, z, qmin, qmax) - w).pow(2).sum(1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_lo, best_hi = torch.where(better, lo * ratio, best_lo), torch.where(better, hi * ratio, best_hi)
-        return best_lo, best_hi
+        ratios = torch.tensor(_MSE_GRID, dtype=w.dtype, device=w.device)[:, None, None]  # [R, 1, 1]
+        limit = MSE_CHUNK_ELEMENTS.get(w.device.type, MSE_CHUNK_ELEMENTS["default"])
+        per_chunk = max(1, limit // max(1, w.numel()))
+        errors = []
+        for chunk in ratios.split(per_chunk):
+            s, z = qparams_from_range(lo * chunk, hi * chunk, self.bits, self.symmetric)  # [r, C, 1]
+            errors.append((fake_quantize(w, s, z, qmin, qmax) - w).pow(2).sum(-1, keepdim=True))
+        best = torch.cat(errors).argmin(0)  # [C, 1]; the first minimum: of equal errors, the widest range
+        ratio = ratios.flatten()[best]
+        return lo * ratio, hi * ratio
 
     def _set_learned(self, lo: Tensor, hi: Tensor) -> None:
         s, z = qparams_from_range(lo, hi, self.bits, self.symmetric)
