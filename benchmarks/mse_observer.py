@@ -16,9 +16,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +25,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from _common import table, write_result  # noqa: E402
-from qat import LOW_BITS, _questions  # noqa: E402
+from qat import LOW_BITS, _questions, side_by_side  # noqa: E402
 
 from zoo.quant import fake_quant, quantize_  # noqa: E402
 
@@ -70,26 +68,14 @@ def main() -> None:
             optimizer.zero_grad(set_to_none=True)
 
         steps[name] = step
-    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for step in steps.values():  # warm-up
-        step(), step()
-    for _ in range(args.reps):
-        for name, step in steps.items():
-            sync()
-            start = time.perf_counter()
-            step()
-            sync()
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["minmax"])
+    timing = side_by_side(steps, reps=args.reps, device=args.device, base="minmax", inference=False)
     rows = [
-        {"observer": name, "step ms": f"{1e3 * statistics.median(ts):.1f}",
-         "against min-max": f"{statistics.median(ts) / base:.2f}x"}
-        for name, ts in times.items()
-    ]  # fmt: skip
+        {"observer": name, "step ms": f"{t['median_ms']:.1f}", "against min-max": f"{1 / t['speedup_vs_minmax']:.2f}x"}
+        for name, t in timing.items()
+    ]
     print(table(rows, ["observer", "step ms", "against min-max"]))
     payload = {"settings": vars(args) | {"batch_size": batch_size, "policy": "w2ffn"}, "rows": rows,
-               "times_s": times}  # fmt: skip
+               "timing": timing}  # fmt: skip
     print(f"wrote {write_result('mse_observer', payload, Path(args.out_dir))}")
 
 

@@ -154,12 +154,15 @@ CALIBRATION_BATCHES = 16
 
 
 # -- timing ------------------------------------------------------------------------------------------------------------
-def side_by_side(fns: dict[str, Callable[[], Any]], *, reps: int, device: str, base: str) -> dict[str, dict]:
+def side_by_side(
+    fns: dict[str, Callable[[], Any]], *, reps: int, device: str, base: str, inference: bool = True
+) -> dict[str, dict]:
     """Time every function in interleaved rounds (so that load from other processes hits all alike): per function the
-    median milliseconds, the ratio of medians against ``base`` and the median of the per-round ratios."""
+    median milliseconds, the ratio of medians against ``base`` and the median of the per-round ratios. ``inference``:
+    under ``torch.inference_mode`` (false for training steps)."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         for fn in fns.values():  # warm-up (and compilation)
             fn(), fn()
         sync()
