@@ -33,7 +33,8 @@ everywhere, 8 -> 6 -> 4); ``qat_mixed`` (W8 attention/W4 FFN-A8, 8 -> 6 -> 4, th
 fastest integer path on x86 CPUs; PTQ observes them on 16 training batches). ``--ptq`` picks the post-training
 variants (default: all but the low-bit ones). Run only when named: ``qat_w3ffn``/``ptq_w3ffn``, ``qat_w2ffn``/
 ``ptq_w2ffn`` and ``qat_a4``/``ptq_a4``, the shipped policy (``*_mixed_per_tensor_attention``) with FFN weights at 3
-or 2 bits, or every input at 4 bits (``LOW_BITS``): where PTQ is expected to lose what QAT can recover.
+or 2 bits, or every input at 4 bits (``LOW_BITS``): where PTQ is expected to lose what QAT can recover;
+``ptq_a4_mse`` calibrates the 4-bit input ranges with the MSE observer (``activation_observer="mse"``).
 
 By default each QAT run trains from scratch as vqa_qat.yaml does (float for the first half, then the stages). With
 ``--finetune-epochs N`` the float run goes first and every QAT run starts from its final weights
@@ -126,6 +127,8 @@ LOW_BITS = {
     },
     "a4": {**POLICIES["mixed_per_tensor_attention"], "activation_bit": 4},
 }
+#: the same with each input's range clipped where its squared error is least (PTQ's calibrator for 4-bit inputs)
+LOW_BITS["a4_mse"] = {**LOW_BITS["a4"], "activation_observer": "mse"}
 POLICIES |= LOW_BITS
 #: accuracy variants: config, QAT schedule and quantize_ arguments (None: a float run), PTQ policies of the float runs.
 #: float_finetune (with --finetune-epochs only) continues the float run as the QAT fine-tunes do, without
@@ -854,10 +857,12 @@ def _accuracy_rows(results: dict[str, dict]) -> list[dict]:
             "qat_mixed": f"{mixed} [8,6,4]", "ptq_mixed_per_tensor": f"{mixed}, per-tensor A",
             "ptq_mixed_per_tensor_ft": f"{mixed}, per-tensor A",
             "qat_mixed_per_tensor": f"{mixed} [8,6,4], per-tensor A"}  # fmt: skip
-    for name, label in {"w3ffn": "W8 attn/W3 FFN-A8", "w2ffn": "W8 attn/W2 FFN-A8", "a4": f"{mixed[:-2]}A4"}.items():
-        schedule = TRAINED[f"qat_{name}"][1]
-        stages = ",".join(map(str, schedule))
-        bits |= {f"ptq_{name}": label, f"ptq_{name}_ft": label, f"qat_{name}": f"{label} [{stages}]"}
+    labels = {"w3ffn": "W8 attn/W3 FFN-A8", "w2ffn": "W8 attn/W2 FFN-A8", "a4": f"{mixed[:-2]}A4",
+              "a4_mse": f"{mixed[:-2]}A4, MSE ranges"}  # fmt: skip
+    for name, label in labels.items():
+        bits |= {f"ptq_{name}": label, f"ptq_{name}_ft": label}
+        if f"qat_{name}" in TRAINED:
+            bits[f"qat_{name}"] = f"{label} [{','.join(map(str, TRAINED[f'qat_{name}'][1]))}]"
     rows = []
     for name, result in results.items():
         is_float = TRAINED[name][1] is None

@@ -97,6 +97,48 @@ def test_mse_observer_picks_each_rows_best_clipping_ratio_of_the_grid(bits, meth
         assert (chosen < 0.9 * row_errors(lo, hi)).float().mean() > 0.9
 
 
+def test_mse_observer_clips_a_heavy_tailed_batch_where_its_4_bit_error_is_least():
+    from zoo.quant.fake_quant import _MSE_GRID, fake_quantize, qparams_from_range
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 117, 128, generator=g) ** 3  # heavy tails: a min-max range wastes most of 16 codes
+    quantizers = {name: FakeQuantizer(bits=4, symmetric=False, observer=name) for name in ("minmax", "mse")}
+    for quantizer in quantizers.values():
+        quantizer.observe(x)
+
+    def error(lo, hi):
+        scale, zero_point = qparams_from_range(lo, hi, 4, False)
+        return (fake_quantize(x, scale, zero_point, -8, 7) - x).pow(2).sum()
+
+    grid = min(error(x.min() * r, x.max() * r) for r in _MSE_GRID)
+    mse, minmax = (error(q.min_val, q.max_val) for q in (quantizers["mse"], quantizers["minmax"]))
+    torch.testing.assert_close(mse, grid, rtol=1e-5, atol=0)
+    assert mse < 0.8 * minmax, (mse, minmax)
+
+
+def test_activation_observer_reaches_every_static_input_and_survives_the_state_dict():
+    from zoo.quant import restore_qat_layers
+
+    model = _mie()
+    qat = quantize_(copy.deepcopy(model), activation_granularity="per_tensor", attention_bit=8,
+                    activation_observer="mse")  # fmt: skip
+    observers = {
+        name: q.observer
+        for name, q in qat.named_modules()
+        if isinstance(q, FakeQuantizer) and q.granularity != "per_token"
+    }
+    inputs = {n for n in observers if ".act_quant" in n}
+    assert inputs and all(observers[n] == "mse" for n in inputs)
+    assert all(o == "minmax" for n, o in observers.items() if n not in inputs)  # weights: ``observer``
+    with torch.no_grad(), calibrating(qat):
+        qat(_tokens())
+    state = qat.state_dict()
+    fresh = copy.deepcopy(model)
+    restore_qat_layers(fresh, state)
+    fresh.load_state_dict(state)
+    assert fresh.blocks[0].attn.qkv.act_quant.observer == fresh.blocks[1].attn.sdpa.act_quant["q"].observer == "mse"
+
+
 def test_error_halves_with_each_added_bit():
     x = _rows_with_varied_ranges(32, 256, seed=0)
     errors = []
@@ -187,6 +229,8 @@ def test_overrides_by_pattern_last_match_wins_and_none_keeps_float():
         ({"overrides": {"*.ffn.fc1": {"quant_method": "x"}}}, r"overrides\['\*.ffn.fc1'\].quant_method='x'"),
         ({"embedding_bit": 1}, "embedding_bit=1"),
         ({"activation_granularity": "per_row"}, "activation_granularity='per_row'"),
+        ({"observer": "kl"}, "observer='kl'"),
+        ({"activation_observer": "percentile"}, "activation_observer='percentile'"),
     ],
 )
 def test_invalid_config_fails_naming_the_key(kwargs, key):

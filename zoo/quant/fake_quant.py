@@ -143,8 +143,9 @@ class FakeQuantizer(nn.Module):
         learnable: learn the scale (and zero point) with LSQ instead of taking them from the observer; not for
             ``"per_token"`` (its scales are recomputed at every call).
         observer: how a static range is estimated: ``"minmax"`` (per channel: the current min/max; per tensor: a
-            moving average of batch min/max with ``momentum``) or ``"mse"`` (per channel: the clipping ratio in
-            ``[0.5, 1]`` that minimises the squared error of each row).
+            moving average of batch min/max with ``momentum``) or ``"mse"`` (the clipping ratio in ``[0.5, 1]`` that
+            minimises the squared error: of each row per channel; per tensor, of each observed batch, whose clipped
+            ranges are then averaged as min-max ones are).
         momentum: weight of a new batch in the moving average of the per-tensor range.
 
     Static quantizers keep their range in the buffers ``min_val``/``max_val``; they observe while
@@ -223,6 +224,8 @@ class FakeQuantizer(nn.Module):
             self.max_val.copy_(hi)
         else:
             lo, hi = torch.aminmax(x)
+            if self.observer == "mse":  # this batch's best clipping, then the moving average as for min-max
+                lo, hi = (r.reshape(()) for r in self._mse_clip(x.reshape(1, -1), lo.reshape(1, 1), hi.reshape(1, 1)))
             if self.initialized and not self.learnable:
                 lo = self.min_val + self.momentum * (lo - self.min_val)
                 hi = self.max_val + self.momentum * (hi - self.max_val)
