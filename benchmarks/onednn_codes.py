@@ -33,12 +33,12 @@ SHAPES = [(1872, 128, 384), (1872, 128, 512), (1872, 512, 128), (1872, 128, 128)
 _KERNEL_NAMES = """
 import sys, torch
 sys.path.insert(0, sys.argv[1])
-from zoo.quant.kernels import onednn_int8_mm, onednn_prepack
+from zoo.quant.kernels import UINT8_OFFSET, onednn_int8_mm, onednn_prepack
 packed = onednn_prepack(torch.randint(-127, 128, (512, 128), dtype=torch.int8))
 a = torch.randint(-127, 128, (64, 128), dtype=torch.int8)
 scale, zero = torch.ones(512), torch.zeros(512, dtype=torch.int64)
 onednn_int8_mm(a, packed, scale, zero)
-onednn_int8_mm((a.to(torch.int16) + 128).to(torch.uint8), packed, scale, zero, x_zero_point=128)
+onednn_int8_mm((a.to(torch.int16) + UINT8_OFFSET).to(torch.uint8), packed, scale, zero, x_zero_point=UINT8_OFFSET)
 """
 
 

@@ -300,7 +300,7 @@ def main() -> None:
             {
                 "variant": name,
                 "step ms": f"{r['step_ms']:.1f}",
-                "samples/s": f"{r.get('global_samples_per_s', r['samples_per_s']):.0f}",
+                "samples/s": f"{r['global_samples_per_s']:.0f}",
                 "vs eager": f"{base / r['step_ms']:.2f}x" if base else "",
                 "loader batches/s": f"{r['loader_batches_per_s']:.0f}",
                 "first step s": f"{r['first_step_s']:.0f}",

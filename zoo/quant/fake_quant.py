@@ -79,6 +79,13 @@ def check_method(method: Any, key: str = "quant_method") -> bool:
     return method == "symmetric"
 
 
+def check_observer(observer: Any, key: str = "observer") -> Observer:
+    """``observer`` if it is ``"minmax"`` or ``"mse"``, else a ConfigError naming ``key``."""
+    if observer not in ("minmax", "mse"):
+        raise ConfigError(f"{key}={observer!r} must be 'minmax' or 'mse'")
+    return observer
+
+
 def quant_range(bits: int, symmetric: bool) -> tuple[int, int]:
     """``(qmin, qmax)``, the integer codes of a ``bits``-bit quantizer (see the module docstring)."""
     half = 2 ** (bits - 1)
@@ -169,13 +176,15 @@ class FakeQuantizer(nn.Module):
         check_bits(bits, "bits")
         if granularity not in ("per_channel", "per_token", "per_tensor"):
             raise ConfigError(f"granularity={granularity!r} must be 'per_channel', 'per_token' or 'per_tensor'")
-        if observer not in ("minmax", "mse"):
-            raise ConfigError(f"observer={observer!r} must be 'minmax' or 'mse'")
+        check_observer(observer)
         if learnable and granularity == "per_token":
             raise ConfigError("learnable=True needs a static granularity: per-token scales are computed at each call")
         self.bits, self.symmetric, self.granularity = bits, symmetric, granularity
         self.learnable, self.observer, self.momentum = learnable, observer, momentum
         self.observer_enabled, self.initialized, self.enabled = True, False, True
+        # the MSE observer's grid, on the module's device: copied to a GPU at each observation, it made the host wait
+        # for the GPU each time
+        self.register_buffer("mse_ratios", torch.tensor(_MSE_GRID), persistent=False)
         shape = (channels, 1) if granularity == "per_channel" else (1,)
         if granularity != "per_token":
             self.register_buffer("min_val", torch.zeros(shape))
@@ -239,7 +248,7 @@ class FakeQuantizer(nn.Module):
         # several clipping ratios at once ([r, C, in] trial codes): QAT refits the ranges at every step, and one ratio
         # at a time launched 21 times the kernels
         qmin, qmax = self.qrange
-        ratios = torch.tensor(_MSE_GRID, dtype=w.dtype, device=w.device)[:, None, None]  # [R, 1, 1]
+        ratios = self.mse_ratios[:, None, None]  # [R, 1, 1]
         limit = MSE_CHUNK_ELEMENTS.get(w.device.type, MSE_CHUNK_ELEMENTS["default"])
         per_chunk = max(1, limit // max(1, w.numel()))
         errors = []

@@ -29,7 +29,15 @@ from torch import Tensor, nn
 from zoo.errors import ConfigError
 from zoo.layers.attention import ScaledDotProduct
 from zoo.quant.attention import QATScaledDotProduct
-from zoo.quant.fake_quant import FakeQuantizer, Granularity, Observer, QuantMethod, check_bits, check_method
+from zoo.quant.fake_quant import (
+    FakeQuantizer,
+    Granularity,
+    Observer,
+    QuantMethod,
+    check_bits,
+    check_method,
+    check_observer,
+)
 
 __all__ = [
     "DEFAULT_OVERRIDES",
@@ -473,9 +481,8 @@ def quantize_(
         check_bits(attention_bit, "attention_bit")
     if activation_granularity not in ("per_token", "per_tensor"):
         raise ConfigError(f"activation_granularity={activation_granularity!r} must be 'per_token' or 'per_tensor'")
-    for key, value in (("observer", observer), ("activation_observer", activation_observer)):
-        if value not in ("minmax", "mse"):
-            raise ConfigError(f"{key}={value!r} must be 'minmax' or 'mse'")
+    check_observer(observer)
+    check_observer(activation_observer, "activation_observer")
     strict = overrides is not None
     rules = _override_rules(DEFAULT_OVERRIDES if overrides is None else overrides)
     if any(_is_converted(m) for m in module.modules()):
