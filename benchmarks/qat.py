@@ -716,8 +716,10 @@ def run_one(
                               "val_history": history.history}  # fmt: skip
     # the final weights (the last stage of a schedule), tested as trained: fake-quantized for QAT runs
     model.eval()
-    if schedule is None:
-        torch.save(model.state_dict(), out.parent / f"{name}_final.pt")
+    if schedule is None:  # written whole before it appears: the fine-tunes start as soon as it does
+        final = out.parent / f"{name}_final.pt"
+        torch.save(model.state_dict(), final.with_suffix(".tmp"))
+        final.with_suffix(".tmp").replace(final)
     result["test_trained"] = _test(trainer, model, data)
     if schedule is None:
         suffix = "" if name == "float" else "_ft"
@@ -812,8 +814,14 @@ def accuracy_mode(args, extra: list[str]) -> None:
     if args.finetune_epochs:  # the float run first; every QAT run starts from its final weights
         if "float" not in args.variants:
             raise SystemExit("--finetune-epochs: the float variant is needed (QAT runs start from its weights)")
+        (work / "float_final.pt").unlink(missing_ok=True)  # a previous run's, in a work folder used again
         launch_run("float", common)
-        procs["float"][0].wait()
+        # the fine-tunes start from the float run's final weights, while that run still tests them and its PTQ
+        # variants: minutes of a device call saved, every fine-tune sharing the device with those tests alike
+        while not (work / "float_final.pt").is_file() and procs["float"][0].poll() is None:
+            time.sleep(2)
+        if not (work / "float_final.pt").is_file():
+            raise SystemExit(f"the float run failed ({procs['float'][0].returncode}); log: {work / 'float.log'}")
         finetune = copy.copy(args)
         finetune.epochs, finetune.lr = args.finetune_epochs, args.finetune_lr or float(f"{args.lr / 10:.3g}")
         finetune.max_time = args.finetune_max_time
