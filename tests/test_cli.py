@@ -247,3 +247,11 @@ def test_converted_model_errors_name_the_flag(elsewhere, capsys):
         with pytest.raises(SystemExit):
             main([command, *args, *flags])
         assert message in capsys.readouterr().err
+
+
+def test_help_names_the_program_and_the_zoo_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert out.startswith("usage: python -m zoo ")  # not "__main__.py"
+    assert "`python -m zoo components`" in out and "`python -m zoo convert --help`" in out

@@ -3,6 +3,7 @@ was never interrupted, and checkpoints are written atomically."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -146,3 +147,22 @@ def test_run_resumed_mid_epoch_matches_uninterrupted_run(tmp_path, data_dir, det
     expected, weights = straight.model.state_dict(), second.model.state_dict()
     for key, value in expected.items():
         assert torch.equal(weights[key], value), key
+
+
+def test_ckpt_path_last_resumes_the_previous_run(tmp_path, data_dir, caplog):
+    """``--ckpt_path last`` under a logger: each run logs to a new ``version_N`` folder, where Lightning alone looked
+    for the last checkpoint and, finding none, started afresh; the CLI takes the newest of the earlier runs'."""
+    logged = [arg for arg in TINY if arg != "--trainer.logger=false"]
+    root = tmp_path / "runs"
+    args = [*logged, "--trainer.accelerator=cpu", f"--trainer.default_root_dir={root}", "--trainer.max_epochs=1"]
+    first = ZooCLI(args=resolve_config_args(["fit", *args]))
+    assert first.trainer.global_step == 4
+    (last,) = root.rglob("last.ckpt")
+    assert last.parent.parent.name == "version_0"
+
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        second = ZooCLI(args=resolve_config_args(["fit", *args, "--trainer.max_epochs=2", "--ckpt_path", "last"]))
+    assert second.config_init["fit"]["ckpt_path"] == str(last)
+    assert f"Restored all states from the checkpoint at {last}" in caplog.text
+    assert second.trainer.global_step == 8  # four steps restored, four trained
+    assert (root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt").is_file()

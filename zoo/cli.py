@@ -36,7 +36,16 @@ class ZooCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         # a value the parser rejects raises argparse.ArgumentError (which ``main`` prints) instead of exiting after
         # the usage of every option, a screenful above the one line that says what was wrong
-        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
+        kwargs.setdefault(
+            "parser_kwargs",
+            {
+                "exit_on_error": False,
+                "prog": "python -m zoo",
+                "description": "Train, validate, test and predict with the zoo's tasks and datamodules from YAML. "
+                "Besides the subcommands below: `python -m zoo components` lists every pluggable class with its "
+                "arguments; `python -m zoo convert --help` turns a QAT checkpoint into an integer model.",
+            },
+        )
         super().__init__(
             LightningModule,
             LightningDataModule,
@@ -76,6 +85,7 @@ class ZooCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
+        self._resolve_last_checkpoint()
         if self.config_init[self.subcommand].get("converted"):
             raise ConfigError(
                 "--converted runs an integer model in validate, test or predict; fit trains the float or QAT model "
@@ -86,12 +96,15 @@ class ZooCLI(LightningCLI):
             self.model.initial_checkpoint = None
 
     def before_validate(self) -> None:
+        self._resolve_last_checkpoint()
         self._load_converted()
 
     def before_test(self) -> None:
+        self._resolve_last_checkpoint()
         self._load_converted()
 
     def before_predict(self) -> None:
+        self._resolve_last_checkpoint()
         self._load_converted()
         # `python -m zoo predict` writes what it predicts (LightningCLI alone keeps it in memory and drops it)
         from lightning.pytorch.callbacks import BasePredictionWriter
@@ -100,6 +113,32 @@ class ZooCLI(LightningCLI):
 
         if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
+
+    def _resolve_last_checkpoint(self) -> None:
+        """``--ckpt_path last``: the newest last checkpoint of any earlier run under the logger's folder.
+
+        Lightning looks for it in this run's checkpoint folder only, which under a logger is a new ``version_N`` every
+        run, so it never found the previous run's and trained from scratch. A checkpoint callback with its own
+        ``dirpath`` (the same folder every run) and a run without a logger are left to Lightning, as is the case of
+        no last checkpoint at all (Lightning warns and starts afresh: one command both starts and resumes a job)."""
+        config = self.config_init[self.subcommand]
+        if config.get("ckpt_path") != "last" or not self.trainer.loggers:
+            return
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
+        logger = self.trainer.loggers[0]
+        # the folders ModelCheckpoint resolves its dirpath to: <save_dir>/<name>/<version>/checkpoints
+        root = Path(logger.save_dir or self.trainer.default_root_dir) / str(logger.name or "")
+        found = [
+            path
+            for callback in self.trainer.checkpoint_callbacks
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None
+            for path in root.glob(f"*/checkpoints/*{callback.FILE_EXTENSION}")
+            if callback.CHECKPOINT_NAME_LAST in path.name  # Lightning's own test for a last checkpoint
+        ]
+        if found:
+            config["ckpt_path"] = str(max(found, key=lambda path: path.stat().st_mtime))
+            rank_zero_info(f"--ckpt_path last: {config['ckpt_path']}")
 
     def _load_converted(self) -> None:
         """``--converted PATH``: swap the configured model's layers for the integer ones saved at ``PATH`` and load
