@@ -3,15 +3,17 @@ file, and a checkpoint of another model or a file that is no checkpoint fails wi
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from lightning.pytorch import Callback
 from torch import nn
 
-from zoo.cli import ZooCLI, resolve_config_args
+from zoo.cli import ZooCLI, main, resolve_config_args
 from zoo.errors import ConfigError, DataError
 from zoo.quant import QATLinear, quantize_
-from zoo.weights import load_weights
+from zoo.weights import check_lightning_checkpoint, load_weights
 
 TINY = [
     "--data.init_args.num_images=24",
@@ -118,9 +120,11 @@ def test_checkpoint_of_another_model_names_the_differences(tmp_path):
 
 
 def test_unreadable_files_are_named(tmp_path):
-    (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(DataError, match=r"initial_checkpoint: .*notes\.txt is not a readable PyTorch checkpoint"):
-        load_weights(_mlp(), tmp_path / "notes.txt")
+    # "junk": read as the legacy format, whose magic number pickle then looks up (a KeyError, before the fix)
+    for text in ["not a checkpoint", "junk\n"]:
+        (tmp_path / "notes.txt").write_text(text)
+        with pytest.raises(DataError, match=r"initial_checkpoint: .*notes\.txt is not a readable PyTorch checkpoint"):
+            load_weights(_mlp(), tmp_path / "notes.txt")
     torch.save([1, 2], tmp_path / "list.pt")
     with pytest.raises(DataError, match="holds no state dict"):
         load_weights(_mlp(), tmp_path / "list.pt")
@@ -156,3 +160,25 @@ def test_checkpoint_from_before_the_layout_changes_initialises_the_same_model(tm
     expected = source["fusion"]({"image": source["image"](images)}).pooled
     got = target["fusion"]({"image": target["image"](images)}).pooled
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_resume_checkpoint_is_checked_before_lightning_loads_it(tmp_path, capsys):
+    """``--ckpt_path``: a truncated copy, a file of another kind and a plain state dict fail with the flag and the
+    file named (Lightning failed deep inside: a zip reader's RuntimeError, pickle's KeyError, its own KeyError)."""
+    checkpoint = {"pytorch-lightning_version": "2.6.0", "state_dict": _mlp().state_dict(), "epoch": 0}
+    torch.save(checkpoint, tmp_path / "good.ckpt")
+    check_lightning_checkpoint(tmp_path / "good.ckpt")  # passes
+    data = (tmp_path / "good.ckpt").read_bytes()
+    (tmp_path / "cut.ckpt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "junk.ckpt").write_text("junk\n")
+    torch.save(_mlp().state_dict(), tmp_path / "weights.ckpt")
+    for name, message in [
+        ("cut.ckpt", "is not a readable PyTorch checkpoint (not the zip archive torch.save writes"),
+        ("junk.ckpt", "is not a readable PyTorch checkpoint (not the zip archive torch.save writes"),
+        ("weights.ckpt", "is a PyTorch file but not a Lightning checkpoint"),
+    ]:
+        with pytest.raises(DataError, match=rf"--ckpt_path: .*{name} {re.escape(message)}"):
+            check_lightning_checkpoint(tmp_path / name)
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "vqa.yaml", *TINY, f"--ckpt_path={tmp_path / 'junk.ckpt'}"])
+    assert capsys.readouterr().err.startswith(f"zoo: error: --ckpt_path: {tmp_path / 'junk.ckpt'} is not a readable")

@@ -114,6 +114,16 @@ class ZooCLI(LightningCLI):
         if not any(isinstance(c, BasePredictionWriter) for c in self.trainer.callbacks):
             self.trainer.callbacks.append(PredictionWriter())
 
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        # LightningCLI reads a given checkpoint's hyper-parameters next, before any hook of ours: look at the file first
+        subcommand = self.config.get("subcommand")
+        path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if path and path != "last":
+            from zoo.weights import check_lightning_checkpoint
+
+            check_lightning_checkpoint(path)
+
     def _resolve_last_checkpoint(self) -> None:
         """``--ckpt_path last``: the newest last checkpoint of any earlier run under the logger's folder.
 
@@ -121,11 +131,11 @@ class ZooCLI(LightningCLI):
         run, so it never found the previous run's and trained from scratch. A checkpoint callback with its own
         ``dirpath`` (the same folder every run) and a run without a logger are left to Lightning, as is the case of
         no last checkpoint at all (Lightning warns and starts afresh: one command both starts and resumes a job)."""
+        from lightning.pytorch.callbacks import ModelCheckpoint
+
         config = self.config_init[self.subcommand]
         if config.get("ckpt_path") != "last" or not self.trainer.loggers:
             return
-        from lightning.pytorch.callbacks import ModelCheckpoint
-
         logger = self.trainer.loggers[0]
         # the folders ModelCheckpoint resolves its dirpath to: <save_dir>/<name>/<version>/checkpoints
         root = Path(logger.save_dir or self.trainer.default_root_dir) / str(logger.name or "")

@@ -8,6 +8,7 @@ float checkpoint initialises a model that a QAT callback has already quantized.
 from __future__ import annotations
 
 import pickle
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,8 +29,37 @@ def read_checkpoint(path: str | Path, *, what: str = "checkpoint") -> Any:
         raise DataError(f"{what}: no file {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+    # KeyError: a file of another kind, read as the legacy (non-zip) format, has no valid magic number
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError) as err:
         raise DataError(f"{what}: {path} is not a readable PyTorch checkpoint ({type(err).__name__}: {err})") from None
+
+
+def check_lightning_checkpoint(path: str | Path, *, what: str = "--ckpt_path") -> None:
+    """Raise a :class:`DataError` naming ``what`` and the file unless ``path`` is a Lightning checkpoint that
+    ``torch.load`` can read: the zip archive ``torch.save`` writes, whose pickle holds Lightning's version key.
+
+    Only the archive's directory and its pickle (the structure, not the tensors) are read, and nothing is unpickled:
+    a cheap look before Lightning loads the whole file and fails deep inside on a truncated copy, a file of another
+    kind or a plain state dict. A path that is not a local file is left to Lightning."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    try:
+        with zipfile.ZipFile(path) as archive:
+            pickles = [name for name in archive.namelist() if name.rsplit("/", 1)[-1] == "data.pkl"]
+            structure = archive.read(pickles[0]) if pickles else b""
+    except (zipfile.BadZipFile, OSError, EOFError) as err:
+        raise DataError(
+            f"{what}: {path} is not a readable PyTorch checkpoint (not the zip archive torch.save writes: a truncated "
+            f"copy or a file of another kind; {err})"
+        ) from None
+    if not pickles:
+        raise DataError(f"{what}: {path} is a zip archive but not a PyTorch checkpoint")
+    if b"pytorch-lightning_version" not in structure:
+        raise DataError(
+            f"{what}: {path} is a PyTorch file but not a Lightning checkpoint (to start from its weights alone, "
+            "give it as the task's initial_checkpoint)"
+        )
 
 
 def read_state_dict(path: str | Path, *, what: str = "checkpoint") -> dict[str, torch.Tensor]:
