@@ -205,7 +205,7 @@ def _fitted_checkpoint(elsewhere) -> Path:
     flags = ["--trainer.max_steps=2", "--trainer.val_check_interval=2", "--trainer.limit_val_batches=1"]
     flags += ["--test_after_fit=false", "--trainer.logger=false"]
     cli = ZooCLI(args=resolve_config_args(["fit", "--config", "vqa.yaml", *SMALL, *flags]))
-    return Path(cli.trainer.checkpoint_callback.last_model_path)
+    return Path(cli.trainer.checkpoint_callback.best_model_path)  # the only validation's
 
 
 def test_test_and_predict_run_the_converted_integer_model(elsewhere, capsys):

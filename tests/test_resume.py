@@ -166,3 +166,21 @@ def test_ckpt_path_last_resumes_the_previous_run(tmp_path, data_dir, caplog):
     assert f"Restored all states from the checkpoint at {last}" in caplog.text
     assert second.trainer.global_step == 8  # four steps restored, four trained
     assert (root / "lightning_logs" / "version_1" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_last_checkpoint_is_the_latest_state_when_the_monitor_stops_improving(tmp_path, data_dir, monkeypatch):
+    """The shipped configs' ``last.ckpt`` holds the end of the run, not the best state: Lightning 2.6 writes a
+    monitored callback's ``save_last`` copy only when its monitor improves, so a second callback keeps the latest."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    improves = [True]  # the first validation improves the monitor, none after it
+
+    def first_only(self, trainer, current=None):
+        return improves.pop() if improves else False
+
+    monkeypatch.setattr(ModelCheckpoint, "check_monitor_top_k", first_only)
+    cli = _cli(tmp_path, "--trainer.accelerator=cpu")
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 8
+    assert torch.load(_last_checkpoint(tmp_path), weights_only=False)["global_step"] == 8
+    assert "step=4" in cli.trainer.checkpoint_callback.best_model_path  # the best is still the first validation's
