@@ -7,6 +7,8 @@ of :class:`~zoo.encoders.SpectrogramAudioEncoder`.
 
 from __future__ import annotations
 
+import os
+import struct
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,6 +17,10 @@ import torch
 from torch import Tensor
 
 from zoo.errors import DataError
+
+#: data lengths a writer that cannot seek back leaves in the header of a whole file (ffmpeg writing to a pipe, and AU's
+#: "unknown size": 0xFFFFFFFF; SoX: 0x7FFFF000): libsndfile reads such a file to its end, and it is not truncated.
+_UNKNOWN_LENGTHS = (0xFFFFFFFF, 0x7FFFF000)
 
 
 def read_audio(path: str | Path, *, sample_rate: int, key: str = "file") -> np.ndarray:
@@ -26,8 +32,8 @@ def read_audio(path: str | Path, *, sample_rate: int, key: str = "file") -> np.n
 
     Raises:
         DataError: the file is missing, is not a sound file libsndfile can decode (a corrupt or truncated header),
-            holds no samples, or holds NaN or infinite samples, or the package ``soundfile`` is missing; the message
-            names ``key`` or the file.
+            is a WAV, AIFF or AU file cut short of the sound data its header announces, holds no samples, or holds
+            NaN or infinite samples, or the package ``soundfile`` is missing; the message names ``key`` or the file.
     """
     path = Path(path).expanduser()
     try:
@@ -40,6 +46,13 @@ def read_audio(path: str | Path, *, sample_rate: int, key: str = "file") -> np.n
         samples, rate = soundfile.read(path, dtype="float32", always_2d=True)  # [S, channels]
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as err:
         raise DataError(f"{path}: not a readable sound file ({err})") from None
+    # libsndfile decodes a cut file's remaining frames and reports those as the file's length, without a word
+    lengths = _sound_data_lengths(path)
+    if lengths is not None and lengths[0] > lengths[1]:
+        raise DataError(
+            f"{path}: not a readable sound file (truncated: its header announces {lengths[0]} bytes of sound data, "
+            f"the file holds {lengths[1]})"
+        )
     if samples.shape[0] == 0:
         raise DataError(f"{path}: holds no samples")
     if not np.isfinite(samples).all():
@@ -50,6 +63,37 @@ def read_audio(path: str | Path, *, sample_rate: int, key: str = "file") -> np.n
 
         mono = torchaudio.functional.resample(torch.from_numpy(np.ascontiguousarray(mono)), rate, sample_rate).numpy()
     return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _sound_data_lengths(path: Path) -> tuple[int, int] | None:
+    """``(announced, held)``: the bytes of sound data the header of a WAV (RIFF, RIFX, RF64), AIFF/AIFC or AU file
+    announces, and the bytes the file holds from the data's start to its end; ``None`` for another format or a header
+    that leaves the length open. Reads the headers only."""
+    with open(path, "rb") as f:
+        head = f.read(12)
+        end = f.seek(0, os.SEEK_END)
+        magic, form = head[:4], head[8:12]
+        if magic in (b".snd", b"dns.") and len(head) == 12:  # AU, big- or little-endian
+            offset, announced = struct.unpack(">II" if magic == b".snd" else "<II", head[4:])
+            return None if announced in _UNKNOWN_LENGTHS else (announced, end - offset)
+        if magic in (b"RIFF", b"RIFX", b"RF64") and form == b"WAVE":
+            order, data_id = (">" if magic == b"RIFX" else "<"), b"data"
+        elif magic == b"FORM" and form in (b"AIFF", b"AIFC"):
+            order, data_id = ">", b"SSND"
+        else:
+            return None
+        position, ds64_length = 12, None
+        while position + 8 <= end:
+            f.seek(position)
+            chunk_id, size = struct.unpack(f"{order}4sI", f.read(8))
+            if chunk_id == b"ds64" and size >= 16 and position + 24 <= end:  # RF64's 64-bit lengths: RIFF's, data's
+                ds64_length = struct.unpack("<8xQ", f.read(16))[0]
+            elif chunk_id == data_id:
+                if magic == b"RF64" and size == 0xFFFFFFFF:
+                    size = ds64_length
+                return None if size is None or size in _UNKNOWN_LENGTHS else (size, end - position - 8)
+            position += 8 + size + size % 2  # chunks are padded to an even length
+    return None
 
 
 def pad_clips(clips: Sequence[np.ndarray | Tensor]) -> dict[str, Tensor]:

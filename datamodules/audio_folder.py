@@ -32,7 +32,8 @@ exist (the first few are listed), a fold in ``val_folds``/``test_folds`` that no
 validation or test label that training lacks. A class with fewer than ``min_examples_per_class`` training files (an
 empty class folder has 0) follows ``rare_classes`` as :mod:`datamodules.text_folder` does: ``"error"`` (the default)
 stops with the classes and counts, ``"drop"`` removes them from every split, ``"keep"`` trains on them. A corrupt,
-empty or NaN sound file raises DataError naming it when a batch needs it (through the DataLoader's workers too).
+truncated, empty or NaN sound file raises DataError naming it when a batch needs it (through the DataLoader's workers
+too).
 """
 
 from __future__ import annotations

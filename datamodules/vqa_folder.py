@@ -99,6 +99,21 @@ def _field(record: dict[str, Any], name: str, path: Path, where: str) -> Any:
     return record[name]
 
 
+def _text(record: dict[str, Any], name: str, path: Path, where: str, *, integers: bool = False) -> str:
+    """Field ``name`` of ``record``, a string that is not blank; with ``integers``, a JSON integer too, as its decimal
+    text (CLEVR's count answers)."""
+    value = _field(record, name, path, where)
+    if integers and isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if not isinstance(value, str):
+        shown = json.dumps(value)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise DataError(f"{path}: {where}: {name!r} is {shown}, not a text{' or an integer' if integers else ''}")
+    if not value.strip():
+        raise DataError(f"{path}: {where}: empty {name.replace('_', ' ')}")
+    return value
+
+
 def _read_clevr(root: Path, split: str, *, require_answers: bool = True) -> _Split | None:
     """One CLEVR split; ``None`` when answers are optional and no question has one."""
     path = _clevr_questions_path(root, split)
@@ -109,9 +124,9 @@ def _read_clevr(root: Path, split: str, *, require_answers: bool = True) -> _Spl
     out = _Split(path, [], [], [], [])
     for i, q in enumerate(records):
         where = f"questions[{i}]"
-        out.image_files.append(str(image_dir / str(_field(q, "image_filename", path, where))))
-        out.questions.append(str(_field(q, "question", path, where)))
-        out.answers.append(str(_field(q, "answer", path, where)))
+        out.image_files.append(str(image_dir / _text(q, "image_filename", path, where)))
+        out.questions.append(_text(q, "question", path, where))
+        out.answers.append(_text(q, "answer", path, where, integers=True))
         out.groups.append(_clevr_group(q, path, where))
     return out
 
@@ -137,7 +152,7 @@ def _read_vqa_v2(root: Path, split: str, *, require_answers: bool = True) -> _Sp
     for i, a in enumerate(_records(annotations_path, "annotations")):
         qid = _field(a, "question_id", annotations_path, f"annotations[{i}]")
         where = f"annotations[{i}] (question_id={qid})"
-        answer = str(_field(a, "multiple_choice_answer", annotations_path, where))
+        answer = _text(a, "multiple_choice_answer", annotations_path, where, integers=True)
         answer_type = _field(a, "answer_type", annotations_path, where)
         if answer_type not in VQA_V2_GROUP_NAMES:
             raise DataError(
@@ -157,7 +172,7 @@ def _read_vqa_v2(root: Path, split: str, *, require_answers: bool = True) -> _Sp
         except (TypeError, ValueError):
             raise DataError(f"{questions_path}: {where} has image_id={image_id!r}, not an integer") from None
         out.image_files.append(str(image_dir / image_name))
-        out.questions.append(str(_field(q, "question", questions_path, where)))
+        out.questions.append(_text(q, "question", questions_path, where))
         answer, answer_type = annotations[qid]
         out.answers.append(answer)
         out.groups.append(answer_type)
@@ -219,8 +234,9 @@ class VQAFolderDataModule(SplitLoaders):
     """A CLEVR or VQA v2 folder in batches ``{"image": [B, 3, S, S], "text": list[str], "label": [B], "group": [B]}``.
 
     The question and annotation files are read in ``__init__`` (``num_classes`` and ``group_names`` depend on them),
-    so a missing folder or file, malformed JSON or a question without an answer fails there, naming the file and the
-    question. Images are read lazily; a missing or corrupt image raises DataError naming the file when it is loaded.
+    so a missing folder or file, malformed JSON, or a question or answer that is missing, empty or null fails there,
+    naming the file and the question (an integer answer, such as CLEVR's counts, is its decimal text). Images are
+    read lazily; a missing or corrupt image raises DataError naming the file when it is loaded.
 
     The answer vocabulary is the ``max_answers`` most frequent training answers (ties in alphabetical order); a
     question whose answer is outside it, in any split, gets label ``-100``, which ``F.cross_entropy`` ignores by

@@ -339,16 +339,59 @@ def test_corrupt_or_empty_sound_files_are_named_when_fetched_also_from_worker_pr
     (tmp_path / "train" / "low" / "garbage.wav").write_bytes(b"RIFF\x10\x00\x00\x00WAVEnot really a wave file")
     (tmp_path / "train" / "low" / "empty.wav").write_bytes(b"")
     _write(tmp_path / "train" / "high" / "silent.wav", np.zeros((0, 1), np.float32), 8000)
+    whole = (tmp_path / "train" / "high" / "0.wav").read_bytes()
+    (tmp_path / "train" / "high" / "truncated.wav").write_bytes(whole[: len(whole) // 2])
     dm = AudioFolderDataModule(root=str(tmp_path), num_workers=num_workers)  # the checks pass: nothing is decoded
     dm.setup("fit")
     files = {Path(f).name: f for f in dm.train_dataset.files}
-    reasons = {"garbage.wav": "not a readable", "empty.wav": "not a readable", "silent.wav": "holds no samples"}
+    reasons = {"garbage.wav": "not a readable", "empty.wav": "not a readable", "silent.wav": "holds no samples",
+               "truncated.wav": "not a readable sound file (truncated"}  # fmt: skip
     for name, reason in reasons.items():
         dm.train_dataset.files = [files[name]] * len(files)  # every example is the bad file: the first batch fails
         err = _error_of_first_batch(dm.train_dataloader())
         # a worker's exception comes back as the same type, its message after the worker's traceback; the CLI
         # prints the message alone
         assert _one_line(err).startswith(f"{files[name]}: {reason}"), str(err)
+
+
+@pytest.mark.parametrize(
+    "container, subtype, endian, end",
+    [
+        ("WAV", "PCM_16", "FILE", 60),  # 8000 frames announced, 8 left: libsndfile decodes the 8 without a word
+        ("WAV", "PCM_16", "FILE", -1),  # one byte short: the last frame is gone
+        ("WAV", "FLOAT", "FILE", -4000),
+        ("WAV", "PCM_16", "BIG", -4000),  # RIFX
+        ("RF64", "PCM_24", "FILE", -4000),  # the data length in the ds64 chunk
+        ("AIFF", "PCM_16", "FILE", -4000),
+        ("AIFF", "FLOAT", "FILE", -4000),  # AIFF-C
+        ("AU", "PCM_16", "FILE", -4000),
+    ],
+)
+def test_a_sound_file_cut_short_of_what_its_header_announces_is_named_not_decoded_short(
+    tmp_path, container, subtype, endian, end
+):
+    whole = tmp_path / f"whole.{container.lower()}"
+    samples = _tone(np.random.default_rng(13), 440, 1.0, 8000)  # 8000 frames
+    soundfile.write(whole, samples, 8000, subtype=subtype, format=container, endian=endian)
+    assert read_audio(whole, sample_rate=8000).shape == (8000,)
+    cut = tmp_path / f"cut.{container.lower()}"
+    cut.write_bytes(whole.read_bytes()[:end])  # as `head -c` leaves a file whose copy was interrupted
+    with pytest.raises(DataError) as err:
+        read_audio(cut, sample_rate=8000)
+    assert str(err.value).startswith(f"{cut}: not a readable sound file (truncated: its header announces "), err.value
+
+
+@pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFF000])
+def test_a_wav_streamed_with_an_unknown_data_length_still_loads_whole(tmp_path, placeholder):
+    # a writer that cannot seek back (ffmpeg to a pipe: 0xFFFFFFFF; SoX: 0x7FFFF000) leaves a placeholder length
+    path = tmp_path / "streamed.wav"
+    samples = _tone(np.random.default_rng(14), 440, 0.5, 8000)
+    soundfile.write(path, samples, 8000, subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    assert data[36:40] == b"data"
+    data[40:44] = placeholder.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    assert read_audio(path, sample_rate=8000).shape == (4000,)
 
 
 def test_python_m_zoo_trains_and_tests_the_classifier_on_an_audio_folder(elsewhere, subprocess_env):

@@ -195,6 +195,60 @@ def test_clevr_question_without_answer_names_file_and_index(tmp_path):
         VQAFolderDataModule(data_dir=str(tmp_path))
 
 
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("question", "", "empty question"),
+        ("question", " \t\n", "empty question"),
+        ("question", None, "'question' is null, not a text"),
+        ("answer", None, "'answer' is null, not a text or an integer"),
+        ("answer", "  ", "empty answer"),
+        ("answer", ["yes"], r"'answer' is \[\"yes\"\], not a text or an integer"),
+    ],
+)
+def test_clevr_empty_or_null_question_or_answer_names_file_and_index(tmp_path, field, value, message):
+    _write_clevr(tmp_path)
+    path = tmp_path / "questions" / "CLEVR_train_questions.json"
+    data = json.loads(path.read_text())
+    data["questions"][2][field] = value
+    _write_json(path, data)
+    with pytest.raises(DataError, match=rf"CLEVR_train_questions\.json: questions\[2\]: {message}"):
+        VQAFolderDataModule(data_dir=str(tmp_path))
+
+
+def test_clevr_numeric_answers_are_their_decimal_text(tmp_path):
+    _write_clevr(tmp_path)
+    path = tmp_path / "questions" / "CLEVR_train_questions.json"
+    data = json.loads(path.read_text())
+    data["questions"][2]["answer"] = 3  # the count answer "3" of CLEVR_TRAIN, written as a number
+    _write_json(path, data)
+    dm = VQAFolderDataModule(data_dir=str(tmp_path))
+    assert dm.answers == ["yes", "3", "cube", "no", "red"]
+
+
+def test_vqa_v2_empty_or_null_question_or_answer_names_file_and_question_id(tmp_path):
+    _write_vqa_v2(tmp_path)
+    questions = tmp_path / "v2_OpenEnded_mscoco_val2014_questions.json"
+    data = json.loads(questions.read_text())
+    data["questions"][1]["question"] = "   "
+    _write_json(questions, data)
+    with pytest.raises(
+        DataError, match=r"val2014_questions\.json: questions\[1\] \(question_id=1007\): empty question"
+    ):
+        VQAFolderDataModule(data_dir=str(tmp_path))
+    data["questions"][1]["question"] = "What 1 in val?"
+    _write_json(questions, data)
+    annotations = tmp_path / "v2_mscoco_train2014_annotations.json"
+    data = json.loads(annotations.read_text())
+    data["annotations"][3]["multiple_choice_answer"] = None
+    _write_json(annotations, data)
+    with pytest.raises(
+        DataError,
+        match=r"train2014_annotations\.json: annotations\[3\] \(question_id=3007\): 'multiple_choice_answer' is null",
+    ):
+        VQAFolderDataModule(data_dir=str(tmp_path))
+
+
 def test_vqa_v2_missing_answers_name_file_and_question_id(tmp_path):
     _write_vqa_v2(tmp_path)
     path = tmp_path / "v2_mscoco_train2014_annotations.json"
