@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import math
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor, nn
 
 from zoo.contracts import IGNORE_INDEX, Encoder
@@ -16,7 +20,7 @@ from zoo.optim import ScheduleFactory, WarmupCosine
 
 
 class TrainingDivergedError(ZooUserError, FloatingPointError):
-    """The loss became NaN or infinite."""
+    """The training, validation or test loss became NaN or infinite."""
 
 
 class ZooTask(LightningModule):
@@ -112,10 +116,11 @@ class ZooTask(LightningModule):
         return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
 
     def configure_optimizers(self):
-        optimizer = self.optimizer_factory(self.parameter_groups())
+        optimizer = _build("model.init_args.optimizer", self.optimizer_factory, self.parameter_groups())
         if self.scheduler_factory is None:
             return optimizer
-        scheduler = self.scheduler_factory(optimizer, int(self.trainer.estimated_stepping_batches))
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        scheduler = _build("model.init_args.scheduler", self.scheduler_factory, optimizer, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
@@ -174,6 +179,38 @@ class ZooTask(LightningModule):
                 "gradient clipping (trainer.gradient_clip_val) or resume from the last checkpoint with --ckpt_path"
             )
 
+    def on_validation_epoch_end(self) -> None:
+        # here, before ModelCheckpoint's on_validation_end saves the weights that gave the loss; once per epoch, on
+        # the loss Lightning averaged over the batches and devices: no wait for the device per batch, and every rank
+        # stops together
+        self.check_epoch_finite("val")
+
+    def on_test_epoch_end(self) -> None:
+        self.check_epoch_finite("test")
+
+    def check_epoch_finite(self, stage: str) -> None:
+        """Stop with a clear message when the epoch's ``{stage}/loss`` (``stage``: ``"val"`` or ``"test"``) is NaN or
+        infinite, instead of checkpointing or reporting it."""
+        loss = self.trainer.callback_metrics.get(f"{stage}/loss")
+        if loss is None or math.isfinite(float(loss)):
+            return
+        what, command = ("validation", "validate") if stage == "val" else ("test", "test")
+        if self.trainer.state.fn != TrainerFn.FITTING:  # validate or test: the weights given, or the data
+            raise TrainingDivergedError(
+                f"the {what} loss became {float(loss)} with the weights of epoch {self.current_epoch}, global step "
+                f"{self.global_step}: they or the {what} data hold NaN or infinite values; {command} another "
+                "checkpoint with --ckpt_path, or check the data"
+            )
+        where = f"at epoch {self.current_epoch}, global step {self.global_step}"
+        if self.trainer.sanity_checking:
+            where += " (the sanity check before training)"
+        raise TrainingDivergedError(
+            f"the validation loss became {float(loss)} {where}; the run stopped before checkpointing these weights: "
+            "lower the learning rate, enable gradient clipping (trainer.gradient_clip_val), check the validation data "
+            "and model.init_args.initial_checkpoint for NaN or infinite values, or resume from the last checkpoint "
+            "with --ckpt_path"
+        )
+
     # -- DSA and quantization act on every layer of the task, wherever it sits ----------------------------------
     def set_gate_threshold(self, threshold: float) -> int:
         """Set the active fraction of every DSA FFN in the task; returns how many layers were set."""
@@ -186,3 +223,29 @@ class ZooTask(LightningModule):
         from zoo.quant import quantize_
 
         return quantize_(self, **quant_config)
+
+
+def _build(key: str, factory: Callable[..., Any], *args: Any) -> Any:
+    """``factory(*args)``: the configured optimizer or schedule under config key ``key``. The ``ValueError`` or
+    ``TypeError`` its constructor raises for a bad value (``Invalid learning rate: -1.0``) becomes a ConfigError
+    naming the key and the class."""
+    try:
+        return factory(*args)
+    except ZooUserError:
+        raise
+    except (ValueError, TypeError) as err:
+        raise ConfigError(f"{key} ({_class_path(factory)}): {err}") from err
+
+
+def _class_path(factory: Callable[..., Any]) -> str:
+    """The class a factory builds, as a config names it: the class itself, or the one in a jsonargparse ``partial``,
+    under the shortest module that exports it (``torch.optim.AdamW``, not ``torch.optim.adamw.AdamW``)."""
+    target = next((a for a in (factory, *getattr(factory, "args", ())) if isinstance(a, type)), None)
+    if target is None:
+        return getattr(factory, "__qualname__", type(factory).__qualname__)
+    parts = target.__module__.split(".")
+    for n in range(1, len(parts) + 1):
+        module = ".".join(parts[:n])
+        if getattr(sys.modules.get(module), target.__qualname__, None) is target:
+            return f"{module}.{target.__qualname__}"
+    return f"{target.__module__}.{target.__qualname__}"

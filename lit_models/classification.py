@@ -139,12 +139,14 @@ class Classifier(ZooTask):
         self._evaluate(batch, "val")
 
     def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()  # a NaN loss stops the run before its weights are checkpointed
         self._log_class_f1("val")
 
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
     def on_test_epoch_end(self) -> None:
+        super().on_test_epoch_end()
         self._log_class_f1("test")
         if self.test_confusion.update_called:
             matrix = self.test_confusion.compute().cpu()

@@ -55,6 +55,12 @@ class SpectrogramAudioEncoder(Encoder):
         super().__init__()
         import torchaudio
 
+        for key, value in (("sample_rate", sample_rate), ("n_mels", n_mels), ("hop_length", hop_length), ("dim", dim),
+                           ("num_heads", num_heads)):  # fmt: skip
+            if value < 1:
+                raise ConfigError(f"SpectrogramAudioEncoder: {key}={value} must be at least 1")
+        if depth < 0:
+            raise ConfigError(f"SpectrogramAudioEncoder: depth={depth} must be >= 0")
         for key, value in (("freq_masks", freq_masks), ("freq_mask_width", freq_mask_width),
                            ("time_masks", time_masks), ("time_mask_width", time_mask_width)):  # fmt: skip
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:

@@ -61,6 +61,8 @@ class TimmImageEncoder(Encoder):
         super().__init__()
         import timm
 
+        if dim is not None and dim < 1:
+            raise ConfigError(f"TimmImageEncoder: dim={dim} must be at least 1, or None for the backbone's channels")
         if not timm.is_model(backbone):
             raise ConfigError(
                 f"TimmImageEncoder: backbone={backbone!r} is not a timm model name (see timm.list_models)"
@@ -123,6 +125,10 @@ class ConvImageEncoder(Encoder):
         super().__init__()
         if not channels:
             raise ConfigError("ConvImageEncoder: channels must name at least one stage")
+        stages = [(f"channels[{i}]", c) for i, c in enumerate(channels)]
+        for key, value in (*stages, ("dim", dim), ("in_chans", in_chans)):
+            if value < 1:
+                raise ConfigError(f"ConvImageEncoder: {key}={value} must be at least 1")
         layers: list[nn.Module] = []
         previous = in_chans
         for c in channels:

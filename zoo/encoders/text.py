@@ -160,8 +160,13 @@ class TransformerTextEncoder(Encoder):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        if depth < 1:
-            raise ConfigError(f"TransformerTextEncoder: depth={depth} must be at least 1")
+        for key, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads), ("max_length", max_length)):
+            if value < 1:
+                raise ConfigError(f"TransformerTextEncoder: {key}={value} must be at least 1")
+        if not mlp_ratio > 0:
+            raise ConfigError(f"TransformerTextEncoder: mlp_ratio={mlp_ratio} must be > 0")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"TransformerTextEncoder: dropout={dropout} must be in [0, 1)")
         self.tokenizer = TextTokenizer(max_length=max_length)
         self.out_dim = dim
         # N(0, 1) (PyTorch's default): word identity must not be drowned by the fixed position code, whose entries

@@ -61,6 +61,13 @@ class MIE(Fusion):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
+        for key, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads)):
+            if value < 1:
+                raise ConfigError(f"MIE: {key}={value} must be at least 1")
+        if not mlp_ratio > 0:
+            raise ConfigError(f"MIE: mlp_ratio={mlp_ratio} must be > 0")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"MIE: dropout={dropout} must be in [0, 1)")
         if not 0 <= modality_fusion_layers <= depth:
             raise ConfigError(
                 f"MIE: modality_fusion_layers={modality_fusion_layers} must be between 0 and depth={depth}"

@@ -39,9 +39,9 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention: ``[B, T, dim] -> [B, T, dim]``.
 
     Args:
-        dim: token width; must be divisible by ``num_heads``.
-        num_heads: attention heads.
-        dropout: dropout on the attention weights during training.
+        dim: token width, at least 1; must be divisible by ``num_heads``.
+        num_heads: attention heads, at least 1.
+        dropout: dropout on the attention weights during training, in ``[0, 1)``.
 
     ``forward(x, attn_mask)`` takes an optional mask broadcastable to ``[B, num_heads, T, T]``: bool (``True`` =
     may attend) or float (added to the logits, ``-inf`` blocks). The projections are named ``qkv`` and ``proj``, the
@@ -53,6 +53,11 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
         super().__init__()
+        for key, value in (("dim", dim), ("num_heads", num_heads)):
+            if value < 1:
+                raise ConfigError(f"SelfAttention: {key}={value} must be at least 1")
+        if not 0 <= dropout < 1:
+            raise ConfigError(f"SelfAttention: dropout={dropout} must be in [0, 1)")
         if dim % num_heads:
             raise ConfigError(f"SelfAttention: dim={dim} must be divisible by num_heads={num_heads}")
         self.dim, self.num_heads, self.dropout = dim, num_heads, dropout

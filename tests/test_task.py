@@ -1,0 +1,94 @@
+"""What every task shares (``lit_models._task.ZooTask``): a non-finite validation or test loss stops the run before a
+checkpoint of it is written, and a bad optimizer or schedule value is one line naming its key."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from lit_models._task import TrainingDivergedError
+from zoo.cli import ZooCLI, main, resolve_config_args
+
+# A tiny Sort-of-CLEVR and a small model on the CPU: the same code path as the shipped config, sized for a test.
+SMALL = [
+    "--config",
+    "vqa.yaml",
+    "--data.init_args.num_images=24",
+    "--data.init_args.val_images=4",
+    "--data.init_args.test_images=4",
+    "--data.init_args.batch_size=8",
+    "--model.init_args.fusion.init_args.depth=2",
+    "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+    "--trainer.accelerator=cpu",
+    "--trainer.enable_progress_bar=false",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def _error_of(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+def test_nan_validation_loss_stops_the_run_before_a_checkpoint_of_it_is_written(elsewhere, capsys):
+    """An absurd learning rate: step 1's training loss is finite, the weights it leaves give a NaN validation loss.
+    The config's ModelCheckpoints would write the best and the last checkpoint of these weights when validation ends."""
+    root = elsewhere / "runs"
+    err = _error_of(
+        [
+            "fit",
+            *SMALL,
+            "--model.init_args.optimizer.init_args.lr=1e10",
+            "--model.init_args.scheduler=null",
+            "--trainer.max_steps=1",
+            "--trainer.val_check_interval=1",
+            f"--trainer.default_root_dir={root}",
+        ],
+        capsys,
+    )
+    assert re.match(r"zoo: error: the validation loss became (nan|-?inf) at epoch 0, global step 1;", err), err
+    assert "learning rate" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not list(root.rglob("*.ckpt"))
+
+
+def test_nan_loss_in_validate_and_test_is_a_clear_error(elsewhere):
+    cli = ZooCLI(args=resolve_config_args(SMALL), run=False)
+    metrics = cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)[0]
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))  # finite weights: no error
+    with torch.no_grad():
+        cli.model.head[-1].weight[0, 0] = float("nan")  # one weight: every logit row, so every loss, is NaN
+    with pytest.raises(TrainingDivergedError, match=r"the validation loss became nan with the weights of epoch 0"):
+        cli.trainer.validate(cli.model, datamodule=cli.datamodule, verbose=False)
+    with pytest.raises(TrainingDivergedError, match=r"the test loss became nan .* test another checkpoint"):
+        cli.trainer.test(cli.model, datamodule=cli.datamodule, verbose=False)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (
+            ["--model.init_args.optimizer.init_args.lr=-1", "--trainer.fast_dev_run=true"],
+            "model.init_args.optimizer (torch.optim.AdamW): Invalid learning rate: -1.0",
+        ),
+        (
+            ["--model.init_args.optimizer.init_args.weight_decay=-1", "--trainer.fast_dev_run=true"],
+            "model.init_args.optimizer (torch.optim.AdamW): Invalid weight_decay value: -1.0",
+        ),
+        (  # a torch schedule whose second argument is not the run's length: LinearLR's start_factor gets it (2)
+            [
+                "--model.init_args.scheduler=torch.optim.lr_scheduler.LinearLR",
+                "--trainer.limit_train_batches=2",
+                "--trainer.val_check_interval=1",
+            ],
+            "model.init_args.scheduler (torch.optim.lr_scheduler.LinearLR): Starting multiplicative factor",
+        ),
+    ],
+)
+def test_bad_optimizer_or_schedule_value_names_the_key(elsewhere, capsys, flags, message):
+    err = _error_of(["fit", *SMALL, *flags], capsys)
+    assert err.startswith(f"zoo: error: {message}"), err
+    assert len(err.strip().splitlines()) == 1
