@@ -23,3 +23,18 @@ def subprocess_env():
     """The environment of a child ``python``: this one, the repository first on ``PYTHONPATH`` and the caller's own
     entries after it (where a machine keeps extra packages)."""
     return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
+@pytest.fixture()
+def cli_error(capsys):
+    """``cli_error(args)``: what ``python -m zoo ARGS``, run in this process, writes to stderr; it must stop with exit
+    status 2, the status of a user error."""
+    from zoo.cli import main
+
+    def run(args: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            main(args)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    return run

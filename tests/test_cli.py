@@ -84,35 +84,28 @@ def test_image_backbone_swapped_by_one_flag(elsewhere, capsys):
     assert "zoo.encoders.TimmImageEncoder" in printed and "backbone: resnet18" in printed
 
 
-def _error_of(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
-
-
-def test_unknown_yaml_key_names_the_key(elsewhere, capsys):
+def test_unknown_yaml_key_names_the_key(elsewhere, cli_error):
     bad = elsewhere / "bad.yaml"
     bad.write_text(Path(packaged_config("vqa.yaml")).read_text().replace("modality_fusion_layers:", "fusion_layerz:"))
-    err = _error_of(["fit", "--config", str(bad), "--trainer.fast_dev_run=true"], capsys)
+    err = cli_error(["fit", "--config", str(bad), "--trainer.fast_dev_run=true"])
     assert "fusion_layerz" in err
     assert "Traceback" not in err
 
 
-def test_a_value_of_the_wrong_type_names_the_key_without_the_usage_screen(elsewhere, capsys):
-    err = _error_of(["fit", "--config", "vqa.yaml", "--data.init_args.num_images=many"], capsys)
+def test_a_value_of_the_wrong_type_names_the_key_without_the_usage_screen(elsewhere, cli_error):
+    err = cli_error(["fit", "--config", "vqa.yaml", "--data.init_args.num_images=many"])
     assert err.startswith("zoo: error: ") and 'Parser key "num_images"' in err and "Got value: many" in err
     assert "usage:" not in err and "Traceback" not in err
     assert "python -m zoo fit --help" in err
 
 
-def test_unknown_class_names_the_class(elsewhere, capsys):
-    err = _error_of(["fit", "--config", "vqa.yaml", "--model.init_args.fusion=zoo.fusion.NoSuchFusion"], capsys)
+def test_unknown_class_names_the_class(elsewhere, cli_error):
+    err = cli_error(["fit", "--config", "vqa.yaml", "--model.init_args.fusion=zoo.fusion.NoSuchFusion"])
     assert "NoSuchFusion" in err and "Traceback" not in err
 
 
-def test_missing_data_folder_is_one_clear_line(elsewhere, capsys):
-    err = _error_of(
+def test_missing_data_folder_is_one_clear_line(elsewhere, cli_error):
+    err = cli_error(
         [
             "fit",
             "--config",
@@ -121,14 +114,13 @@ def test_missing_data_folder_is_one_clear_line(elsewhere, capsys):
             f"--data.init_args.data_dir={elsewhere / 'no_such_folder'}",
             "--trainer.fast_dev_run=true",
         ],
-        capsys,
     )
     assert err.startswith("zoo: error:") and "no_such_folder" in err
     assert len(err.strip().splitlines()) == 1
 
 
-def test_bad_value_is_named(elsewhere, capsys):
-    err = _error_of(
+def test_bad_value_is_named(elsewhere, cli_error):
+    err = cli_error(
         [
             "fit",
             "--config",
@@ -136,7 +128,6 @@ def test_bad_value_is_named(elsewhere, capsys):
             "--model.init_args.fusion.init_args.modality_fusion_layers=9",
             "--trainer.fast_dev_run=true",
         ],
-        capsys,
     )
     assert "modality_fusion_layers=9" in err and "Traceback" not in err
 
@@ -148,14 +139,14 @@ def test_bad_value_is_named(elsewhere, capsys):
         (["--trainer.limit_train_batches=3"], "`val_check_interval` (200)"),  # a ValueError of its loop's checks
     ],
 )
-def test_lightning_rejecting_a_trainer_setting_is_one_clear_line(elsewhere, capsys, flags, named):
-    err = _error_of(["fit", "--config", "vqa.yaml", "--trainer.accelerator=cpu", *SMALL, *flags], capsys)
+def test_lightning_rejecting_a_trainer_setting_is_one_clear_line(elsewhere, flags, named, cli_error):
+    err = cli_error(["fit", "--config", "vqa.yaml", "--trainer.accelerator=cpu", *SMALL, *flags])
     assert err.startswith("zoo: error:") and named in err and "Traceback" not in err, err
 
 
-def test_nan_loss_stops_with_a_clear_error(elsewhere, capsys):
+def test_nan_loss_stops_with_a_clear_error(elsewhere, cli_error):
     """A learning rate of 1e30 blows the loss up within a few steps: one line, no traceback."""
-    err = _error_of(
+    err = cli_error(
         [
             "fit",
             "--config",
@@ -166,7 +157,6 @@ def test_nan_loss_stops_with_a_clear_error(elsewhere, capsys):
             "--model.init_args.optimizer.init_args.lr=1e30",
             "--model.init_args.scheduler=null",
         ],
-        capsys,
     )
     assert err.startswith("zoo: error: the training loss became nan") and "Traceback" not in err
 

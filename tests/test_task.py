@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lit_models._task import TrainingDivergedError
-from zoo.cli import ZooCLI, main, resolve_config_args
+from zoo.cli import ZooCLI, resolve_config_args
 
 # A tiny Sort-of-CLEVR and a small model on the CPU: the same code path as the shipped config, sized for a test.
 SMALL = [
@@ -27,18 +27,11 @@ SMALL = [
 ]
 
 
-def _error_of(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as exit_info:
-        main(args)
-    assert exit_info.value.code == 2
-    return capsys.readouterr().err
-
-
-def test_nan_validation_loss_stops_the_run_before_a_checkpoint_of_it_is_written(elsewhere, capsys):
+def test_nan_validation_loss_stops_the_run_before_a_checkpoint_of_it_is_written(elsewhere, cli_error):
     """An absurd learning rate: step 1's training loss is finite, the weights it leaves give a NaN validation loss.
     The config's ModelCheckpoints would write the best and the last checkpoint of these weights when validation ends."""
     root = elsewhere / "runs"
-    err = _error_of(
+    err = cli_error(
         [
             "fit",
             *SMALL,
@@ -48,7 +41,6 @@ def test_nan_validation_loss_stops_the_run_before_a_checkpoint_of_it_is_written(
             "--trainer.val_check_interval=1",
             f"--trainer.default_root_dir={root}",
         ],
-        capsys,
     )
     assert re.match(r"zoo: error: the validation loss became (nan|-?inf) at epoch 0, global step 1;", err), err
     assert "learning rate" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -88,7 +80,7 @@ def test_nan_loss_in_validate_and_test_is_a_clear_error(elsewhere):
         ),
     ],
 )
-def test_bad_optimizer_or_schedule_value_names_the_key(elsewhere, capsys, flags, message):
-    err = _error_of(["fit", *SMALL, *flags], capsys)
+def test_bad_optimizer_or_schedule_value_names_the_key(elsewhere, flags, message, cli_error):
+    err = cli_error(["fit", *SMALL, *flags])
     assert err.startswith(f"zoo: error: {message}"), err
     assert len(err.strip().splitlines()) == 1

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.contracts import Encoder, FFNFactory, Tokens
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, check_sizes
 from zoo.layers.ffn import FeedForward
 from zoo.layers.position import sincos_1d
 from zoo.layers.transformer import TransformerBlock, padding_attn_mask
@@ -55,10 +55,8 @@ class SpectrogramAudioEncoder(Encoder):
         super().__init__()
         import torchaudio
 
-        for key, value in (("sample_rate", sample_rate), ("n_mels", n_mels), ("hop_length", hop_length), ("dim", dim),
-                           ("num_heads", num_heads)):  # fmt: skip
-            if value < 1:
-                raise ConfigError(f"SpectrogramAudioEncoder: {key}={value} must be at least 1")
+        sizes = {"sample_rate": sample_rate, "n_mels": n_mels, "hop_length": hop_length, "dim": dim}
+        check_sizes("SpectrogramAudioEncoder", **sizes, num_heads=num_heads)
         if depth < 0:
             raise ConfigError(f"SpectrogramAudioEncoder: depth={depth} must be >= 0")
         for key, value in (("freq_masks", freq_masks), ("freq_mask_width", freq_mask_width),

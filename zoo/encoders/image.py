@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.contracts import Encoder, Tokens, upgrade_on_load
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, check_sizes
 from zoo.layers.position import sincos_2d
 
 
@@ -125,10 +125,8 @@ class ConvImageEncoder(Encoder):
         super().__init__()
         if not channels:
             raise ConfigError("ConvImageEncoder: channels must name at least one stage")
-        stages = [(f"channels[{i}]", c) for i, c in enumerate(channels)]
-        for key, value in (*stages, ("dim", dim), ("in_chans", in_chans)):
-            if value < 1:
-                raise ConfigError(f"ConvImageEncoder: {key}={value} must be at least 1")
+        stages = {f"channels[{i}]": c for i, c in enumerate(channels)}
+        check_sizes("ConvImageEncoder", **stages, dim=dim, in_chans=in_chans)
         layers: list[nn.Module] = []
         previous = in_chans
         for c in channels:

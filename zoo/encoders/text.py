@@ -15,7 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from zoo.contracts import Encoder, FFNFactory, Tokens
-from zoo.errors import ConfigError, DataError
+from zoo.errors import DataError, check_dropout, check_sizes
 from zoo.layers.ffn import FeedForward
 from zoo.layers.position import sincos_1d
 from zoo.layers.transformer import TransformerBlock, padding_attn_mask
@@ -160,13 +160,9 @@ class TransformerTextEncoder(Encoder):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for key, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads), ("max_length", max_length)):
-            if value < 1:
-                raise ConfigError(f"TransformerTextEncoder: {key}={value} must be at least 1")
-        if not mlp_ratio > 0:
-            raise ConfigError(f"TransformerTextEncoder: mlp_ratio={mlp_ratio} must be > 0")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"TransformerTextEncoder: dropout={dropout} must be in [0, 1)")
+        sizes = {"dim": dim, "depth": depth, "num_heads": num_heads, "max_length": max_length, "mlp_ratio": mlp_ratio}
+        check_sizes("TransformerTextEncoder", **sizes)
+        check_dropout("TransformerTextEncoder", dropout)
         self.tokenizer = TextTokenizer(max_length=max_length)
         self.out_dim = dim
         # N(0, 1) (PyTorch's default): word identity must not be drowned by the fixed position code, whose entries

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from zoo.contracts import FFNFactory, Fused, Fusion, Tokens
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, check_dropout, check_sizes
 from zoo.layers.ffn import FeedForward
 from zoo.layers.transformer import TransformerBlock
 
@@ -61,13 +61,8 @@ class MIE(Fusion):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for key, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads)):
-            if value < 1:
-                raise ConfigError(f"MIE: {key}={value} must be at least 1")
-        if not mlp_ratio > 0:
-            raise ConfigError(f"MIE: mlp_ratio={mlp_ratio} must be > 0")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"MIE: dropout={dropout} must be in [0, 1)")
+        check_sizes("MIE", dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        check_dropout("MIE", dropout)
         if not 0 <= modality_fusion_layers <= depth:
             raise ConfigError(
                 f"MIE: modality_fusion_layers={modality_fusion_layers} must be between 0 and depth={depth}"

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from zoo.contracts import FFNFactory, Fused, Fusion, Tokens
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, check_dropout, check_sizes
 from zoo.layers.ffn import FeedForward
 from zoo.layers.transformer import TransformerBlock, padding_attn_mask
 
@@ -40,13 +40,8 @@ class TwoTower(Fusion):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        for key, value in (("dim", dim), ("depth", depth), ("num_heads", num_heads)):
-            if value < 1:
-                raise ConfigError(f"TwoTower: {key}={value} must be at least 1")
-        if not mlp_ratio > 0:
-            raise ConfigError(f"TwoTower: mlp_ratio={mlp_ratio} must be > 0")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"TwoTower: dropout={dropout} must be in [0, 1)")
+        check_sizes("TwoTower", dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        check_dropout("TwoTower", dropout)
         if len(set(modalities)) != len(modalities) or not modalities:
             raise ConfigError(f"TwoTower: modalities={list(modalities)} must be distinct and not empty")
         self.modalities = tuple(modalities)

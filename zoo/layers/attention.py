@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.contracts import upgrade_on_load
-from zoo.errors import ConfigError
+from zoo.errors import ConfigError, check_dropout, check_sizes
 
 
 class ScaledDotProduct(nn.Module):
@@ -53,11 +53,8 @@ class SelfAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, *, dropout: float = 0.0) -> None:
         super().__init__()
-        for key, value in (("dim", dim), ("num_heads", num_heads)):
-            if value < 1:
-                raise ConfigError(f"SelfAttention: {key}={value} must be at least 1")
-        if not 0 <= dropout < 1:
-            raise ConfigError(f"SelfAttention: dropout={dropout} must be in [0, 1)")
+        check_sizes("SelfAttention", dim=dim, num_heads=num_heads)
+        check_dropout("SelfAttention", dropout)
         if dim % num_heads:
             raise ConfigError(f"SelfAttention: dim={dim} must be divisible by num_heads={num_heads}")
         self.dim, self.num_heads, self.dropout = dim, num_heads, dropout
