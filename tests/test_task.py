@@ -84,3 +84,22 @@ def test_bad_optimizer_or_schedule_value_names_the_key(elsewhere, flags, message
     err = cli_error(["fit", *SMALL, *flags])
     assert err.startswith(f"zoo: error: {message}"), err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_classifier_stops_on_a_nan_validation_or_test_loss_too():
+    """``Classifier`` has epoch-end hooks of its own (per-class F1, the confusion matrix); they keep the check."""
+    from lightning.pytorch import Trainer
+
+    from lit_models.classification import TextClassifier
+    from zoo.encoders import TransformerTextEncoder
+
+    model = TextClassifier(TransformerTextEncoder(dim=16, depth=1, num_heads=2), num_classes=2)
+    batch = {"text": ["a red cube", "two blue spheres"], "label": torch.tensor([0, 1]), "group": torch.tensor([0, 0])}
+    batches = torch.utils.data.DataLoader([batch], batch_size=None)  # the one batch as it is
+    trainer = Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    trainer.validate(model, batches, verbose=False)  # finite: no error
+    with torch.no_grad():
+        next(model.head.parameters()).fill_(float("nan"))
+    for run, what in [(trainer.validate, "validation"), (trainer.test, "test")]:
+        with pytest.raises(TrainingDivergedError, match=f"the {what} loss became nan"):
+            run(model, batches, verbose=False)
