@@ -132,6 +132,7 @@ class ZooTask(LightningModule):
             self._foreach_given = {i: foreach_off_where_mixed(opt) for i, opt in enumerate(self.trainer.optimizers)}
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        _cut_epoch_as_unfinished(checkpoint)
         # the options the user gave, so that a run resumed on one device steps with foreach again
         states = checkpoint.get("optimizer_states") or []
         for i, given in self._foreach_given.items():
@@ -249,3 +250,22 @@ def _class_path(factory: Callable[..., Any]) -> str:
         if getattr(sys.modules.get(module), target.__qualname__, None) is target:
             return f"{module}.{target.__qualname__}"
     return f"{target.__module__}.{target.__qualname__}"
+
+
+def _cut_epoch_as_unfinished(checkpoint: dict[str, Any]) -> None:
+    """Record an epoch that ``max_steps``, ``max_time`` or a stop request cut short as unfinished.
+
+    Saved at the end of such an epoch (a checkpoint callback's ``on_train_epoch_end``, where no validation runs),
+    Lightning 2.6's loop state counts the epoch as processed though its last batch never came. Resumed from it, the
+    loop finishes the epoch and counts it again: it runs one epoch fewer, and tells the samplers the next epoch's
+    number for the rest of the current one. Counted as unprocessed, the checkpoint is a mid-epoch one, which Lightning
+    resumes exactly.
+    """
+    loop = checkpoint.get("loops", {}).get("fit_loop")
+    if not loop or loop.get("epoch_loop.batch_progress", {}).get("is_last_batch", True):
+        return
+    progress = loop["epoch_progress"]
+    total = progress["total"]
+    if total["processed"] == total["started"] and total["completed"] == total["processed"] - 1:
+        total["processed"] -= 1
+        progress["current"]["processed"] -= 1

@@ -184,3 +184,25 @@ def test_last_checkpoint_is_the_latest_state_when_the_monitor_stops_improving(tm
     assert cli.trainer.global_step == 8
     assert torch.load(_last_checkpoint(tmp_path), weights_only=False)["global_step"] == 8
     assert "step=4" in cli.trainer.checkpoint_callback.best_model_path  # the best is still the first validation's
+
+
+def test_run_cut_short_by_max_steps_resumes_in_the_same_epoch(tmp_path, data_dir):
+    """With validation off, a fit that ``max_steps`` stops mid-epoch writes its last checkpoint at the end of the cut
+    epoch, which Lightning then counts as processed but not completed: resumed, its loop finishes that epoch while it
+    tells the sampler the next epoch's number. The samplers follow the trainer's epoch, so the resumed run ends with
+    the weights of one never stopped."""
+    # no schedule: its length follows max_steps, which the resumed run raises
+    args = ["--trainer.accelerator=cpu", "--trainer.limit_val_batches=0", "--model.init_args.scheduler=null"]
+    straight = _cli(tmp_path / "straight", *args, "--trainer.max_steps=6")
+    straight.trainer.fit(straight.model, datamodule=straight.datamodule)
+
+    first = _cli(tmp_path / "resumed", *args, "--trainer.max_steps=2")
+    first.trainer.fit(first.model, datamodule=first.datamodule)
+    checkpoint = _last_checkpoint(tmp_path / "resumed")
+    assert torch.load(checkpoint, weights_only=False)["global_step"] == 2
+    second = _cli(tmp_path / "resumed", *args, "--trainer.max_steps=6")
+    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=checkpoint)
+    assert second.trainer.global_step == straight.trainer.global_step == 6
+    expected = straight.model.state_dict()
+    for key, value in second.model.state_dict().items():
+        assert torch.equal(value, expected[key]), key
