@@ -110,7 +110,8 @@ def test_bad_arguments_raise_config_errors():
         ClassAwareSampler(labels, num_replicas=1, rank=0).load_state_dict(sampler.state_dict())
 
 
-def test_datamodule_checkpoint_state_resumes_the_training_order_after_the_consumed_batches(tmp_path):
+@pytest.mark.parametrize("class_weights", ["inverse", "none"])  # the class-aware draw, the plain shuffle
+def test_datamodule_checkpoint_state_resumes_the_training_order_after_the_consumed_batches(tmp_path, class_weights):
     from types import SimpleNamespace
 
     from datamodules.text_folder import TextFolderDataModule
@@ -123,7 +124,7 @@ def test_datamodule_checkpoint_state_resumes_the_training_order_after_the_consum
         return [b["text"] for b in dm.train_dataloader()]
 
     def make():
-        dm = TextFolderDataModule(train_file=str(train), class_weights="inverse", batch_size=4, seed=2)
+        dm = TextFolderDataModule(train_file=str(train), class_weights=class_weights, batch_size=4, seed=2)
         dm.setup("fit")
         return dm
 

@@ -302,14 +302,12 @@ class LongTailTextDataModule(L.LightningDataModule):
         """The training sampler's state; its position is the number of examples the trainer has consumed."""
         if self._sampler is None or not hasattr(self._sampler, "state_dict"):
             return {}
-        if isinstance(self._sampler, ClassAwareSampler):
-            consumed = None
-            trainer = getattr(self, "trainer", None)
-            if trainer is not None:
-                batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-                consumed = min(batches * self.batch_size, self._sampler.num_samples)
-            return {"sampler": self._sampler.state_dict(consumed)}
-        return {"sampler": self._sampler.state_dict()}
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {"sampler": self._sampler.state_dict()}
+        # either sampler: the plain shuffle's position was left at 0, so a resumed run started its epoch again
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"sampler": self._sampler.state_dict(min(batches * self.batch_size, self._sampler.num_samples))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "sampler" in state_dict:
