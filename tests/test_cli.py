@@ -137,6 +137,7 @@ def test_bad_value_is_named(elsewhere, cli_error):
     [
         (["--trainer.devices=0"], "devices='0'"),  # Lightning's MisconfigurationException
         (["--trainer.limit_train_batches=3"], "`val_check_interval` (200)"),  # a ValueError of its loop's checks
+        (["--trainer.devices=-3"], "`CPUAccelerator` should be an int > 0"),  # a TypeError of its accelerator's
     ],
 )
 def test_lightning_rejecting_a_trainer_setting_is_one_clear_line(elsewhere, flags, named, cli_error):
@@ -245,3 +246,18 @@ def test_help_names_the_program_and_the_zoo_commands(capsys):
     out = " ".join(capsys.readouterr().out.split())
     assert out.startswith("usage: python -m zoo ")  # not "__main__.py"
     assert "`python -m zoo components`" in out and "`python -m zoo convert --help`" in out
+
+
+def test_a_message_over_several_lines_is_joined_and_a_worker_traceback_cut_to_its_last_line():
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    from zoo.cli import _one_line
+    from zoo.errors import DataError
+
+    asked = MisconfigurationException("You requested gpu: [0, 1]\n But your machine only has: []")
+    assert _one_line(asked) == "You requested gpu: [0, 1] But your machine only has: []"
+    worker = DataError(
+        "Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "x.py", line 1, in f\nzoo.errors.DataError: a.wav: not a readable sound file'
+    )
+    assert _one_line(worker) == "a.wav: not a readable sound file"

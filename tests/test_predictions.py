@@ -75,3 +75,9 @@ def test_a_failed_loop_leaves_no_file(tmp_path):
                               None, {"label": torch.tensor([1])}, 0)  # fmt: skip
     writer.on_exception(trainer, None, RuntimeError("stopped"))
     assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_predict_without_weights_warns_that_they_are_untrained(elsewhere):
+    with pytest.warns(UserWarning, match="initial, untrained weights"):
+        main(["predict", "--config", "vqa.yaml", "--trainer.default_root_dir=pred", "--trainer.limit_predict_batches=1",
+              *SMALL])  # fmt: skip

@@ -17,7 +17,7 @@ from pathlib import Path
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from zoo.errors import ConfigError, DataError, ZooUserError
 
@@ -106,6 +106,12 @@ class ZooCLI(LightningCLI):
     def before_predict(self) -> None:
         self._resolve_last_checkpoint()
         self._load_converted()
+        config = self.config_init[self.subcommand]
+        if not (config.get("ckpt_path") or config.get("converted") or getattr(self.model, "initial_checkpoint", None)):
+            rank_zero_warn(
+                "predict: no --ckpt_path, --converted or initial_checkpoint: the predictions come from the model's "
+                "initial, untrained weights"
+            )
         # `python -m zoo predict` writes what it predicts (LightningCLI alone keeps it in memory and drops it)
         from lightning.pytorch.callbacks import BasePredictionWriter
 
@@ -165,7 +171,8 @@ class ZooCLI(LightningCLI):
 
         try:
             load_converted(path, self.model)
-        except (RuntimeError, KeyError) as err:  # load_state_dict's missing / unexpected / reshaped keys, over lines
+        # load_state_dict's missing / unexpected / reshaped keys, over lines; a layer the configured model lacks
+        except (RuntimeError, KeyError, AttributeError) as err:
             detail = " ".join(str(err).split())
             detail = detail if len(detail) <= 300 else detail[:300] + " ..."
             raise ConfigError(
@@ -244,17 +251,25 @@ def _resolve(value: str) -> str:
 
 def _one_line(err: BaseException) -> str:
     # Errors raised in DataLoader workers come back with the worker's traceback in their message: keep the last line,
-    # less the "zoo.errors.DataError: " the traceback puts before the worker's message.
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    # less the "zoo.errors.DataError: " the traceback puts before the worker's message. Another message over several
+    # lines (Lightning's "You requested gpu: [0, 1]" / "But your machine only has: []") is joined.
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
     if not lines:
         return type(err).__name__
+    if not any("Traceback (most recent call last)" in line for line in lines):
+        return " ".join(lines)
     cls = type(err)
-    return lines[-1].removeprefix(f"{cls.__module__}.{cls.__qualname__}: ") if len(lines) > 1 else lines[0]
+    return lines[-1].removeprefix(f"{cls.__module__}.{cls.__qualname__}: ")
 
 
-#: modules whose ValueErrors are Lightning's checks of the trainer's settings (devices, strategy, precision, the
-#: validation interval against the batches): they name the setting, so they are user errors
-_LIGHTNING_CHECKS = ("lightning.pytorch.trainer.connectors.", "lightning.pytorch.loops.fit_loop")
+#: modules whose ValueErrors and TypeErrors are Lightning's checks of the trainer's settings (devices, strategy,
+#: precision, the validation interval against the batches): they name the setting, so they are user errors
+_LIGHTNING_CHECKS = (
+    "lightning.pytorch.trainer.connectors.",
+    "lightning.pytorch.loops.fit_loop",
+    "lightning.fabric.accelerators.",  # the devices each accelerator accepts ("devices=-3" on the CPU)
+    "lightning.pytorch.accelerators.",
+)
 
 
 def _raised_by_lightning_checks(err: BaseException) -> bool:
@@ -262,7 +277,7 @@ def _raised_by_lightning_checks(err: BaseException) -> bool:
     while tb is not None and tb.tb_next is not None:
         tb = tb.tb_next
     module = tb.tb_frame.f_globals.get("__name__", "") if tb is not None else ""
-    return isinstance(err, ValueError) and module.startswith(_LIGHTNING_CHECKS)
+    return isinstance(err, (ValueError, TypeError)) and module.startswith(_LIGHTNING_CHECKS)
 
 
 def _user_error(err: BaseException, seen: set[int] | None = None) -> BaseException | None:
