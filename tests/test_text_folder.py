@@ -116,6 +116,8 @@ def test_bad_ddae_arguments_raise_config_errors(tmp_path):
         TextFolderDataModule(train_file=train, class_weights="balanced")
     with pytest.raises(ConfigError, match="rare_classes"):
         TextFolderDataModule(train_file=train, rare_classes="ignore")
+    with pytest.raises(ConfigError, match=r"augmentation_ops=\[\] names no operation"):  # was the defaults
+        TextFolderDataModule(train_file=train, augmentation_ops=[])
 
 
 def test_ddae_setup_adds_filtered_copies_for_the_rare_class_and_resamples(tmp_path):

@@ -10,7 +10,6 @@ Dynamic Data Augmentation Engine in :meth:`~LongTailTextDataModule.setup` when `
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules._common import (
@@ -33,8 +33,6 @@ from datamodules.ddae.filter import DEFAULT_THRESHOLD, BERTScoreFilter, ScoredAu
 from datamodules.ddae.sampler import WEIGHT_SCHEMES, ClassAwareSampler
 from zoo.contracts import IGNORE_INDEX
 from zoo.errors import ConfigError, DataError
-
-log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -146,7 +144,12 @@ class LongTailTextDataModule(L.LightningDataModule):
             raise ConfigError(f"{name}: {err}") from None
         if max_copies < 0:
             raise ConfigError(f"{name}: max_copies={max_copies} must be >= 0")
-        ops = list(augmentation_ops or DEFAULT_OPERATIONS)
+        ops = list(DEFAULT_OPERATIONS if augmentation_ops is None else augmentation_ops)
+        if not ops:  # was silently the defaults
+            raise ConfigError(
+                f"{name}: augmentation_ops=[] names no operation; leave it out for the defaults "
+                f"{list(DEFAULT_OPERATIONS)}, or set augmentation_strength: 0 for no augmentation"
+            )
         if not set(ops) <= set(OPERATIONS):
             raise ConfigError(f"{name}: augmentation_ops={ops} must be taken from {list(OPERATIONS)}")
         if filter_threshold is not None and not 0 <= filter_threshold <= 1:
@@ -227,7 +230,12 @@ class LongTailTextDataModule(L.LightningDataModule):
             "score_seconds": aug.score_seconds,
             "from_cache": aug.from_cache,
         }
-        log.info("DDAE: %s", self.ddae_stats)
+        # on the console (Lightning's logger), not only Python's logging, which the CLI leaves unconfigured
+        rank_zero_info(
+            f"DDAE: {self.ddae_stats['augmented']} augmented copies of {self.ddae_stats['original']} training texts, "
+            f"{self.ddae_stats['kept']} kept by the filter ({100 * self.ddae_stats['rejected_fraction']:.1f}% "
+            f"rejected){', from the cache' if aug.from_cache else ''}"
+        )
 
     def _eval_dataset(self, split: str, data: tuple[list[str], list[int]] | None) -> TextClassificationDataset | None:
         if data is None:
