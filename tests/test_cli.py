@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from zoo.cli import main, packaged_config, resolve_config_args
 
@@ -261,3 +262,9 @@ def test_a_message_over_several_lines_is_joined_and_a_worker_traceback_cut_to_it
         '  File "x.py", line 1, in f\nzoo.errors.DataError: a.wav: not a readable sound file'
     )
     assert _one_line(worker) == "a.wav: not a readable sound file"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a CUDA device")
+def test_adaptive_strategy_on_cuda_without_a_device_says_so(elsewhere, cli_error):
+    err = cli_error(["fit", "--config", "vqa_gpu.yaml", "--trainer.accelerator=cuda", "--trainer.devices=auto"])
+    assert "trainer.accelerator=cuda finds no device here" in err and "device_count" not in err

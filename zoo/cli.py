@@ -77,6 +77,11 @@ class ZooCLI(LightningCLI):
             from zoo.parallel.plan import select_parallelism
 
             per_node = _devices_per_node(config.get("accelerator", "auto"), config.get("devices", "auto"))
+            if per_node < 1:  # select_parallelism would name its own argument, device_count=0
+                raise ConfigError(
+                    f"trainer.strategy=adaptive: trainer.accelerator={config.get('accelerator', 'auto')} finds no "
+                    "device here (no CUDA device is visible: check CUDA_VISIBLE_DEVICES and the driver)"
+                )
             plan = select_parallelism(
                 self.model, per_node * int(config.get("num_nodes") or 1), devices_per_node=per_node
             )
