@@ -90,6 +90,8 @@ def test_sizes_are_read_from_a_model():
         ({"model_size": 0, "device_count": 1}, "model_size=0 must be a parameter count"),
         ({"model_size": 10, "device_count": 2, "memory_fraction": 1.5}, r"memory_fraction=1.5 must be in \(0, 1\]"),
         ({"model_size": 10, "device_count": 6, "devices_per_node": 4}, "multiple of devices_per_node=4"),
+        ({"model_size": 10, "device_count": 2, "devices_per_node": 0}, "devices_per_node=0 must be at least 1"),
+        ({"model_size": 10, "device_count": 2, "device_memory": -1}, "device_memory=-1 must be at least 1"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, message):

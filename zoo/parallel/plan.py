@@ -110,6 +110,9 @@ def select_parallelism(
         raise ConfigError(f"select_parallelism: memory_fraction={memory_fraction} must be in (0, 1]")
     if bytes_per_parameter <= 0:
         raise ConfigError(f"select_parallelism: bytes_per_parameter={bytes_per_parameter} must be > 0")
+    for key, value in (("device_memory", device_memory), ("devices_per_node", devices_per_node)):
+        if value is not None and value < 1:  # devices_per_node=0 stood for device_count; device_memory=-1 a budget of 0
+            raise ConfigError(f"select_parallelism: {key}={value} must be at least 1, or None")
     if isinstance(model_size, nn.Module):
         module = model_size
         model_size = sum(p.numel() for p in module.parameters())
