@@ -4,6 +4,7 @@ batch norm freeze, bits and errors are logged; and a QAT checkpoint converts thr
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
@@ -391,6 +392,60 @@ def test_convert_names_a_missing_or_unreadable_checkpoint(tmp_path):
     torch.save([1, 2, 3], tmp_path / "list.pt")
     with pytest.raises(DataError, match="has no state_dict"):
         convert_main(["--ckpt", str(tmp_path / "list.pt"), "--out", out])
+
+
+@pytest.fixture(scope="module")
+def float_checkpoint(tmp_path_factory):
+    """A Lightning checkpoint of TinyTask after one float training step."""
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("float")
+    trainer = _trainer(root, 1)
+    trainer.fit(TinyTask(), _loader())
+    trainer.save_checkpoint(root / "float.ckpt")
+    return root / "float.ckpt"
+
+
+def _ptq_flags(ckpt, out) -> list[str]:
+    return ["--ckpt", str(ckpt), "--out", str(out), "--model-class", f"{TinyTask.__module__}.TinyTask", "--quant"]
+
+
+def test_convert_names_unknown_quant_keys_and_the_valid_ones(float_checkpoint, tmp_path):
+    with pytest.raises(
+        ConfigError, match=r"--quant: unknown key 'weight_bits'; valid keys: weight_bit, activation_bit"
+    ):
+        convert_main([*_ptq_flags(float_checkpoint, tmp_path / "a.pt"), '{"weight_bits": 4}'])
+    assert not (tmp_path / "a.pt").exists()
+
+
+@pytest.mark.parametrize("batches", ["-1", "0"])
+def test_convert_rejects_fewer_than_one_calibration_batch_before_loading(tmp_path, batches):
+    flags = _ptq_flags(tmp_path / "gone.ckpt", tmp_path / "a.pt")  # no checkpoint: the flag is checked first
+    with pytest.raises(ConfigError, match=rf"--calibrate {batches}: must be at least 1"):
+        convert_main([*flags, "{}", "--calibrate", batches])
+    with pytest.raises(ValueError, match="num_batches=0 must be at least 1"):  # and Python's calibrate
+        calibrate(quantize_(TinyTask().eval(), activation_granularity="per_tensor"), _loader(), 0)
+
+
+def test_convert_refuses_to_overwrite_the_checkpoint(float_checkpoint, tmp_path, monkeypatch):
+    ckpt = tmp_path / "float.ckpt"
+    ckpt.write_bytes(float_checkpoint.read_bytes())
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"--out .*float\.ckpt is the --ckpt float\.ckpt"):
+        convert_main([*_ptq_flags("float.ckpt", ckpt), "{}"])  # the same file, spelled two ways
+    assert ckpt.read_bytes() == float_checkpoint.read_bytes()
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where no file can be created")
+def test_convert_names_an_out_it_cannot_write_and_creates_missing_folders(float_checkpoint, tmp_path):
+    with pytest.raises(ConfigError, match=r"--out .*: cannot write \(it is a directory\)"):
+        convert_main([*_ptq_flags(tmp_path / "gone.ckpt", tmp_path), "{}"])  # checked before loading
+    with pytest.raises(ConfigError, match=r"--out /proc/a\.pt: cannot write \(No such file or directory\)"):
+        convert_main([*_ptq_flags(float_checkpoint, "/proc/a.pt"), "{}"])
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ConfigError, match=r"--out .*file/a\.pt: cannot write \(.*file"):
+        convert_main([*_ptq_flags(float_checkpoint, tmp_path / "file" / "a.pt"), "{}"])
+    convert_main([*_ptq_flags(float_checkpoint, tmp_path / "new" / "sub" / "a.pt"), "{}"])
+    assert isinstance(load_converted(tmp_path / "new" / "sub" / "a.pt").head, QuantizedLinear)
 
 
 def test_vqa_qat_config_gives_the_vqa_model_mixed_bits(tmp_path, monkeypatch):

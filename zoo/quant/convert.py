@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import inspect
 import io
 import json
 import math
@@ -46,7 +47,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from zoo.errors import ConfigError, DataError
+from zoo.errors import ConfigError, DataError, check_sizes
 from zoo.layers.ffn import FeedForward
 from zoo.quant.attention import QATScaledDotProduct, QuantizedScaledDotProduct
 from zoo.quant.conv import QuantizedConv1d, QuantizedConv2d, fuse_convolutions_
@@ -662,6 +663,7 @@ def calibrate(task: nn.Module, batches: Iterable[Any], num_batches: int) -> int:
     has no per-tensor input quantizer (per-token scales need no calibration)."""
     from lightning.pytorch.utilities import move_data_to_device
 
+    check_sizes("calibrate", num_batches=num_batches)
     if not static_quantizers(task):
         return 0
     device, seen = next(task.parameters()).device, 0
@@ -691,6 +693,24 @@ def _calibrate(
     print(f"calibrated the per-tensor input scales on {seen} training batches", file=sys.stderr)
 
 
+def _quant_config(text: str) -> dict[str, Any]:
+    # --quant: the keyword arguments of quantize_ as a JSON object
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"--quant is not valid JSON: {err}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"--quant must be a JSON object of quantize_ arguments, got {text!r}")
+    valid = [name for name, p in inspect.signature(quantize_).parameters.items() if p.kind is p.KEYWORD_ONLY]
+    unknown = [key for key in config if key not in valid]
+    if unknown:
+        raise ConfigError(
+            f"--quant: unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+            f"valid keys: {', '.join(valid)}"
+        )
+    return config
+
+
 def main(argv: list[str] | None = None) -> None:
     """``python -m zoo convert --ckpt RUN.ckpt --out MODEL.pt [--quant JSON [--calibrate N]] [--model-class C]``.
 
@@ -701,7 +721,11 @@ def main(argv: list[str] | None = None) -> None:
     """
     parser = argparse.ArgumentParser(prog="python -m zoo convert", description=main.__doc__)
     parser.add_argument("--ckpt", required=True, help="Lightning checkpoint written by `python -m zoo fit`")
-    parser.add_argument("--out", required=True, help="file to write the converted model to (load_converted reads it)")
+    parser.add_argument(
+        "--out",
+        required=True,
+        help="file to write the converted model to (load_converted reads it); missing parent folders are created",
+    )
     parser.add_argument(
         "--quant",
         help="post-training quantization of a float checkpoint: zoo.quant.quantize_ keyword arguments as JSON, "
@@ -710,9 +734,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--calibrate",
         type=int,
-        default=0,
         metavar="N",
-        help="with --quant: run N training batches of the checkpoint's datamodule under zoo.quant.calibrating "
+        help="with --quant: run N >= 1 training batches of the checkpoint's datamodule under zoo.quant.calibrating "
         "(per-tensor input scales need it: activation_granularity per_tensor, and quantized convolutions)",
     )
     parser.add_argument(
@@ -724,7 +747,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     from zoo.weights import read_checkpoint  # here: zoo.weights imports zoo.quant
 
-    ckpt_path = Path(args.ckpt)
+    if args.calibrate is not None and args.calibrate < 1:
+        raise ConfigError(f"--calibrate {args.calibrate}: must be at least 1 (the number of training batches)")
+    quant_config = None if args.quant is None else _quant_config(args.quant)
+    ckpt_path, out = Path(args.ckpt), Path(args.out)
+    if out.is_dir():
+        raise ConfigError(f"--out {out}: cannot write (it is a directory)")
+    if out.exists() and ckpt_path.exists() and out.samefile(ckpt_path):
+        raise ConfigError(f"--out {out} is the --ckpt {ckpt_path}: converting would overwrite it; give another --out")
     checkpoint = read_checkpoint(ckpt_path, what="--ckpt")
     if not isinstance(checkpoint, Mapping) or "state_dict" not in checkpoint:
         raise DataError(f"--ckpt {ckpt_path} has no state_dict: is it a Lightning checkpoint?")
@@ -741,13 +771,7 @@ def main(argv: list[str] | None = None) -> None:
             "for post-training quantization"
         )
     model.load_state_dict(state_dict)
-    if args.quant is not None:
-        try:
-            quant_config = json.loads(args.quant)
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--quant is not valid JSON: {err}") from None
-        if not isinstance(quant_config, dict):
-            raise ConfigError(f"--quant must be a JSON object of quantize_ arguments, got {args.quant!r}")
+    if quant_config is not None:
         model = quantize_(model.eval(), **quant_config)
     if args.calibrate:
         if args.quant is None:
@@ -766,9 +790,15 @@ def main(argv: list[str] | None = None) -> None:
         "method": "post-training" if args.quant is not None else "quantization-aware",
         "torch": str(torch.__version__),
     }
-    size = save_converted(model, args.out, metadata=metadata)
+    try:
+        size = save_converted(model, out, metadata=metadata)
+    except OSError as err:  # creating a parent folder
+        reason = f"{err.strerror}: {err.filename}" if err.filename else str(err)
+        raise ConfigError(f"--out {out}: cannot write ({reason})") from None
+    except RuntimeError as err:  # torch.save's writer: "[enforce fail at inline_container.cc:N] . ... strerror: WHY"
+        raise ConfigError(f"--out {out}: cannot write ({str(err).rpartition('strerror: ')[2]})") from None
     print(
-        f"converted {ckpt_path} -> {args.out}: {converted_layers(model)}; weights {size / 1e6:.2f} MB on disk, "
+        f"converted {ckpt_path} -> {out}: {converted_layers(model)}; weights {size / 1e6:.2f} MB on disk, "
         f"{size / float_bytes:.1%} of the float model's {float_bytes / 1e6:.2f} MB",
         file=sys.stderr,
     )
