@@ -51,3 +51,26 @@ def test_second_run_reads_the_cache_instead_of_recomputing(tmp_path, scorer, mon
     other = TextAugmenter(strength=0.5, max_copies=2, seed=1)
     score_augmentations(texts, labels, augmenter=other, scorer=scorer, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("ddae_*.json"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("edit", "reason"),
+    [
+        (lambda c: c.update(f1=c["f1"][:-1]), "differ in length"),
+        (lambda c: c.update(source=[99] * len(c["source"])), "source index outside the 3 training texts"),
+        (lambda c: c.update(f1=[None] * len(c["f1"])), "not a number"),  # every copy silently rejected, before
+        (lambda c: c.update(f1="high"), "could not convert"),
+    ],
+)
+def test_a_cache_file_edited_by_hand_is_named(tmp_path, scorer, edit, reason):
+    import json
+
+    texts, labels = ["move quickly on foot", "a large building", "an official record of events"], [0, 0, 1]
+    augmenter = TextAugmenter(strength=0.5, max_copies=2, seed=0)
+    score_augmentations(texts, labels, augmenter=augmenter, scorer=scorer, cache_dir=tmp_path)
+    (path,) = tmp_path.glob("ddae_*.json")
+    cached = json.loads(path.read_text())
+    edit(cached)
+    path.write_text(json.dumps(cached))
+    with pytest.raises(DataError, match=rf"{path.name}: unreadable DDAE cache \(.*{reason}"):
+        score_augmentations(texts, labels, augmenter=augmenter, scorer=scorer, cache_dir=tmp_path)

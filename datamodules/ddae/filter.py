@@ -185,7 +185,7 @@ def score_augmentations(
     if path is not None and path.is_file():
         try:
             cached = json.loads(path.read_text(encoding="utf8"))
-            return ScoredAugmentations(
+            scored = ScoredAugmentations(
                 texts=cached["texts"],
                 source=cached["source"],
                 operation=cached["operation"],
@@ -194,7 +194,15 @@ def score_augmentations(
                 score_seconds=cached["score_seconds"],
                 from_cache=True,
             )
-        except (OSError, ValueError, KeyError) as err:
+            # a file edited or cut by hand: what the datamodule indexes with must agree
+            if not len(scored.source) == len(scored.operation) == len(scored.f1) == len(scored.texts):
+                raise ValueError("its lists of copies, sources, operations and F1 differ in length")
+            if scored.source and not 0 <= min(scored.source) <= max(scored.source) < len(texts):
+                raise ValueError(f"a source index outside the {len(texts)} training texts")
+            if not np.isfinite(scored.f1).all():
+                raise ValueError("a BERTScore F1 that is not a number")
+            return scored
+        except (OSError, ValueError, KeyError, TypeError) as err:
             raise DataError(f"{path}: unreadable DDAE cache ({err}); delete it to recompute") from err
     augmenter.load()  # WordNet's synonyms: read before the clock starts, as when TextAugmenter read them itself
     start = time.perf_counter()
