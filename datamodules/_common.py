@@ -226,6 +226,22 @@ def select_classes(
     return classes, dropped
 
 
+def consumed_examples(trainer: Any, sampler: Any, batch_size: int) -> int:
+    """How many of this epoch's indices the trainer has consumed from ``sampler`` (a training sampler with
+    ``num_samples``): the batches Lightning's fit loop processed times ``batch_size``, for a checkpoint's sampler state.
+
+    0 where Lightning wraps the sampler for several processes (``DistributedSamplerWrapper``, which shards the list of
+    its indices and needs that list whole): a run resumed there starts its epoch again. A ``DistributedSampler``
+    (``ClassAwareSampler``) shards itself, and its count is this rank's.
+    """
+    if trainer is None:
+        return 0
+    if trainer.world_size > 1 and not isinstance(sampler, torch.utils.data.DistributedSampler):
+        return 0
+    processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    return min(processed * batch_size, sampler.num_samples)
+
+
 class SplitLoaders(L.LightningDataModule):
     """The loaders of a datamodule whose ``setup`` builds ``train_dataset``, ``val_dataset`` and ``test_dataset`` and
     which sets ``batch_size``, ``num_workers``, ``pin_memory`` and ``seed``: the training loader shuffles with
@@ -261,8 +277,7 @@ class SplitLoaders(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if sampler is None or trainer is None:
             return {}
-        processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"sampler": sampler.state_dict(consumed=min(processed * self.batch_size, len(sampler)))}
+        return {"sampler": sampler.state_dict(consumed=consumed_examples(trainer, sampler, self.batch_size))}
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "sampler" in state_dict:

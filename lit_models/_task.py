@@ -153,9 +153,13 @@ class ZooTask(LightningModule):
 
     # -- every task of the zoo classifies: logits [B, num_classes] against batch["label"] [B] (-100 is ignored) ----
     def _loss(self, logits: Tensor, labels: Tensor) -> Tensor:
-        return F.cross_entropy(
-            logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=getattr(self, "label_smoothing", 0.0)
-        )
+        """Mean cross-entropy over the labelled examples; 0 for a batch with none (the mean reduction gives NaN there,
+        which the NaN checks would take for a diverged run: a VQA batch of answers outside ``max_answers``)."""
+        total = F.cross_entropy(
+            logits.float(), labels, ignore_index=IGNORE_INDEX, label_smoothing=getattr(self, "label_smoothing", 0.0),
+            reduction="sum",
+        )  # fmt: skip
+        return total / (labels != IGNORE_INDEX).sum().clamp(min=1)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         logits = self(batch)
@@ -202,9 +206,12 @@ class ZooTask(LightningModule):
                 f"{self.global_step}: they or the {what} data hold NaN or infinite values; {command} another "
                 "checkpoint with --ckpt_path, or check the data"
             )
+        if self.trainer.sanity_checking:  # no step has run: the weights given or the data
+            raise TrainingDivergedError(
+                f"the validation loss became {float(loss)} in the sanity check before training: the initial weights "
+                "(model.init_args.initial_checkpoint, --ckpt_path) or the validation data hold NaN or infinite values"
+            )
         where = f"at epoch {self.current_epoch}, global step {self.global_step}"
-        if self.trainer.sanity_checking:
-            where += " (the sanity check before training)"
         raise TrainingDivergedError(
             f"the validation loss became {float(loss)} {where}; the run stopped before checkpointing these weights: "
             "lower the learning rate, enable gradient clipping (trainer.gradient_clip_val), check the validation data "
@@ -255,7 +262,7 @@ def _class_path(factory: Callable[..., Any]) -> str:
 def _cut_epoch_as_unfinished(checkpoint: dict[str, Any]) -> None:
     """Record an epoch that ``max_steps``, ``max_time`` or a stop request cut short as unfinished.
 
-    Saved at the end of such an epoch (a checkpoint callback's ``on_train_epoch_end``, where no validation runs),
+    Saved at the end of such an epoch (a checkpoint callback's ``on_train_epoch_end``: no validation, or once an epoch),
     Lightning 2.6's loop state counts the epoch as processed though its last batch never came. Resumed from it, the
     loop finishes the epoch and counts it again: it runs one epoch fewer, and tells the samplers the next epoch's
     number for the rest of the current one. Counted as unprocessed, the checkpoint is a mid-epoch one, which Lightning

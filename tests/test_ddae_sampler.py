@@ -132,9 +132,14 @@ def test_datamodule_checkpoint_state_resumes_the_training_order_after_the_consum
     first = make()
     first.train_dataloader()
     progress = SimpleNamespace(current=SimpleNamespace(processed=3))  # what Lightning's fit loop counts
-    first.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    first.trainer = SimpleNamespace(fit_loop=loop, world_size=1)
     state = first.state_dict()
     assert state["sampler"]["position"] == 12
+    # several processes: the plain shuffle, which Lightning wraps and shards as a whole list, starts its epoch again
+    first.trainer.world_size = 2
+    assert first.state_dict()["sampler"]["position"] == (12 if class_weights == "inverse" else 0)
+    first.trainer.world_size = 1
     resumed = make()
     resumed.load_state_dict(state)
     assert batches(resumed) == expected[3:]
@@ -190,7 +195,8 @@ def test_datamodule_defers_rebalancing_and_resumes_in_the_plain_phase(tmp_path):
     first = make()
     first.train_dataloader()
     progress = SimpleNamespace(current=SimpleNamespace(processed=2))
-    first.trainer = SimpleNamespace(fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)))
+    loop = SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
+    first.trainer = SimpleNamespace(fit_loop=loop, world_size=1)
     resumed = make()
     resumed.load_state_dict(first.state_dict())
     assert [t for b in resumed.train_dataloader() for t in b["text"]] == plain[8:]

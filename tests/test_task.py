@@ -103,3 +103,17 @@ def test_a_classifier_stops_on_a_nan_validation_or_test_loss_too():
     for run, what in [(trainer.validate, "validation"), (trainer.test, "test")]:
         with pytest.raises(TrainingDivergedError, match=f"the {what} loss became nan"):
             run(model, batches, verbose=False)
+
+
+def test_a_batch_without_labels_is_a_zero_loss_not_a_nan():
+    """A VQA batch of answers outside ``max_answers`` (all -100): cross-entropy's mean is NaN there, which the NaN
+    checks would take for a diverged run; with some labels, the mean over the labelled ones."""
+    from lit_models.classification import TextClassifier
+    from zoo.encoders import TransformerTextEncoder
+
+    model = TextClassifier(TransformerTextEncoder(dim=16, depth=1, num_heads=2), num_classes=3, label_smoothing=0.1)
+    logits = torch.randn(4, 3)
+    assert model._loss(logits, torch.full((4,), -100)).item() == 0.0
+    labels = torch.tensor([1, -100, 2, 0])
+    expected = torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1)  # ignore_index -100
+    assert torch.allclose(model._loss(logits, labels), expected)

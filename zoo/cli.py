@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from importlib import resources
 from pathlib import Path
@@ -112,10 +113,10 @@ class ZooCLI(LightningCLI):
         self._resolve_last_checkpoint()
         self._load_converted()
         config = self.config_init[self.subcommand]
-        if not (config.get("ckpt_path") or config.get("converted") or getattr(self.model, "initial_checkpoint", None)):
+        if not (config.get("ckpt_path") or config.get("converted")):  # initial_checkpoint is read by fit alone
             rank_zero_warn(
-                "predict: no --ckpt_path, --converted or initial_checkpoint: the predictions come from the model's "
-                "initial, untrained weights"
+                "predict: no --ckpt_path or --converted: the predictions come from the model's initial, untrained "
+                "weights"
             )
         # `python -m zoo predict` writes what it predicts (LightningCLI alone keeps it in memory and drops it)
         from lightning.pytorch.callbacks import BasePredictionWriter
@@ -155,11 +156,14 @@ class ZooCLI(LightningCLI):
             for callback in self.trainer.checkpoint_callbacks
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None
             for path in root.glob(f"*/checkpoints/*{callback.FILE_EXTENSION}")
-            if callback.CHECKPOINT_NAME_LAST in path.name  # Lightning's own test for a last checkpoint
+            if re.match(rf"^{callback.CHECKPOINT_NAME_LAST}(-(\d+))?", path.stem)  # Lightning's own test for "last"
         ]
         if found:
             config["ckpt_path"] = str(max(found, key=lambda path: path.stat().st_mtime))
             rank_zero_info(f"--ckpt_path last: {config['ckpt_path']}")
+            from zoo.weights import check_lightning_checkpoint
+
+            check_lightning_checkpoint(config["ckpt_path"], what="--ckpt_path last")
 
     def _load_converted(self) -> None:
         """``--converted PATH``: swap the configured model's layers for the integer ones saved at ``PATH`` and load

@@ -25,6 +25,7 @@ from datamodules._common import (
     SeededShuffleSampler,
     check_loader_args,
     collate,
+    consumed_examples,
     default_data_dir,
     frequency_groups,
 )
@@ -314,8 +315,7 @@ class LongTailTextDataModule(L.LightningDataModule):
         if trainer is None:
             return {"sampler": self._sampler.state_dict()}
         # either sampler: the plain shuffle's position was left at 0, so a resumed run started its epoch again
-        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"sampler": self._sampler.state_dict(min(batches * self.batch_size, self._sampler.num_samples))}
+        return {"sampler": self._sampler.state_dict(consumed_examples(trainer, self._sampler, self.batch_size))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "sampler" in state_dict:

@@ -796,6 +796,8 @@ def main(argv: list[str] | None = None) -> None:
         reason = f"{err.strerror}: {err.filename}" if err.filename else str(err)
         raise ConfigError(f"--out {out}: cannot write ({reason})") from None
     except RuntimeError as err:  # torch.save's writer: "[enforce fail at inline_container.cc:N] . ... strerror: WHY"
+        if "strerror: " not in str(err):
+            raise
         raise ConfigError(f"--out {out}: cannot write ({str(err).rpartition('strerror: ')[2]})") from None
     print(
         f"converted {ckpt_path} -> {out}: {converted_layers(model)}; weights {size / 1e6:.2f} MB on disk, "
