@@ -2,7 +2,7 @@
 (``num_classes`` and ``group_names`` known right after ``__init__``; batches of ``image``, ``text``, ``audio``,
 ``label``, ``group``; a training order that is a function of ``(seed, epoch)``)."""
 
-from datamodules._common import SeededShuffleSampler, collate, normalize_image
+from datamodules._common import RankShardedSampler, SeededShuffleSampler, collate, normalize_image
 from datamodules.audio_folder import AudioClipDataset, AudioFolderDataModule
 from datamodules.sort_of_clevr import SortOfCLEVRDataModule, SortOfCLEVRDataset, generate_sort_of_clevr
 from datamodules.vqa_folder import VQAFolderDataModule, VQAFolderDataset
@@ -10,6 +10,7 @@ from datamodules.vqa_folder import VQAFolderDataModule, VQAFolderDataset
 __all__ = [
     "AudioClipDataset",
     "AudioFolderDataModule",
+    "RankShardedSampler",
     "SeededShuffleSampler",
     "SortOfCLEVRDataModule",
     "SortOfCLEVRDataset",

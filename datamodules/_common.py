@@ -1,5 +1,5 @@
-"""What the datamodules share: a resumable seeded shuffle, image normalization, batching, argument checks and the
-choice of classes of the user's own classification data.
+"""What the datamodules share: resumable training orders that shard themselves across ranks, image normalization,
+batching, argument checks and the choice of classes of the user's own classification data.
 
 Batches follow ``docs/ARCHITECTURE.md``: ``{"image": float [B, 3, H, W], "text": list[str], "label": long [B],
 "group": long [B]}``, with ``"audio"`` in place of (or beside) ``"image"`` and ``"text"`` for sound.
@@ -8,6 +8,7 @@ Batches follow ``docs/ARCHITECTURE.md``: ``{"image": float [B, 3, H, W], "text":
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections.abc import Iterator, Mapping, Sized
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from zoo.contracts import IGNORE_INDEX  # noqa: F401  (re-exported: the datamodules' label contract)
 from zoo.errors import ConfigError, DataError
@@ -25,62 +27,163 @@ from zoo.errors import ConfigError, DataError
 log = logging.getLogger(__name__)
 
 
-class SeededShuffleSampler(Sampler[int]):
-    """Shuffles ``range(len(data_source))`` in an order that is a pure function of ``(seed, epoch)``.
+class RankShardedSampler(DistributedSampler):
+    """A training order that shards itself across ranks and resumes mid-epoch, on one process or several.
 
-    Lightning calls :meth:`set_epoch` before every training epoch (and forwards it through its distributed wrapper),
-    so a run resumed at epoch ``e`` sees exactly the order an uninterrupted run saw at epoch ``e``.
-    :meth:`state_dict` holds ``seed`` and ``epoch``.
+    Subclasses give :meth:`global_indices`: the whole sequence of an epoch over all ranks, a pure function of
+    ``(seed, epoch)``, ``num_samples * num_replicas`` long. Rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of it,
+    so the ranks together see what one process would. Lightning calls :meth:`set_epoch` before every training epoch.
+    The class subclasses ``DistributedSampler`` only so that Lightning does not wrap it in its
+    ``DistributedSamplerWrapper``, which shards the sampler's list of indices as a whole and so cannot start an epoch
+    part-way: it shards itself.
+
+    :meth:`state_dict` records ``(seed, epoch, position, num_replicas)``, where ``position`` counts the indices of the
+    current epoch this rank has handed out (or ``consumed``, if the caller knows better: a DataLoader fetches ahead).
+    Every rank hands out as many, so rank 0's count, the one a checkpoint holds, is every rank's. After
+    :meth:`load_state_dict` the next iteration of that epoch resumes at that position; later epochs start from 0.
 
     Args:
-        data_source: anything with a length (a dataset), or the length itself.
+        total_samples: indices of an epoch over all ranks, before rounding up to a multiple of the ranks.
         seed: a non-negative integer.
+        num_replicas: number of ranks; the process group's world size (1 without one) by default.
+        rank: this process's rank; the process group's by default.
     """
 
-    def __init__(self, data_source: Sized | int, seed: int = 0) -> None:
-        self.num_samples = data_source if isinstance(data_source, int) else len(data_source)
-        # a dataset whose items depend on the epoch (random symmetries) follows the sampler's epoch
-        self._dataset_set_epoch = getattr(data_source, "set_epoch", None)
-        if self.num_samples < 0:
-            raise ConfigError(f"SeededShuffleSampler: data_source length {self.num_samples} must be >= 0")
-        _check_seed("seed", seed)
+    def __init__(
+        self, total_samples: int, *, seed: int = 0, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        name = type(self).__name__
+        _check_seed(f"{name}: seed", seed)
+        if num_replicas is not None and num_replicas < 1:
+            raise ConfigError(f"{name}: num_replicas={num_replicas} must be >= 1")
+        if rank is not None and not 0 <= rank < (num_replicas or 1):
+            raise ConfigError(f"{name}: rank={rank} must be in [0, num_replicas={num_replicas})")
+        self.total_samples = int(total_samples)
         self.seed = int(seed)
+        self._replicas, self._rank = num_replicas, rank
         self.epoch = 0
+        self.position = 0  # indices of this epoch already handed out by this rank
         self._resume_at = 0  # where the next iteration starts, after load_state_dict of a mid-epoch state
+        self.shuffle, self.drop_last, self.dataset = True, False, None  # DistributedSampler's attributes
 
+    # -- ranks --------------------------------------------------------------------------------------------------
+    @property
+    def num_replicas(self) -> int:
+        if self._replicas is not None:
+            return self._replicas
+        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+    @num_replicas.setter
+    def num_replicas(self, value: int) -> None:
+        self._replicas = value
+
+    @property
+    def rank(self) -> int:
+        if self._rank is not None:
+            return self._rank
+        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+    @rank.setter
+    def rank(self, value: int) -> None:
+        self._rank = value
+
+    @property
+    def num_samples(self) -> int:
+        """Indices this rank hands out per epoch."""
+        return math.ceil(self.total_samples / self.num_replicas)
+
+    # -- order --------------------------------------------------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Select the permutation of epoch ``epoch`` (a non-negative integer)."""
+        """Select the order of epoch ``epoch`` (a non-negative integer); a position loaded by :meth:`load_state_dict`
+        survives only if the epoch is the loaded one."""
         if epoch < 0:
-            raise ConfigError(f"SeededShuffleSampler: epoch={epoch} must be >= 0")
+            raise ConfigError(f"{type(self).__name__}: epoch={epoch} must be >= 0")
         if int(epoch) != self.epoch:
-            self._resume_at = 0
+            self.position = self._resume_at = 0
         self.epoch = int(epoch)
-        if self._dataset_set_epoch is not None:
-            self._dataset_set_epoch(self.epoch)
 
-    def permutation(self) -> np.ndarray:
-        """The indices of the current epoch, int64 ``[len]``."""
-        return np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+    def global_indices(self, epoch: int | None = None) -> np.ndarray:
+        """The whole order of ``epoch`` (this one by default) over all ranks: int64 ``[num_samples * num_replicas]``."""
+        raise NotImplementedError
+
+    def indices(self, epoch: int | None = None) -> np.ndarray:
+        """This rank's indices of ``epoch``: int64 ``[num_samples]``."""
+        return self.global_indices(epoch)[self.rank :: self.num_replicas]
 
     def __iter__(self) -> Iterator[int]:
         start, self._resume_at = self._resume_at, 0
-        return iter(self.permutation()[start:].tolist())
+        self.position = start
+        for index in self.indices()[start:].tolist():
+            self.position += 1
+            yield index
 
     def __len__(self) -> int:
         return self.num_samples
 
-    def state_dict(self, consumed: int = 0) -> dict[str, int]:
-        """``{"seed", "epoch", "position"}``: ``position`` is how many indices of this epoch were used (``consumed``,
-        given by the caller, who knows what a prefetching DataLoader has really delivered)."""
-        return {"seed": self.seed, "epoch": self.epoch, "position": int(consumed)}
+    # -- resume -------------------------------------------------------------------------------------------------
+    def state_dict(self, consumed: int | None = None) -> dict[str, int]:
+        """``{"seed", "epoch", "position", "num_replicas"}``; ``consumed`` overrides the position (indices this rank
+        has used)."""
+        position = self.position if consumed is None else int(consumed)
+        return {"seed": self.seed, "epoch": self.epoch, "position": position, "num_replicas": self.num_replicas}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        """Resume: the next iteration of epoch ``state["epoch"]`` starts at ``state["position"]``."""
-        _check_seed("seed", state["seed"])
+        """Resume: the next iteration of epoch ``state["epoch"]`` starts at ``state["position"]``. A state without
+        ``num_replicas`` (written before it was recorded) was saved on one process."""
+        name = type(self).__name__
+        _check_seed(f"{name}: seed", state["seed"])
+        replicas = int(state.get("num_replicas", 1))
         position = int(state.get("position", 0))
+        if replicas != self.num_replicas and position:
+            # the order of an epoch is the same on any number of ranks, its shards are not
+            if position < math.ceil(self.total_samples / replicas):
+                raise ConfigError(
+                    f"{name}: the state was saved mid-epoch on {replicas} ranks and is resumed on "
+                    f"{self.num_replicas}; an exact resume needs the same number (or a checkpoint at an epoch's end)"
+                )
+            position = self.num_samples  # the saved epoch was finished
         if not 0 <= position <= self.num_samples:
-            raise ConfigError(f"SeededShuffleSampler: position={position} outside [0, {self.num_samples}]")
-        self.seed, self.epoch, self._resume_at = int(state["seed"]), int(state["epoch"]), position
+            raise ConfigError(f"{name}: position={position} outside [0, {self.num_samples}]")
+        self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
+        self.position = self._resume_at = position
+
+
+class SeededShuffleSampler(RankShardedSampler):
+    """Shuffles ``range(len(data_source))`` in an order that is a pure function of ``(seed, epoch)``.
+
+    A run resumed at epoch ``e``, at its start or part-way through, sees exactly the order an uninterrupted run saw.
+    On ``R`` ranks each takes every ``R``-th index of the permutation, which is first extended cyclically to a
+    multiple of ``R`` (as ``DistributedSampler`` pads); see :class:`RankShardedSampler`.
+
+    Args:
+        data_source: anything with a length (a dataset), or the length itself. A dataset with a ``set_epoch`` method
+            (items that depend on the epoch, such as random symmetries) is told the sampler's epoch.
+        seed: a non-negative integer.
+        num_replicas: number of ranks; the process group's world size (1 without one) by default.
+        rank: this process's rank; the process group's by default.
+    """
+
+    def __init__(
+        self, data_source: Sized | int, seed: int = 0, *, num_replicas: int | None = None, rank: int | None = None
+    ) -> None:
+        length = data_source if isinstance(data_source, int) else len(data_source)
+        if length < 0:
+            raise ConfigError(f"SeededShuffleSampler: data_source length {length} must be >= 0")
+        super().__init__(length, seed=seed, num_replicas=num_replicas, rank=rank)
+        self._dataset_set_epoch = getattr(data_source, "set_epoch", None)
+
+    def set_epoch(self, epoch: int) -> None:
+        super().set_epoch(epoch)
+        if self._dataset_set_epoch is not None:
+            self._dataset_set_epoch(self.epoch)
+
+    def permutation(self, epoch: int | None = None) -> np.ndarray:
+        """The permutation of ``epoch`` (this one by default), before sharding: int64 ``[len(data_source)]``."""
+        epoch = self.epoch if epoch is None else epoch
+        return np.random.default_rng([self.seed, epoch]).permutation(self.total_samples)
+
+    def global_indices(self, epoch: int | None = None) -> np.ndarray:
+        return np.resize(self.permutation(epoch), self.num_samples * self.num_replicas)
 
 
 def normalize_image(image: np.ndarray | Tensor) -> Tensor:
@@ -229,10 +332,11 @@ def select_classes(
 def consumed_examples(trainer: Any, sampler: Any, batch_size: int) -> int:
     """How many of this epoch's indices the trainer has consumed from ``sampler`` (a training sampler with
     ``num_samples``): the batches Lightning's fit loop processed times ``batch_size``, for a checkpoint's sampler state.
+    Under DDP that is this rank's count, and every rank's: :class:`RankShardedSampler` gives each the same number.
 
-    0 where Lightning wraps the sampler for several processes (``DistributedSamplerWrapper``, which shards the list of
-    its indices and needs that list whole): a run resumed there starts its epoch again. A ``DistributedSampler``
-    (``ClassAwareSampler``) shards itself, and its count is this rank's.
+    0 for a sampler Lightning wraps for several processes (anything but a ``DistributedSampler``: its
+    ``DistributedSamplerWrapper`` shards the sampler's list of indices as a whole and cannot start part-way): a run
+    resumed there starts its epoch again. The zoo's samplers shard themselves and are not wrapped.
     """
     if trainer is None:
         return 0

@@ -105,9 +105,16 @@ def test_bad_arguments_raise_config_errors():
         ClassAwareSampler(labels, class_weights=[1.0])
     with pytest.raises(ConfigError, match="probability 0"):
         ClassAwareSampler(labels, quality=[0.0, 0.0, 0.0])
-    sampler = ClassAwareSampler(labels, num_replicas=2, rank=0)
-    with pytest.raises(ConfigError, match="ranks"):
-        ClassAwareSampler(labels, num_replicas=1, rank=0).load_state_dict(sampler.state_dict())
+    with pytest.raises(ConfigError, match="num_replicas=0"):
+        ClassAwareSampler(labels, num_replicas=0)
+    with pytest.raises(ConfigError, match="rank=2"):
+        ClassAwareSampler(labels, num_replicas=2, rank=2)
+    with pytest.raises(ConfigError, match="seed"):
+        ClassAwareSampler(labels, seed=-1)
+    # a state saved mid-epoch on two ranks cannot resume exactly on one
+    state = ClassAwareSampler(labels, num_replicas=2, rank=0).state_dict(consumed=1)
+    with pytest.raises(ConfigError, match="saved mid-epoch on 2 ranks and is resumed on 1"):
+        ClassAwareSampler(labels, num_replicas=1, rank=0).load_state_dict(state)
 
 
 @pytest.mark.parametrize("class_weights", ["inverse", "none"])  # the class-aware draw, the plain shuffle
@@ -136,9 +143,9 @@ def test_datamodule_checkpoint_state_resumes_the_training_order_after_the_consum
     first.trainer = SimpleNamespace(fit_loop=loop, world_size=1)
     state = first.state_dict()
     assert state["sampler"]["position"] == 12
-    # several processes: the plain shuffle, which Lightning wraps and shards as a whole list, starts its epoch again
+    # several processes: both samplers shard themselves, and the count is this rank's (Lightning does not wrap them)
     first.trainer.world_size = 2
-    assert first.state_dict()["sampler"]["position"] == (12 if class_weights == "inverse" else 0)
+    assert first.state_dict()["sampler"]["position"] == 12
     first.trainer.world_size = 1
     resumed = make()
     resumed.load_state_dict(state)

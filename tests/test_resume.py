@@ -206,3 +206,31 @@ def test_run_cut_short_by_max_steps_resumes_in_the_same_epoch(tmp_path, data_dir
     expected = straight.model.state_dict()
     for key, value in second.model.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_ddp_run_cut_mid_epoch_resumes_exactly(tmp_path, data_dir):
+    """Two CPU processes under DDP (gloo), stopped by ``max_steps`` mid-epoch and resumed with ``--ckpt_path last``:
+    the training sampler shards itself by rank and each rank goes on where it stopped, so the run ends with the
+    weights of one never stopped. (Lightning's wrapper for other samplers shards their index list as a whole, and the
+    run restarted its epoch.)"""
+    import subprocess
+    import sys
+
+    args = [a for a in TINY if a != "--trainer.limit_val_batches=2"]
+    args += ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    args += ["--trainer.limit_val_batches=0", "--model.init_args.scheduler=null"]
+
+    def fit(root: Path, *extra: str) -> dict:
+        command = [sys.executable, "-m", "zoo", "fit", *args, f"--trainer.default_root_dir={root}", *extra]
+        done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        return torch.load(_last_checkpoint(root), weights_only=False)
+
+    straight = fit(tmp_path / "straight", "--trainer.max_steps=6")
+    first = fit(tmp_path / "resumed", "--trainer.max_steps=2")
+    assert first["global_step"] == 2
+    assert first["SortOfCLEVRDataModule"]["sampler"] == {"seed": 0, "epoch": 0, "position": 16, "num_replicas": 2}
+    second = fit(tmp_path / "resumed", "--trainer.max_steps=6", "--ckpt_path", "last")
+    assert second["global_step"] == straight["global_step"] == 6
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(second["state_dict"][key], value), key

@@ -212,12 +212,51 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     trained = SeededShuffleSampler(50, seed=7)
     for epoch in range(3):
         trained.set_epoch(epoch)
-        list(trained)
+        if epoch < 2:
+            assert len(list(trained)) == trained.state_dict()["position"] == 50
     restored = SeededShuffleSampler(50, seed=0)
     restored.load_state_dict(trained.state_dict())
-    assert restored.state_dict() == {"seed": 7, "epoch": 2, "position": 0}
+    assert restored.state_dict() == {"seed": 7, "epoch": 2, "position": 0, "num_replicas": 1}
     assert list(restored) == list(trained) == order(7, 2)
     assert len(restored) == 50
+
+
+@pytest.mark.parametrize("length, replicas", [(10, 2), (10, 3), (2, 4), (0, 2)])
+def test_sampler_shards_its_epoch_across_ranks_and_resumes_on_each(length, replicas):
+    """Rank ``r`` of ``R`` takes every ``R``-th index of the epoch's permutation, padded cyclically to a multiple of
+    ``R`` as ``DistributedSampler`` pads: together the ranks see every index, each as many; a rank restored from its
+    state mid-epoch goes on where it stopped."""
+    whole = SeededShuffleSampler(length, seed=5)
+    whole.set_epoch(3)
+    shards = []
+    for rank in range(replicas):
+        sampler = SeededShuffleSampler(length, seed=5, num_replicas=replicas, rank=rank)
+        sampler.set_epoch(3)
+        shards.append(list(sampler))
+        assert len(sampler) == len(shards[-1]) == math.ceil(length / replicas)
+    interleaved = [shard[i] for i in range(len(shards[0])) for shard in shards]
+    assert interleaved[:length] == list(whole) and set(interleaved) == set(range(length))
+
+    if length:
+        resumed = SeededShuffleSampler(length, seed=0, num_replicas=replicas, rank=1)
+        resumed.load_state_dict({"seed": 5, "epoch": 3, "position": 1, "num_replicas": replicas})
+        resumed.set_epoch(3)  # Lightning sets the epoch again before iterating: the position survives
+        assert list(resumed) == shards[1][1:]
+        resumed.set_epoch(4)
+        assert len(list(resumed)) == len(shards[1])
+
+
+def test_sampler_state_moves_to_another_number_of_ranks_only_at_an_epoch_end():
+    finished = SeededShuffleSampler(10, seed=1, num_replicas=2, rank=0).state_dict(consumed=5)
+    one = SeededShuffleSampler(10, seed=0)
+    one.load_state_dict(finished)  # a finished epoch stays finished: the next one starts at its beginning
+    one.set_epoch(1)
+    assert list(one) == SeededShuffleSampler(10, seed=1).permutation(1).tolist()
+    mid_epoch = SeededShuffleSampler(10, seed=1, num_replicas=2, rank=0).state_dict(consumed=2)
+    with pytest.raises(ConfigError, match="saved mid-epoch on 2 ranks and is resumed on 1"):
+        SeededShuffleSampler(10).load_state_dict(mid_epoch)
+    with pytest.raises(ConfigError, match="rank=2"):
+        SeededShuffleSampler(10, num_replicas=2, rank=2)
 
 
 @pytest.mark.parametrize(

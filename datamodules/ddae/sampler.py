@@ -26,15 +26,12 @@ is learnt on the natural distribution, and the class-aware draws over every exam
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterator, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.distributed as dist
-from torch.utils.data import DistributedSampler
 
+from datamodules._common import RankShardedSampler
 from zoo.errors import ConfigError
 
 WEIGHT_SCHEMES = ("none", "inverse", "sqrt_inverse", "effective_number")
@@ -78,17 +75,11 @@ def class_weights(
 _class_weights = class_weights  # the sampler's argument of the same name shadows it
 
 
-class ClassAwareSampler(DistributedSampler):
+class ClassAwareSampler(RankShardedSampler):
     """Draws ``num_samples`` indices per epoch, with replacement, ``p(x) = w_y f(x) / sum``; sharded by rank.
 
-    The epoch's global sequence is a pure function of ``(seed, epoch)``: Lightning calls :meth:`set_epoch` before
-    every epoch. Under DDP, rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of that sequence (its length
-    rounded up to a multiple of ``R``), so the ranks together draw the same indices as one process would. It
-    subclasses ``DistributedSampler`` only so that Lightning does not wrap it in one: it shards itself.
-
-    :meth:`state_dict` records ``(seed, epoch, position)``, where ``position`` counts the indices of the current
-    epoch this rank has handed out (or ``consumed``, if the caller knows better: a DataLoader fetches ahead); after
-    :meth:`load_state_dict` the next iteration resumes at that position, and later epochs start from 0.
+    The epoch's global sequence is a pure function of ``(seed, epoch)``; rank ``r`` of ``R`` takes positions
+    ``r, r + R, ...`` of it, and a run resumes mid-epoch exactly (:class:`~datamodules._common.RankShardedSampler`).
 
     Args:
         labels: class of each example, ``[N]`` ints in ``[0, num_classes)``.
@@ -133,8 +124,6 @@ class ClassAwareSampler(DistributedSampler):
             raise ConfigError(f"ClassAwareSampler: quality has {len(quality)} scores for {len(labels)} labels")
         if not np.all(np.isfinite(quality)) or np.any(quality < 0):
             raise ConfigError("ClassAwareSampler: quality scores f(x) must be finite and >= 0")
-        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
-            raise ConfigError(f"ClassAwareSampler: seed={seed!r} must be a non-negative integer")
         self.labels = labels
         self.counts = np.bincount(labels, minlength=num_classes)
         #: ``w_y``, float64 ``[num_classes]``.
@@ -145,14 +134,10 @@ class ClassAwareSampler(DistributedSampler):
             raise ConfigError("ClassAwareSampler: every example has probability 0 (w_y * f(x) sums to 0)")
         #: ``p(x)``, float64 ``[N]``: the probability of drawing each example.
         self.probabilities = mass / mass.sum()
-        self.total_samples = len(labels) if num_samples is None else int(num_samples)
-        if self.total_samples < 1:
+        total_samples = len(labels) if num_samples is None else int(num_samples)
+        if total_samples < 1:
             raise ConfigError(f"ClassAwareSampler: num_samples={num_samples} must be >= 1")
-        self._replicas, self._rank = num_replicas, rank
-        if num_replicas is not None and num_replicas < 1:
-            raise ConfigError(f"ClassAwareSampler: num_replicas={num_replicas} must be >= 1")
-        if rank is not None and not 0 <= rank < (num_replicas or 1):
-            raise ConfigError(f"ClassAwareSampler: rank={rank} must be in [0, num_replicas={num_replicas})")
+        super().__init__(total_samples, seed=seed, num_replicas=num_replicas, rank=rank)
         start = rebalance_from_epoch
         if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or start < 0:
             raise ConfigError(f"ClassAwareSampler: rebalance_from_epoch={start!r} must be an integer >= 0")
@@ -160,50 +145,10 @@ class ClassAwareSampler(DistributedSampler):
         self.originals = len(labels) if originals is None else int(originals)
         if not 1 <= self.originals <= len(labels):
             raise ConfigError(f"ClassAwareSampler: originals={originals} must be in [1, {len(labels)}]")
-        self.seed = int(seed)
-        self.epoch = 0
-        self.position = 0  # indices of this epoch already handed out by this rank
-        self._resume_at = 0
-        self.shuffle, self.drop_last, self.dataset = True, False, None  # DistributedSampler's attributes
-
-    # -- ranks --------------------------------------------------------------------------------------------------
-    @property
-    def num_replicas(self) -> int:
-        if self._replicas is not None:
-            return self._replicas
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-    @num_replicas.setter
-    def num_replicas(self, value: int) -> None:
-        self._replicas = value
-
-    @property
-    def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-    @rank.setter
-    def rank(self, value: int) -> None:
-        self._rank = value
-
-    @property
-    def num_samples(self) -> int:
-        """Indices this rank draws per epoch."""
-        return math.ceil(self.total_samples / self.num_replicas)
-
-    # -- order --------------------------------------------------------------------------------------------------
-    def set_epoch(self, epoch: int) -> None:
-        """Select the draw of epoch ``epoch``; a position loaded by :meth:`load_state_dict` survives only if the
-        epoch is the loaded one."""
-        if epoch < 0:
-            raise ConfigError(f"ClassAwareSampler: epoch={epoch} must be >= 0")
-        if epoch != self.epoch:
-            self._resume_at = 0
-        self.epoch = int(epoch)
 
     def global_indices(self, epoch: int | None = None) -> np.ndarray:
-        """The whole draw of ``epoch`` (this one by default) over all ranks: int64 ``[num_samples * num_replicas]``."""
+        """The whole draw of ``epoch`` (this one by default) over all ranks: int64 ``[num_samples * num_replicas]``;
+        before ``rebalance_from_epoch``, consecutive permutations of the originals."""
         epoch = self.epoch if epoch is None else epoch
         rng = np.random.default_rng([self.seed, epoch])
         total = self.num_samples * self.num_replicas
@@ -213,39 +158,6 @@ class ClassAwareSampler(DistributedSampler):
         cumulative = np.cumsum(self.probabilities)
         draws = np.searchsorted(cumulative, rng.random(total) * cumulative[-1], side="right")
         return np.minimum(draws, len(self.probabilities) - 1)
-
-    def indices(self, epoch: int | None = None) -> np.ndarray:
-        """This rank's indices of ``epoch``: int64 ``[num_samples]``."""
-        return self.global_indices(epoch)[self.rank :: self.num_replicas]
-
-    def __iter__(self) -> Iterator[int]:
-        start, self._resume_at = self._resume_at, 0
-        self.position = start
-        for index in self.indices()[start:].tolist():
-            self.position += 1
-            yield index
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    # -- resume -------------------------------------------------------------------------------------------------
-    def state_dict(self, consumed: int | None = None) -> dict[str, Any]:
-        """``{"seed", "epoch", "position"}``; ``consumed`` overrides the position (indices this rank has used)."""
-        position = self.position if consumed is None else int(consumed)
-        return {"seed": self.seed, "epoch": self.epoch, "position": position, "num_replicas": self.num_replicas}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume: the next iteration of epoch ``state["epoch"]`` starts at ``state["position"]``."""
-        if state.get("num_replicas", self.num_replicas) != self.num_replicas:
-            raise ConfigError(
-                f"ClassAwareSampler: the state was saved with {state['num_replicas']} ranks, resumed on "
-                f"{self.num_replicas}; an exact resume needs the same number"
-            )
-        if not 0 <= state["position"] <= self.num_samples:
-            raise ConfigError(f"ClassAwareSampler: position={state['position']} outside [0, {self.num_samples}]")
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.position = self._resume_at = int(state["position"])
 
 
 __all__ = ["WEIGHT_SCHEMES", "ClassAwareSampler", "class_weights"]
