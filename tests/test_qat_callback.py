@@ -3,6 +3,8 @@ batch norm freeze, bits and errors are logged; and a QAT checkpoint converts thr
 
 from __future__ import annotations
 
+import logging
+
 import copy
 from pathlib import Path
 
@@ -115,13 +117,23 @@ class StopAt(pl.Callback):
             trainer.should_stop = True
 
 
-def test_resumed_run_continues_in_its_stage_on_the_saved_boundaries(tmp_path):
+def _stage_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("QAT:") and ": stage " in r.getMessage()]
+
+
+def test_resumed_run_continues_in_its_stage_on_the_saved_boundaries(tmp_path, caplog):
+    caplog.set_level(logging.INFO)
     torch.manual_seed(0)
     # fractions of a 6-step run: stages begin at steps 2 and 4; the run is interrupted after step 3
     first = QATScheduleCallback([8, 6, 4], [0.34, 0.67], unit="step", quant=QUANT)
     trainer = _trainer(tmp_path, 6, first, StopAt(3))
     model = TinyTask()
     trainer.fit(model, _loader())
+    assert [line.split(";")[0] for line in _stage_lines(caplog)] == [
+        "QAT: step 0: stage 0 (8 bits)",
+        "QAT: step 2: stage 1 (6 bits)",
+    ]
+    caplog.clear()
     assert trainer.global_step == 3 and first.stage == 1 and model.block.ffn.fc1.weight_quant.bits == 6
     ckpt = tmp_path / "mid.ckpt"
     trainer.save_checkpoint(ckpt)
@@ -133,6 +145,8 @@ def test_resumed_run_continues_in_its_stage_on_the_saved_boundaries(tmp_path):
     _trainer(tmp_path, 12, resumed, probe, StopAt(6)).fit(TinyTask(), _loader(), ckpt_path=ckpt)
     assert probe.seen[:2] == [(3, 6, 8), (4, 4, 8)], "continues in stage 1 at step 3, enters stage 2 at step 4"
     assert resumed.transitions == [(0, 8), (2, 6), (4, 4)]
+    # the resumed run announces only the stage it enters, not a stage 0 it never trains in
+    assert [line.split(";")[0] for line in _stage_lines(caplog)] == ["QAT: step 4: stage 2 (4 bits)"]
 
 
 class AttentionRangeProbe(pl.Callback):

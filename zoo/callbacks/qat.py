@@ -130,7 +130,9 @@ class QATScheduleCallback(Callback):
             else:
                 quantize_(pl_module, **self.quant)
         if stage == "fit" and not self.transitions:
-            self._apply_stage(pl_module, 0, position=0)  # a checkpoint being resumed overrides this when it loads
+            # the first stage's bits for the sanity check; on_train_start records and logs the stage in force, once a
+            # resumed run's checkpoint has restored its own (logging here announced stage 0 to every resumed run)
+            set_schedule_bits(pl_module, self.schedule[0])
         targets = [layer.target_weight_bit for _, layer in qat_layers(pl_module)]
         if min(targets) < self.schedule[-1]:
             rank_zero_warn(
