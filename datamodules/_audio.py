@@ -32,7 +32,8 @@ def read_audio(path: str | Path, *, sample_rate: int, key: str = "file") -> np.n
 
     Raises:
         DataError: the file is missing, is not a sound file libsndfile can decode (a corrupt or truncated header),
-            is a WAV, AIFF or AU file cut short of the sound data its header announces, holds no samples, or holds
+            is a WAV, AIFF or AU file cut short of the sound data its header announces (an MP3 file, of the frames its
+            Xing, Info or VBRI header announces), holds no samples, or holds
             NaN or infinite samples, or the package ``soundfile`` is missing; the message names ``key`` or the file.
     """
     path = Path(path).expanduser()
@@ -43,7 +44,9 @@ def read_audio(path: str | Path, *, sample_rate: int, key: str = "file") -> np.n
     if not path.is_file():
         raise DataError(f"{key}={str(path)!r}: no such file")
     try:
-        samples, rate = soundfile.read(path, dtype="float32", always_2d=True)  # [S, channels]
+        with soundfile.SoundFile(path) as sound:
+            announced, rate, container = sound.frames, sound.samplerate, sound.format
+            samples = sound.read(dtype="float32", always_2d=True)  # [S, channels]
     except (soundfile.SoundFileError, RuntimeError, TypeError, ValueError) as err:
         raise DataError(f"{path}: not a readable sound file ({err})") from None
     # libsndfile decodes a cut file's remaining frames and reports those as the file's length, without a word
@@ -52,6 +55,13 @@ def read_audio(path: str | Path, *, sample_rate: int, key: str = "file") -> np.n
         raise DataError(
             f"{path}: not a readable sound file (truncated: its header announces {lengths[0]} bytes of sound data, "
             f"the file holds {lengths[1]})"
+        )
+    # an MP3's length is known only from a Xing, Info or VBRI header (LAME writes one); without it libsndfile's frame
+    # count is an estimate from the file's size, and a cut at a frame boundary cannot be told from a shorter sound
+    if container == "MP3" and samples.shape[0] < announced and _mp3_announces_length(path):
+        raise DataError(
+            f"{path}: not a readable sound file (truncated: its header announces {announced} frames, "
+            f"{samples.shape[0]} were decoded)"
         )
     if samples.shape[0] == 0:
         raise DataError(f"{path}: holds no samples")
@@ -94,6 +104,23 @@ def _sound_data_lengths(path: Path) -> tuple[int, int] | None:
                 return None if size is None or size in _UNKNOWN_LENGTHS else (size, end - position - 8)
             position += 8 + size + size % 2  # chunks are padded to an even length
     return None
+
+
+def _mp3_announces_length(path: Path) -> bool:
+    """Whether the MP3 file's first frame holds a Xing, Info or VBRI header (frame and byte counts of the stream),
+    after an ID3v2 tag if there is one."""
+    with open(path, "rb") as f:
+        head = f.read(10)
+        start = 0
+        if head[:3] == b"ID3" and len(head) == 10:  # ID3v2: a 10-byte header, a 28-bit "syncsafe" size, a footer
+            size = (head[6] & 0x7F) << 21 | (head[7] & 0x7F) << 14 | (head[8] & 0x7F) << 7 | head[9] & 0x7F
+            start = 10 + size + (10 if head[5] & 0x10 else 0)
+        f.seek(start)
+        data = f.read(4096)
+    sync = next((i for i in range(len(data) - 1) if data[i] == 0xFF and data[i + 1] & 0xE0 == 0xE0), None)
+    # the header follows the frame header and side information: at byte 13, 21 or 36 of the frame (Xing, Info), 36
+    # (VBRI)
+    return sync is not None and any(tag in data[sync : sync + 48] for tag in (b"Xing", b"Info", b"VBRI"))
 
 
 def pad_clips(clips: Sequence[np.ndarray | Tensor]) -> dict[str, Tensor]:

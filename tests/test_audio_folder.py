@@ -365,6 +365,8 @@ def test_corrupt_or_empty_sound_files_are_named_when_fetched_also_from_worker_pr
         ("AIFF", "PCM_16", "FILE", -4000),
         ("AIFF", "FLOAT", "FILE", -4000),  # AIFF-C
         ("AU", "PCM_16", "FILE", -4000),
+        ("MP3", None, "FILE", -400),  # the frame count of LAME's Xing header
+        ("MP3", None, "FILE", 1000),
     ],
 )
 def test_a_sound_file_cut_short_of_what_its_header_announces_is_named_not_decoded_short(
@@ -379,6 +381,19 @@ def test_a_sound_file_cut_short_of_what_its_header_announces_is_named_not_decode
     with pytest.raises(DataError) as err:
         read_audio(cut, sample_rate=8000)
     assert str(err.value).startswith(f"{cut}: not a readable sound file (truncated: its header announces "), err.value
+
+
+def test_an_mp3_behind_an_id3_tag_loads_whole_and_its_cut_copy_is_named(tmp_path):
+    whole = tmp_path / "plain.mp3"
+    soundfile.write(whole, _tone(np.random.default_rng(15), 440, 1.0, 8000), 8000, format="MP3")
+    # an ID3v2.3 tag of 20 bytes of padding before the first frame, as taggers leave it
+    tagged = tmp_path / "tagged.mp3"
+    tagged.write_bytes(b"ID3\x03\x00\x00\x00\x00\x00\x14" + bytes(20) + whole.read_bytes())
+    assert read_audio(tagged, sample_rate=8000).shape == (8000,)
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(tagged.read_bytes()[:-400])
+    with pytest.raises(DataError, match="truncated: its header announces 8000 frames"):
+        read_audio(cut, sample_rate=8000)
 
 
 @pytest.mark.parametrize("placeholder", [0xFFFFFFFF, 0x7FFFF000])
