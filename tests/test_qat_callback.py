@@ -3,9 +3,8 @@ batch norm freeze, bits and errors are logged; and a QAT checkpoint converts thr
 
 from __future__ import annotations
 
-import logging
-
 import copy
+import logging
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -118,7 +117,8 @@ class StopAt(pl.Callback):
 
 
 def _stage_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if r.getMessage().startswith("QAT:") and ": stage " in r.getMessage()]
+    lines = [record.getMessage() for record in caplog.records]
+    return [line for line in lines if line.startswith("QAT:") and ": stage " in line]
 
 
 def test_resumed_run_continues_in_its_stage_on_the_saved_boundaries(tmp_path, caplog):
