@@ -224,6 +224,17 @@ def default_data_dir(name: str) -> Path:
     return Path(os.environ.get("ZOO_DATA_DIR") or "~/.cache/zoo").expanduser() / name
 
 
+def data_parallel_shard(trainer: Any) -> dict[str, int]:
+    """``{"num_replicas", "rank"}`` of this process among the ranks that read different batches, from Lightning's
+    strategy (``trainer.distributed_sampler_kwargs``): every process under DDP and FSDP, the data-parallel group under
+    ``ModelParallelStrategy``, whose tensor-parallel ranks share their batch; one replica without a parallel strategy.
+    ``{}`` without a trainer: the samplers then take the process group's world size and rank."""
+    if trainer is None:
+        return {}
+    kwargs = trainer.distributed_sampler_kwargs or {"num_replicas": 1, "rank": 0}
+    return {"num_replicas": int(kwargs["num_replicas"]), "rank": int(kwargs["rank"])}
+
+
 def make_loader(
     dataset: Dataset,
     *,
@@ -231,13 +242,16 @@ def make_loader(
     num_workers: int,
     pin_memory: bool | None,
     shuffle_seed: int | None = None,
+    shard: Mapping[str, int] | None = None,
 ) -> DataLoader:
     """A DataLoader over ``dataset`` with :func:`collate`; shuffled by :class:`SeededShuffleSampler` when
-    ``shuffle_seed`` is given, in order otherwise. ``pin_memory=None`` pins when CUDA is available."""
+    ``shuffle_seed`` is given, in order otherwise. ``shard``: the sampler's ``num_replicas`` and ``rank``
+    (:func:`data_parallel_shard`). ``pin_memory=None`` pins when CUDA is available."""
+    sampler = None if shuffle_seed is None else SeededShuffleSampler(dataset, shuffle_seed, **(shard or {}))
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=None if shuffle_seed is None else SeededShuffleSampler(dataset, shuffle_seed),
+        sampler=sampler,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         collate_fn=collate,
@@ -363,6 +377,7 @@ class SplitLoaders(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             shuffle_seed=self.seed if shuffle else None,
+            shard=data_parallel_shard(getattr(self, "trainer", None)),
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -209,3 +209,21 @@ def test_datamodule_defers_rebalancing_and_resumes_in_the_plain_phase(tmp_path):
     assert [t for b in resumed.train_dataloader() for t in b["text"]] == plain[8:]
     with pytest.raises(ConfigError, match="rebalance_from_epoch=-2"):
         TextFolderDataModule(train_file=str(train), rebalance_from_epoch=-2)
+
+
+@pytest.mark.parametrize("class_weights", ["inverse", "none"])
+def test_training_sampler_shards_by_the_strategys_data_parallel_ranks(tmp_path, class_weights):
+    """The samplers take their ranks from Lightning's strategy, not the process group: under ModelParallelStrategy the
+    tensor-parallel ranks of a data-parallel rank must read the same batch."""
+    from types import SimpleNamespace
+
+    from datamodules.text_folder import TextFolderDataModule
+
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "\n".join(f"text number {i},{'ab'[i % 2]}" for i in range(10)) + "\n")
+    dm = TextFolderDataModule(train_file=str(train), class_weights=class_weights, batch_size=4)
+    dm.setup("fit")
+    for kwargs, expected in [(None, (1, 0)), ({"num_replicas": 3, "rank": 2}, (3, 2))]:
+        dm.trainer = SimpleNamespace(distributed_sampler_kwargs=kwargs)
+        sampler = dm.train_dataloader().sampler
+        assert (sampler.num_replicas, sampler.rank, len(sampler)) == (*expected, -(-10 // expected[0]))

@@ -26,6 +26,7 @@ from datamodules._common import (
     check_loader_args,
     collate,
     consumed_examples,
+    data_parallel_shard,
     default_data_dir,
     frequency_groups,
 )
@@ -262,8 +263,9 @@ class LongTailTextDataModule(L.LightningDataModule):
         re-balancing) or a seeded shuffle."""
         if self.train_dataset is None:
             raise RuntimeError(f"{type(self).__name__}: call setup() before asking for the training sampler")
+        shard = data_parallel_shard(getattr(self, "trainer", None))
         if self.class_weights == "none" and not self.rebalance_from_epoch:
-            sampler: Sampler = SeededShuffleSampler(self.train_dataset, self.seed)
+            sampler: Sampler = SeededShuffleSampler(self.train_dataset, self.seed, **shard)
         else:
             sampler = ClassAwareSampler(
                 self.train_dataset.labels.numpy(),
@@ -274,6 +276,7 @@ class LongTailTextDataModule(L.LightningDataModule):
                 seed=self.seed,
                 rebalance_from_epoch=self.rebalance_from_epoch,
                 originals=len(self._original_train[0]),  # the dataset holds the originals first, then the copies
+                **shard,
             )
         if self._pending_sampler_state is not None:
             sampler.load_state_dict(self._pending_sampler_state)
