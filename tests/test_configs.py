@@ -68,4 +68,7 @@ def test_config_runs_fast_dev_run(name, tmp_path, monkeypatch):
     text = resources.files("cli_configs").joinpath(name).read_text()
     data_args = next(args for cls, args in SMALL_DATA.items() if cls in text)
     data_args = data_args(tmp_path) if callable(data_args) else data_args
-    main(["fit", "--config", name, "--trainer.fast_dev_run=true", "--trainer.enable_progress_bar=false", *data_args])
+    # one device: `devices: auto` on a machine with several GPUs would launch DDP, whose launcher runs this process's
+    # command line (pytest) again in each new rank
+    args = ["--trainer.fast_dev_run=true", "--trainer.devices=1", "--trainer.enable_progress_bar=false", *data_args]
+    main(["fit", "--config", name, *args])

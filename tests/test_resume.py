@@ -208,16 +208,27 @@ def test_run_cut_short_by_max_steps_resumes_in_the_same_epoch(tmp_path, data_dir
         assert torch.equal(value, expected[key]), key
 
 
-def test_ddp_run_cut_mid_epoch_resumes_exactly(tmp_path, data_dir):
-    """Two CPU processes under DDP (gloo), stopped by ``max_steps`` mid-epoch and resumed with ``--ckpt_path last``:
-    the training sampler shards itself by rank and each rank goes on where it stopped, so the run ends with the
-    weights of one never stopped. (Lightning's wrapper for other samplers shards their index list as a whole, and the
-    run restarted its epoch.)"""
+@pytest.mark.parametrize(
+    "accelerator",
+    [
+        pytest.param(["--trainer.accelerator=cpu"], id="cpu-gloo"),
+        pytest.param(
+            ["--trainer.accelerator=gpu", "--trainer.deterministic=true"],
+            id="cuda-nccl",
+            marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA GPUs"),
+        ),
+    ],
+)
+def test_ddp_run_cut_mid_epoch_resumes_exactly(tmp_path, data_dir, deterministic_cublas, accelerator):
+    """Two processes under DDP, stopped by ``max_steps`` mid-epoch and resumed with ``--ckpt_path last``: the
+    training sampler shards itself by rank and each rank goes on where it stopped, so the run ends with the weights of
+    one never stopped. (Lightning's wrapper for other samplers shards their index list as a whole, and the run
+    restarted its epoch.)"""
     import subprocess
     import sys
 
     args = [a for a in TINY if a != "--trainer.limit_val_batches=2"]
-    args += ["--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=ddp"]
+    args += [*accelerator, "--trainer.devices=2", "--trainer.strategy=ddp"]
     args += ["--trainer.limit_val_batches=0", "--model.init_args.scheduler=null"]
 
     def fit(root: Path, *extra: str) -> dict:
