@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from zoo.contracts import IGNORE_INDEX, Encoder
 from zoo.errors import ConfigError, ZooUserError
+from zoo.layers.dsa import compensation_loss
 from zoo.optim import ScheduleFactory, WarmupCosine
 
 
@@ -173,7 +174,9 @@ class ZooTask(LightningModule):
         # a bar shows them (a run without one, e.g. on a cluster, keeps its steps free of those waits)
         shown = self.trainer.progress_bar_callback is not None
         self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=shown, batch_size=len(labels))
-        return loss
+        # DSA's gradient compensation, part of the loss so that accumulation and loss scaling apply to it too
+        compensation = compensation_loss(self)
+        return loss if compensation is None else loss + compensation
 
     def check_finite(self, loss: Tensor) -> None:
         """Stop with a clear message when the loss is NaN or infinite, instead of training on garbage."""

@@ -4,7 +4,6 @@ monitoring callback and exact resumption. Random inputs with fixed seeds through
 from __future__ import annotations
 
 import functools
-import math
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from zoo.callbacks import DSAMonitor
 from zoo.kernels import block_sparse_ffn_torch
-from zoo.layers.dsa import DSAFeedForward, active_blocks, density_stats, set_gate_threshold
+from zoo.layers.dsa import DSAFeedForward, active_blocks, compensation_loss, density_stats, set_gate_threshold
 from zoo.layers.transformer import TransformerBlock
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,32 +48,40 @@ def capture_alpha(ffn: DSAFeedForward) -> list:
     return seen
 
 
+def _loss(ffn: DSAFeedForward, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """A training loss as ZooTask forms it: the task's loss plus the layers' compensation."""
+    loss = F.mse_loss(ffn(x), target)
+    compensation = compensation_loss(ffn)
+    return loss if compensation is None else loss + compensation
+
+
 @pytest.mark.parametrize("compensation", [0.3, 0.0, -0.5])
-def test_gradient_reaching_alpha_equals_compensation_formula(compensation):
+def test_gradient_reaching_the_gate_equals_compensation_formula(compensation):
+    """The gate's weights receive ``(dL/dalpha + lambda/n (1 - alpha)/alpha) * alpha (1 - alpha)`` per token and block,
+    times the token (float64, against an independent computation of ``dL/dalpha`` with ``alpha`` as a leaf)."""
     torch.manual_seed(0)
-    ffn = DSAFeedForward(16, 64, num_blocks=8, gate_threshold=0.25, compensation=compensation)
-    x = torch.randn(3, 5, 16)
-    target = torch.randn(3, 5, 16)
+    ffn = DSAFeedForward(16, 64, num_blocks=8, gate_threshold=0.25, compensation=compensation).double()
+    x = torch.randn(3, 5, 16, dtype=torch.float64)
+    target = torch.randn(3, 5, 16, dtype=torch.float64)
     seen = capture_alpha(ffn)
-    F.mse_loss(ffn(x), target).backward()
+    _loss(ffn, x, target).backward()
+    assert ffn.compensation_term is None, "compensation_loss takes the term"
     alpha = seen[0].detach()
     idx = ffn.select(alpha)
-    reaching = sum(a.grad for a in seen)  # what the gate's weights receive through alpha
 
-    # dL/dalpha without compensation, from an independent computation with alpha as a leaf: the output is
-    # sum over selected blocks of alpha_b * block_b(x) (+ fc2 bias).
     leaf = alpha.clone().requires_grad_(True)
     weight = torch.zeros_like(leaf).scatter(-1, idx, 1.0) * leaf
     h = F.gelu(ffn.fc1(x)).unflatten(-1, (8, 8)) * weight.unsqueeze(-1)
     F.mse_loss(ffn.fc2(h.flatten(-2)), target).backward()
     n_tokens = 15
-    expected = leaf.grad + compensation / n_tokens * (1 - alpha) / alpha
-    # Same fp32 arithmetic in a different order: agreement to a few ulps of the largest entry.
-    torch.testing.assert_close(reaching, expected, rtol=1e-5, atol=1e-7)
+    g = leaf.grad + compensation / n_tokens * (1 - alpha) / alpha
+    logit_grad = g * alpha * (1 - alpha)
+    torch.testing.assert_close(ffn.gate.proj.weight.grad, torch.einsum("btn,btd->nd", logit_grad, x))
+    torch.testing.assert_close(ffn.gate.proj.bias.grad, logit_grad.sum((0, 1)))
     unselected = torch.ones_like(alpha).scatter(-1, idx, 0.0).bool()
     assert torch.all(leaf.grad[unselected] == 0), "the loss alone gives unselected gates no gradient"
     if compensation:
-        assert torch.all(reaching[unselected] != 0), "compensation gives them one"
+        assert torch.all(g[unselected] != 0), "compensation gives them one"
 
 
 def test_compensation_trains_the_gate_only_not_the_layers_below():
@@ -87,10 +94,52 @@ def test_compensation_trains_the_gate_only_not_the_layers_below():
         torch.manual_seed(1)
         ffn = DSAFeedForward(16, 64, num_blocks=8, gate_threshold=0.25, compensation=compensation)
         leaf = x.clone().requires_grad_(True)
-        F.mse_loss(ffn(leaf), target).backward()
+        _loss(ffn, leaf, target).backward()
         grads[compensation] = (leaf.grad, ffn.gate.proj.weight.grad)
     torch.testing.assert_close(grads[0.3][0], grads[0.0][0], rtol=0, atol=0)
     assert not torch.allclose(grads[0.3][1], grads[0.0][1]), "the gate's own weights do get the term"
+
+
+@pytest.mark.parametrize("scale", [1.0, 1024.0])
+def test_compensation_follows_gradient_accumulation_and_loss_scaling(scale):
+    """Two micro-batches whose losses are halved, as Lightning accumulates, and a loss scale, as fp16's GradScaler
+    multiplies and later divides, leave the gate's gradient that of one batch of both: the compensation is part of
+    the loss. (Added to the gradient in backward, it had doubled with two micro-batches and shrunk by the scale.)"""
+    torch.manual_seed(0)
+    ffn = DSAFeedForward(16, 64, num_blocks=8, gate_threshold=0.25, compensation=0.3).double()
+    x = torch.randn(4, 5, 16, dtype=torch.float64)
+    target = torch.randn(4, 5, 16, dtype=torch.float64)
+    _loss(ffn, x, target).backward()
+    whole = ffn.gate.proj.weight.grad.clone()
+    ffn.zero_grad()
+    for part in (slice(0, 2), slice(2, 4)):
+        (_loss(ffn, x[part], target[part]) / 2 * scale).backward()
+    torch.testing.assert_close(ffn.gate.proj.weight.grad / scale, whole)
+
+
+def test_task_adds_the_compensation_to_its_training_loss():
+    from types import SimpleNamespace
+
+    from lit_models._task import ZooTask
+
+    class Task(ZooTask):
+        def __init__(self):
+            super().__init__()
+            self.ffn = DSAFeedForward(8, 16, num_blocks=4, gate_threshold=0.5, compensation=0.3)
+
+        def forward(self, batch):
+            return self.ffn(batch["x"]).mean(1)
+
+    torch.manual_seed(0)
+    task = Task()
+    task._trainer = SimpleNamespace(progress_bar_callback=None)
+    task.log_dict = lambda *args, **kwargs: None
+    batch = {"x": torch.randn(2, 3, 8), "label": torch.tensor([1, 5])}
+    total = task.training_step(batch, 0)
+    plain = task._loss(task(batch), batch["label"])
+    expected = plain + compensation_loss(task)
+    torch.testing.assert_close(total, expected)
+    assert not torch.equal(total, plain)
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.4, 0.25])
@@ -336,4 +385,43 @@ def test_bf16_autocast_sparse_path_runs_on_cpu():
     with torch.no_grad():
         ref = ffn(x)
     assert ((y.float() - ref).norm() / ref.norm()).item() < 2e-2  # bf16 operands: ~1e-2 relative
-    assert not math.isnan(density_stats(ffn).get("x", {}).get("density", 0.0))
+    assert density_stats(ffn) == {}, "inference records no density"
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (0, 5, 16), (2, 0, 16)])
+def test_sparse_path_takes_a_batch_without_tokens(shape):
+    ffn = DSAFeedForward(16, 64, num_blocks=4, gate_threshold=0.5).eval()
+    with torch.no_grad():
+        assert ffn(torch.randn(shape)).shape == shape
+    assert block_sparse_ffn_torch(
+        torch.randn(0, 16), torch.rand(0, 2), torch.zeros(0, 2, dtype=torch.long), ffn.fc1.weight, ffn.fc1.bias,
+        ffn.fc2.weight, ffn.fc2.bias, num_blocks=4,
+    ).shape == (0, 16)  # fmt: skip
+
+
+def test_gate_runs_in_fp32_under_bf16_autocast_so_its_choice_does_not_hang_on_ties():
+    """bf16 gate values (spacing 2^-8 near 1) tie often for a sharp gate, and which of the tied blocks runs then
+    depends on the kernel; in fp32 the choice is the one the fp32 model makes, in training and inference alike."""
+    torch.manual_seed(0)
+    ffn = DSAFeedForward(128, 512, num_blocks=8, gate_threshold=0.375)
+    nn.init.normal_(ffn.gate.proj.weight, std=8 / 128**0.5)
+    x = torch.randn(4096, 128)
+    reference = ffn.select(ffn.gate(x)).sort(-1).values
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        alpha = ffn.gate(x)
+    assert alpha.dtype == torch.float32
+    assert torch.equal(ffn.select(alpha).sort(-1).values, reference)
+
+
+def test_a_quantized_gate_keeps_the_dense_path_which_calls_it():
+    ffn = DSAFeedForward(16, 64, num_blocks=4, gate_threshold=0.5).eval()
+
+    class Wrapped(nn.Linear):  # stands for a fake-quantized projection: the fused kernel would read its raw weight
+        pass
+
+    proj = Wrapped(16, 4)
+    proj.load_state_dict(ffn.gate.proj.state_dict())
+    with torch.no_grad():
+        assert ffn._use_sparse()
+        ffn.gate.proj = proj
+        assert not ffn._use_sparse()

@@ -131,7 +131,7 @@ def block_sparse_ffn_torch(
             torch.mm(h[rows], w2[:, cols].t(), out=out[rows])
     inverse = torch.empty_like(order)
     inverse[order] = torch.arange(order.numel(), device=order.device)
-    y = out.index_select(0, inverse).view(T, k, -1).sum(1)  # each token's k rows side by side, summed
+    y = out.index_select(0, inverse).view(T, k, w2.shape[0]).sum(1)  # each token's k rows side by side, summed
     return y if b2 is None else y.add_(b2)
 
 

@@ -11,9 +11,9 @@ How it computes, for a token ``x`` (``[D]``) and ``N = num_blocks`` blocks of ``
 * **Gate.** :class:`DynamicGate` gives ``alpha = sigmoid(W_g x + b_g)`` (``[N]``), each block's activation
   probability.
 * **Selection (the hard choice).** The token runs the ``k = max(1, round(gate_threshold * N))`` blocks of largest
-  ``alpha`` (top-``k``). The active fraction is therefore exactly ``k / N`` for every
-  token: the compute is predictable, and ``gate_threshold`` is met to within ``1 / (2N)`` (exactly when
-  ``gate_threshold * N`` is an integer). The choice is a non-differentiable function of ``alpha``.
+  ``alpha`` (top-``k``). The active fraction is therefore exactly ``k / N`` for every token: the compute is
+  predictable, and ``gate_threshold`` is met to within ``1 / (2N)`` (exactly when ``gate_threshold * N`` is an
+  integer; below ``1 / (2N)`` one block still runs). The choice is a non-differentiable function of ``alpha``.
 * **Output (hard choice and soft gate combined).** ``y = b2 + sum over selected b of alpha_b * W2_b gelu(W1_b x +
   b1_b)``: the selected blocks' outputs weighted by their gate value, in training and in inference alike. The loss
   therefore reaches ``alpha_b`` of a selected block through its weight, ``dL/dalpha_b = <dL/dy, W2_b gelu(...)>``,
@@ -24,20 +24,27 @@ How it computes, for a token ``x`` (``[D]``) and ``N = num_blocks`` blocks of ``
 
       g = dL/dalpha + (lambda / n) * (1 - alpha) * d(log alpha)/dalpha = dL/dalpha + (lambda / n) * (1 - alpha) / alpha
 
-  with ``lambda = compensation`` and ``n`` the number of tokens in the call: the term ``lambda * (1 - alpha) * grad
-  log alpha`` of the design, averaged over the tokens as a mean loss averages its per-token terms, so that its weight
-  does not grow with the batch. Through the sigmoid the term becomes ``(lambda / n) (1 - alpha)^2`` on the gate
-  logit: bounded, largest for gates near zero, vanishing for confident gates. Unselected gates thus keep a
-  gradient; with ``lambda > 0`` gradient descent lowers ``log alpha`` (a pull towards sparser, sharper gates that the
-  loss gradient of the selected blocks balances); a negative ``lambda`` reverses its sign.
+  with ``lambda = compensation`` and ``n`` the number of tokens in the call (padding included): the term ``lambda *
+  (1 - alpha) * grad log alpha`` of the design, averaged over the tokens as a mean loss averages its per-token terms,
+  so that its weight does not grow with the batch. Through the sigmoid the term becomes ``(lambda / n) (1 -
+  alpha)^2`` on the gate logit: bounded, largest for gates near zero, vanishing for confident gates. Unselected gates
+  thus keep a gradient; with ``lambda > 0`` gradient descent lowers ``log alpha`` (a pull towards sparser, sharper
+  gates that the loss gradient of the selected blocks balances); a negative ``lambda`` reverses its sign.
 
-  The term trains the **gate's own weights only**: it is added by :class:`GateCompensation` on a second evaluation
-  of the gate on the detached input, whose output is zero forward, so the token representations ``x`` receive
-  ``dL/dx`` alone. Passed on to ``x``, the term pulls every token the same way (towards lower gates), and Adam,
-  which follows a consistent direction however small the gradient, turns that pull into a collapse of every layer
-  below: on Sort-of-CLEVR (vqa_dsa.yaml) the model's outputs became the same for every input and it never left the
-  answer priors, at any ``gate_threshold`` (benchmarks/results/dsa_vqa_h200_2026-11-28_before_fix.json).
-  The tests check ``g`` against the formula, and that the compensation leaves ``dL/dx`` unchanged.
+  The term is the gradient of an auxiliary loss, ``(lambda / n) * sum(log alpha - alpha)``, that each training
+  forward leaves in ``compensation_term`` and that :func:`compensation_loss` collects for the training loss
+  (:class:`lit_models.ZooTask` adds it; a loop of one's own adds ``compensation_loss(model)`` to its loss). Being
+  part of the loss, it is scaled with it: divided by Lightning's gradient accumulation, multiplied by fp16's loss
+  scale. (A term added to the gradient in backward, as before, grew with the accumulation, which
+  ``DynamicBatchAdjustment`` sets per machine, and vanished under a loss scale.)
+
+  The term trains the **gate's own weights only**: it is computed on a second evaluation of the gate on the
+  detached input, so the token representations ``x`` receive ``dL/dx`` alone. Passed on to ``x``, the term pulls
+  every token the same way (towards lower gates), and Adam, which follows a consistent direction however small the
+  gradient, turns that pull into a collapse of every layer below: on Sort-of-CLEVR (vqa_dsa.yaml) the model's
+  outputs became the same for every input and it never left the answer priors, at any ``gate_threshold``
+  (benchmarks/results/dsa_vqa_h200_2026-11-28_before_fix.json). The tests check ``g`` against the formula, that the
+  compensation leaves ``dL/dx`` unchanged, and that accumulation leaves it as one batch would.
 
 Two forward paths give the same output for the same selection (tested): the **dense** path (training, and whenever
 gradients are needed) computes every block and multiplies the unselected ones by zero; the **sparse** path (eval mode
@@ -60,6 +67,7 @@ from numbers import Real
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.contracts import FFN
@@ -71,9 +79,9 @@ InferencePath = Literal["auto", "triton", "torch", "dense"]
 __all__ = [
     "DSAFeedForward",
     "DynamicGate",
-    "GateCompensation",
     "active_blocks",
     "check_gate_threshold",
+    "compensation_loss",
     "density_stats",
     "dsa_layers",
     "set_gate_threshold",
@@ -95,30 +103,6 @@ def active_blocks(gate_threshold: float, num_blocks: int) -> int:
     return max(1, min(num_blocks, math.floor(gate_threshold * num_blocks + 0.5)))
 
 
-class GateCompensation(torch.autograd.Function):
-    """Zero forward; backward gives ``alpha`` the gradient ``scale * (1 - alpha) / alpha``, whatever comes in.
-
-    ``(1 - alpha) / alpha`` is ``(1 - alpha) * d(log alpha)/d(alpha)``. :class:`DSAFeedForward` adds its (zero) output
-    to the gate values, applied to a second evaluation of the gate on the detached input, with ``scale =
-    compensation / tokens``: the term reaches the gate's weights and nothing below them. ``alpha`` is clamped at the
-    smallest normal number of its dtype in the division so that a gate saturated at 0 gives a large finite gradient,
-    not ``inf``.
-    """
-
-    @staticmethod
-    def forward(ctx, alpha: Tensor, scale: float) -> Tensor:
-        ctx.save_for_backward(alpha)
-        ctx.scale = scale
-        return torch.zeros_like(alpha)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
-        (alpha,) = ctx.saved_tensors
-        a = alpha.float()
-        term = ctx.scale * (1.0 - a) / a.clamp_min(torch.finfo(alpha.dtype).tiny)
-        return term.to(grad.dtype), None
-
-
 class DynamicGate(nn.Module):
     """Per-token, per-block activation probability: ``[..., dim] -> alpha [..., num_blocks]`` in ``(0, 1)``.
 
@@ -134,7 +118,12 @@ class DynamicGate(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.sigmoid(self.proj(x))
+        # in fp32 under autocast: the selection compares gate values, and bf16's (spacing 2^-8 near 1) would tie
+        # often, where the fused inference kernel (fp32 logits, ties to the lower block) and topk break ties apart
+        weight = getattr(self.proj, "weight", None)  # a converted integer projection has none, and takes fp32
+        dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.sigmoid(self.proj(x.to(dtype)))
 
 
 class DSAFeedForward(FFN):
@@ -189,6 +178,9 @@ class DSAFeedForward(FFN):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self._gate_threshold = check_gate_threshold(gate_threshold, name="DSAFeedForward: gate_threshold")
         self._density_sums: Tensor | None = None
+        #: the compensation's auxiliary loss of the last training forward (module doc), until
+        #: :func:`compensation_loss` takes it
+        self.compensation_term: Tensor | None = None
 
     # -- the fraction of blocks run ----------------------------------------------------------------------------
     @property
@@ -237,12 +229,16 @@ class DSAFeedForward(FFN):
             and not torch.is_grad_enabled()
             and type(self.fc1) is nn.Linear
             and type(self.fc2) is nn.Linear
+            and type(self.gate.proj) is nn.Linear  # the fused kernel reads its raw weight
         )
 
     def _forward_dense(self, x: Tensor, alpha: Tensor, idx: Tensor) -> Tensor:
         if self.compensation and torch.is_grad_enabled() and alpha.requires_grad:
+            # on the gate logits z of the detached input: log(alpha) = logsigmoid(z), finite where alpha underflows
+            z = self.gate.proj(x.detach())
+            z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
             tokens = max(1, alpha.numel() // self.num_blocks)
-            alpha = alpha + GateCompensation.apply(self.gate(x.detach()), self.compensation / tokens)
+            self.compensation_term = (self.compensation / tokens) * (F.logsigmoid(z) - torch.sigmoid(z)).sum()
         mask = torch.zeros_like(alpha).scatter_(-1, idx, 1.0)
         weight = alpha * mask  # alpha on the selected blocks, 0 elsewhere
         h = self.act(self.fc1(x))
@@ -252,6 +248,9 @@ class DSAFeedForward(FFN):
     def _forward_sparse(self, x: Tensor) -> Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
+        if x2.shape[0] == 0:  # no token: the output is as empty
+            return x.new_zeros(shape)
+        gate_input = x2  # the gate sees what it sees in training: the selection is the same
         if torch.is_autocast_enabled(x.device.type):  # run the kernels in the autocast dtype, as nn.Linear would
             x2 = x2.to(torch.get_autocast_dtype(x.device.type))
         impl = self.inference_path
@@ -262,14 +261,16 @@ class DSAFeedForward(FFN):
             and triton_supports(x2, self.fc1.weight, self.num_blocks)
         ):
             impl = "triton"
-        if impl == "triton":  # gate, sigmoid and top-k in one pass over x (fp32 logits; ties to the lower block)
+        # the fused kernel: gate, sigmoid and top-k in one pass over x (fp32 logits of the weights in the kernel's
+        # dtype, ties to the lower block; a near-tie may go the other way than training's fp32 gate)
+        if impl == "triton":
             from zoo.kernels._block_ffn_triton import gate_topk_triton
 
             proj = self.gate.proj
             bias = None if proj.bias is None else proj.bias.to(x2.dtype)
             alpha_sel, idx = gate_topk_triton(x2, proj.weight.to(x2.dtype), bias, self.active_blocks)
         else:
-            alpha = self.gate(x2)
+            alpha = self.gate(gate_input)
             idx = self.select(alpha)
             alpha_sel = alpha.gather(1, idx)
         y = block_sparse_ffn(
@@ -353,6 +354,18 @@ def set_gate_threshold(module: nn.Module, value: float) -> int:
     for layer in layers.values():
         layer.set_gate_threshold(value)
     return len(layers)
+
+
+def compensation_loss(module: nn.Module) -> Tensor | None:
+    """The gradient compensation of every DSA FFN inside ``module``, to add to the training loss: the sum of the
+    ``compensation_term`` each left in its last training forward, which this clears. ``None`` when there is none (no
+    DSA layer, ``compensation=0``, or no training forward since the last call)."""
+    terms = []
+    for layer in dsa_layers(module).values():
+        if layer.compensation_term is not None:
+            terms.append(layer.compensation_term)
+            layer.compensation_term = None
+    return torch.stack(terms).sum() if terms else None
 
 
 def density_stats(module: nn.Module, *, reset: bool = True) -> dict[str, dict[str, float]]:
