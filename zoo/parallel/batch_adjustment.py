@@ -40,6 +40,7 @@ from torchmetrics import Metric
 from zoo.errors import ConfigError
 
 _GIB, _MIB = 2**30, 2**20
+_UNRECORDED = object()  # a checkpoint's state without "memory_limit", saved before it was recorded
 
 
 def plan_accumulation(*, global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
@@ -186,7 +187,8 @@ class DynamicBatchAdjustment(Callback):
 
     The plan is saved in checkpoints (:meth:`state_dict`); a fit resumed with ``ckpt_path`` reuses it without
     probing, whatever this callback's own arguments say. When the data-parallel world size changed, the accumulation
-    is planned again from the saved ``micro_batch_limit`` (a warning says so); the checkpoint's ``global_batch_size``
+    is planned again from the limit memory allowed (or, unmeasured, the datamodule's ``batch_size``), under the new
+    ranks' caps (a warning says so); the checkpoint's ``global_batch_size``
     wins over a different one given here (a warning too).
 
     The datamodule must have a settable integer ``batch_size`` that its ``train_dataloader`` reads when called (the
@@ -234,6 +236,10 @@ class DynamicBatchAdjustment(Callback):
         self.plan: BatchPlan | None = None
         #: the measured memory of a training step; ``None`` when not measured
         self.memory_line: MemoryLine | None = None
+        #: the largest micro-batch the measured memory allows, before the caps; ``None`` when not measured (or when
+        #: memory does not grow with the micro-batch)
+        self.memory_limit: int | None = None
+        self._restored_memory_limit: int | None | object = _UNRECORDED
         self.restored_plan: BatchPlan | None = None
         self._origin = ""  # where the plan comes from, for the message
         self._probe_size = 0
@@ -250,6 +256,7 @@ class DynamicBatchAdjustment(Callback):
             return
         datamodule = self._check_run(trainer, pl_module)
         self._optimizers_built, self._deferred, self.restored_plan, self.memory_line = False, False, None, None
+        self.memory_limit, self._restored_memory_limit = None, _UNRECORDED
         self._probe_size = datamodule.batch_size
         self._apply(
             trainer, self._plan(trainer, datamodule.batch_size), f"the datamodule's batch_size={self._probe_size}"
@@ -309,7 +316,8 @@ class DynamicBatchAdjustment(Callback):
         """The plan in use (:class:`BatchPlan`'s fields) and the measured ``memory_line``, or ``{}`` before a fit."""
         if self.plan is None:
             return {}
-        return {**asdict(self.plan), "memory_line": None if self.memory_line is None else list(self.memory_line)}
+        line = None if self.memory_line is None else list(self.memory_line)
+        return {**asdict(self.plan), "memory_line": line, "memory_limit": self.memory_limit}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keeps a saved plan as :attr:`restored_plan`; a fit resumed from the checkpoint applies it."""
@@ -321,6 +329,7 @@ class DynamicBatchAdjustment(Callback):
             raise ConfigError(f"{type(self).__name__}: the checkpoint's state lacks {missing}") from None
         line = state_dict.get("memory_line")
         self.memory_line = None if line is None else MemoryLine(*line)
+        self._restored_memory_limit = state_dict.get("memory_limit", _UNRECORDED)
 
     # -- measuring: override device_memory_bytes and peak_memory_bytes for another accelerator ----------------------
     def device_memory_bytes(self, trainer: Trainer) -> int | None:
@@ -372,13 +381,16 @@ class DynamicBatchAdjustment(Callback):
             )
         return datamodule
 
-    def _plan(self, trainer: Trainer, micro_batch_limit: int) -> BatchPlan:
+    def _plan(self, trainer: Trainer, micro_batch_limit: int, global_batch_size: int | None = None) -> BatchPlan:
+        """The plan for this run's data-parallel ranks under ``micro_batch_limit``, capped by the global batch's share
+        of a rank and ``max_micro_batch_size``."""
+        global_batch_size = self.global_batch_size if global_batch_size is None else global_batch_size
         world = data_parallel_size(trainer)
-        cap = -(-self.global_batch_size // world)
+        cap = -(-global_batch_size // world)
         if self.max_micro_batch_size is not None:
             cap = min(cap, self.max_micro_batch_size)
         return BatchPlan.make(
-            global_batch_size=self.global_batch_size, micro_batch_limit=min(micro_batch_limit, cap), world_size=world
+            global_batch_size=global_batch_size, micro_batch_limit=min(micro_batch_limit, cap), world_size=world
         )
 
     def _apply(self, trainer: Trainer, plan: BatchPlan, origin: str) -> None:
@@ -410,9 +422,13 @@ class DynamicBatchAdjustment(Callback):
         if saved.world_size == world:
             self._apply(trainer, saved, "restored from the checkpoint")
             return
-        plan = BatchPlan.make(
-            global_batch_size=saved.global_batch_size, micro_batch_limit=saved.micro_batch_limit, world_size=world
-        )
+        # the limit memory allows (or, unmeasured, the datamodule's batch size), not the saved micro_batch_limit, which
+        # the old world's share of the global batch also capped: on fewer ranks it would accumulate more than needed
+        if self._restored_memory_limit is _UNRECORDED:  # a checkpoint from before the limit was saved
+            limit = saved.micro_batch_limit
+        else:
+            limit = self._probe_size if self._restored_memory_limit is None else self._restored_memory_limit
+        plan = self._plan(trainer, limit, saved.global_batch_size)
         rank_zero_warn(
             f"{name}: the checkpoint was planned for {saved.world_size} data-parallel rank(s), this run has {world}: "
             f"{saved.describe()} becomes {plan.describe()}"
@@ -447,9 +463,13 @@ class DynamicBatchAdjustment(Callback):
         reserve = self.optimizer_states_per_parameter * _trainable_bytes(pl_module)
         budget = self.memory_fraction * device_bytes - reserve
         fits = line.largest_micro_batch(budget)
-        fits = cap if fits is None else min(fits, cap)
-        # every rank measured its own device: all take the smallest
-        fits = int(trainer.strategy.reduce(torch.tensor(fits, device=trainer.strategy.root_device), reduce_op="min"))
+        # every rank measured its own device: all take the smallest; the limit of memory alone is kept for a resume on
+        # other ranks (None: memory did not grow with the micro-batch on any rank)
+        unbounded = torch.iinfo(torch.int64).max
+        fits = torch.tensor(unbounded if fits is None else fits, device=trainer.strategy.root_device)
+        memory_limit = int(trainer.strategy.reduce(fits, reduce_op="min"))
+        memory_limit = None if memory_limit == unbounded else memory_limit
+        fits = cap if memory_limit is None else min(memory_limit, cap)
         measured = (
             f"measured peak {line.fixed_bytes / _GIB:.2f} GiB + {line.bytes_per_sample / _MIB:.1f} MiB per sample; "
             f"budget {self.memory_fraction:g} x {device_bytes / _GIB:.1f} GiB - {reserve / _GIB:.2f} GiB of optimizer "
@@ -460,7 +480,7 @@ class DynamicBatchAdjustment(Callback):
                 f"{name}: one sample does not fit ({measured}); raise memory_fraction, shard the model "
                 "or checkpoint its activations"
             )
-        self.memory_line = line
+        self.memory_line, self.memory_limit = line, memory_limit
         self._apply(trainer, self._plan(trainer, fits), f"{measured}; micro-batch limit {fits}")
 
 
