@@ -138,7 +138,7 @@ def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: s
     from torch.distributed.tensor import DTensor
     from torch.utils.flop_counter import FlopCounterMode
 
-    from zoo.callbacks.throughput import _tensor_parallel_size
+    from zoo.callbacks.throughput import RankFlopCounter, _tensor_parallel_size
     from zoo.parallel.optim import clip_grad_norm_, foreach_off_where_mixed
     from zoo.parallel.parallelize import apply_fsdp, apply_tensor_parallel
 
@@ -164,12 +164,24 @@ def _worker(rank: int, world: int, dp: int, tp: int, compiled: str, init_file: s
         local = {m: Tokens(t.embeddings[rows], t.mask[rows]) for m, t in inputs.items()}
         # SGD, whose update is linear in the gradient: Adam's normalised step would turn the rounding differences of
         # near-zero gradients into differences of order lr
-        if dp == 1:  # FlopCounterMode sees DTensors' global shapes: why ThroughputMonitor divides its count by tp
-            with FlopCounterMode(display=False) as sharded:
-                model(local)
-            with FlopCounterMode(display=False) as whole:
-                reference(inputs)
-            assert sharded.get_total_flops() == whole.get_total_flops() > 0
+        if dp == 1:
+            # FlopCounterMode sees DTensor operations at their global shapes and the attention over a rank's heads at
+            # its own; RankFlopCounter gives this rank's share of each. The math attention, which the counter sees
+            # (the CPU's fused kernel has no FLOP formula and counts 0)
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            with sdpa_kernel(SDPBackend.MATH):
+                with RankFlopCounter(tp) as sharded:
+                    model(local)
+                with FlopCounterMode(display=False) as whole:
+                    reference(inputs)
+                with FlopCounterMode(display=False) as unshared:
+                    model(local)
+            assert sharded.get_total_flops() * tp == whole.get_total_flops() > 0
+            attention = whole.get_flop_counts()["Global"][torch.ops.aten.bmm]
+            assert attention > 0 and unshared.get_total_flops() == whole.get_total_flops() - (
+                attention - attention // tp
+            ), "without the split, the heads' attention is counted at a rank's share, the rest whole"
             assert _tensor_parallel_size(SimpleNamespace(device_mesh=mesh)) == tp
         opt_ref = torch.optim.SGD(reference.parameters(), lr=0.5, momentum=0.9)
         # foreach, as on a GPU, where one list may not mix plain tensors and DTensors (tensor parallelism without

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import ThroughputMonitor as LightningThroughputMonitor
 from torch import Tensor
+from torch.distributed.tensor import DTensor
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -30,6 +31,32 @@ def batch_size(batch: Any) -> int:
         f"ThroughputMonitor: no tensor with a batch dimension in a batch of type {type(batch).__name__}; set "
         "trainer.callbacks' init_args.batch_size_fn to a function (an import path in YAML) that returns its size"
     )
+
+
+class RankFlopCounter(FlopCounterMode):
+    """``FlopCounterMode`` counting this rank's share of a tensor-parallel group's FLOPs.
+
+    The dispatch mode sees an operation on DTensors at their global shapes, which the ``tensor_parallel_size`` ranks
+    of the group compute together: its count is divided among them. An operation on plain tensors is counted whole:
+    it is this rank's own (the attention over the rank's heads, which the split projections hand on as local
+    tensors; dividing the whole count by the group's size counted it twice divided).
+    """
+
+    def __init__(self, tensor_parallel_size: int = 1) -> None:
+        super().__init__(display=False)
+        self.tensor_parallel_size = tensor_parallel_size
+
+    def _count_flops(self, func_packet: Any, out: Any, args: Any, kwargs: Any) -> Any:
+        # FlopCounterMode's per-operation hook (torch 2.11); tests/test_parallel.py checks the counts it gives
+        count = self.flop_registry.get(func_packet)
+        if count is None:
+            return out
+        flops = count(*args, **kwargs, out_val=out)
+        if self.tensor_parallel_size > 1 and any(isinstance(a, DTensor) for a in tree_leaves((args, kwargs))):
+            flops //= self.tensor_parallel_size
+        for parent in set(self.mod_tracker.parents):
+            self.flop_counts[parent][func_packet] += flops
+        return out
 
 
 def _tensor_parallel_size(pl_module: pl.LightningModule) -> int:
@@ -62,14 +89,17 @@ class ThroughputMonitor(LightningThroughputMonitor):
     as 2, of the operations FlopCounterMode knows: matrix products (``nn.Linear``, ``matmul``), convolutions and
     their gradients, and the fused attention kernels of ``scaled_dot_product_attention`` on CUDA (its CPU kernel
     counts 0). Not counted: elementwise operations, norms, softmax and losses outside those kernels, the optimizer
-    step, and communication. A forward that activation checkpointing recomputes in backward is counted again (so the
-    figure is the hardware's FLOPs, not the model's). Batches of another shape than the first are assumed to cost the
+    step, and communication. The figure is the hardware's FLOPs, not the model's: a forward that activation
+    checkpointing recomputes in backward is counted again, the attention kernels' backward counts the scores it
+    recomputes, padding tokens count like the others, and a DSA FFN trains on its dense path (every block computed,
+    plus its gate), whatever its active fraction. Batches of another shape than the first are assumed to cost the
     same. Under tensor parallelism (a device mesh with a ``tensor_parallel`` dimension, as Lightning's
-    ``ModelParallelStrategy`` gives) the count is divided by the group's size: FlopCounterMode sees the global shapes
-    of the sharded layers, and the group shares one batch; Lightning's global ``samples_per_sec`` still multiplies
-    by the whole world size, so it counts each sample once per tensor-parallel rank. The counted batch runs eager
-    and slower (every operation passes through Python); regions compiled with ``torch.compile`` compile from the
-    next batch on. A module that defines ``flops_per_batch`` itself (a number, or
+    ``ModelParallelStrategy`` gives) the count is this rank's share (:class:`RankFlopCounter`): an operation on the
+    split layers' DTensors, which FlopCounterMode sees at global shapes and the group computes together, divided by
+    the group's size, the attention over the rank's own heads whole; Lightning's global ``samples_per_sec`` still
+    multiplies by the whole world size, so it counts each sample once per tensor-parallel rank. The counted batch
+    runs eager and slower (every operation passes through Python); regions compiled with ``torch.compile`` compile
+    from the next batch on. A module that defines ``flops_per_batch`` itself (a number, or
     ``None`` for no FLOP metrics) keeps it.
 
     **MFU.** Lightning reports ``device/mfu = device/flops_per_sec / peak``, where ``device/flops_per_sec`` is rank
@@ -80,8 +110,10 @@ class ThroughputMonitor(LightningThroughputMonitor):
     (:func:`lightning.fabric.utilities.throughput.get_available_flops`); where neither knows it (any CPU, and
     GPUs outside the table) ``device/mfu`` is not logged, while ``device/flops_per_sec`` still is. Lightning 2.6's
     table does not recognise the plain name ``"NVIDIA H200"`` (it matches H200 names containing ``sxm1`` or
-    ``nvl1`` only, with the sparse-matrix peak): on an H200 pass ``peak_flops=989e12`` (dense bf16, as an H100 SXM,
-    which the table knows as ``"NVIDIA H100 80GB HBM3"``).
+    ``nvl1`` only): on an H200 SXM pass ``peak_flops=989e12`` (dense bf16, as an H100 SXM, which the table knows as
+    ``"NVIDIA H100 80GB HBM3"``; about 835e12 on an H200 NVL). The table's entries for ``h100 nvl``, ``h200 sxm1`` and
+    ``h200 nvl1`` are the with-sparsity peaks, twice the dense ones: MFU there reads half of what it is unless
+    ``peak_flops`` gives the dense figure.
 
     **Validation during fit** is logged under ``validate/`` with the same ``flops_per_batch``, that of a training
     batch (forward and backward): its FLOP/s and MFU overstate a forward-only pass about threefold; its samples per
@@ -141,16 +173,16 @@ class ThroughputMonitor(LightningThroughputMonitor):
             # Dynamo skips a frame first called under a dispatch mode and, in torch 2.11, never compiles it afterwards
             # (pytorch/pytorch#190286): the counted batch runs eager, and torch.compile'd regions compile at the next.
             self._counting.enter_context(torch.compiler.set_stance("force_eager"))
-            self._flop_counter = self._counting.enter_context(FlopCounterMode(display=False))
+            counter = RankFlopCounter(_tensor_parallel_size(pl_module))
+            self._flop_counter = self._counting.enter_context(counter)
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         counter = self._stop_counting()
         if counter is not None:
-            # under tensor parallelism the counter sees the DTensors' global shapes: every rank of a group counts the
-            # whole batch's FLOPs, which the group shares (model FLOPs, as torchtitan's MFU counts them)
-            pl_module.flops_per_batch = counter.get_total_flops() // _tensor_parallel_size(pl_module)
+            # this rank's FLOPs: a tensor-parallel group's shared operations divided among its ranks (RankFlopCounter)
+            pl_module.flops_per_batch = counter.get_total_flops()
         # after the attribute is set: the parent decides at its first update whether the module has FLOPs
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
 
