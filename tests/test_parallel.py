@@ -83,6 +83,24 @@ def test_sizes_are_read_from_a_model():
     assert (plan.kind, plan.tensor_parallel_size) == ("fsdp_tp", 2)
 
 
+def test_tensor_parallelism_is_not_offered_for_what_it_does_not_split():
+    """A large embedding (the root unit) beside small blocks: on 2 devices tensor parallelism over 2 leaves no FSDP
+    (data parallel 1), so the embedding and every unsplit layer stay whole on each device. The plan once counted the
+    state as divided by 2 and the embedding's gathering as split, and chose it for a budget it exceeds by a third."""
+    model = nn.ModuleDict({"embedding": nn.Embedding(30522, 64), "fusion": MIE(dim=64, depth=4, num_heads=4)})
+    total = sum(p.numel() for p in model.parameters())
+    split = sum(p.numel() for block in model["fusion"].blocks for name in ("attn.qkv", "attn.proj", "ffn.fc1",
+                "ffn.fc2") for p in block.get_submodule(name).parameters())  # fmt: skip
+    root = total - sum(p.numel() for block in model["fusion"].blocks for p in block.parameters())  # outside them
+    old_estimate = 16 * total / 2 + 2 * 4 * root / 2
+    tp_need, fsdp_need = 16 * (total - split / 2), 16 * total / 2 + 2 * 4 * root
+    assert old_estimate < 0.8 * min(tp_need, fsdp_need)
+    with pytest.raises(ConfigError, match="needs .* GiB of training state per device"):
+        select_parallelism(model, 2, device_memory=int(2 * old_estimate) + 2)
+    plan = select_parallelism(model, 2, device_memory=int(2 * fsdp_need) + 2)
+    assert (plan.kind, plan.state_bytes_per_device) == ("fsdp", int(fsdp_need))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

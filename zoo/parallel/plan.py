@@ -94,7 +94,9 @@ def select_parallelism(
     Args:
         model_size: the parameter count, or the model itself; from a model, ``largest_layer`` is the largest unit
             :func:`zoo.parallel.parallelize.apply_fsdp` gathers (a transformer block, or all that lies outside the
-            blocks) and ``head_count`` the greatest common divisor of its attention heads.
+            blocks), ``head_count`` the greatest common divisor of its attention heads, and the tensor-parallel
+            estimate counts the layers :func:`~zoo.parallel.parallelize.tensor_parallel_plan` splits (a count alone
+            is assumed to split whole).
         device_count: devices in the job (all nodes).
         device_memory: bytes per device; by default the first CUDA device's total memory, ``None`` without CUDA
             (everything is assumed to fit: on CPUs the choice is replication).
@@ -113,11 +115,13 @@ def select_parallelism(
     for key, value in (("device_memory", device_memory), ("devices_per_node", devices_per_node)):
         if value is not None and value < 1:  # devices_per_node=0 stood for device_count; device_memory=-1 a budget of 0
             raise ConfigError(f"select_parallelism: {key}={value} must be at least 1, or None")
+    units = None  # (the root unit's parameters, [(a block's parameters, those tensor parallelism splits)])
     if isinstance(model_size, nn.Module):
         module = model_size
         model_size = sum(p.numel() for p in module.parameters())
         largest_layer = largest_layer if largest_layer is not None else _largest_layer(module)
         head_count = head_count if head_count is not None else _head_count(module)
+        units = _units(module)
     if isinstance(model_size, bool) or not isinstance(model_size, int) or model_size < 1:
         raise ConfigError(f"select_parallelism: model_size={model_size!r} must be a parameter count >= 1 or a module")
     nodes_devices = devices_per_node or device_count
@@ -143,18 +147,33 @@ def select_parallelism(
     gathered = 2 * 4 * (largest_layer or 0)  # two fp32 layers whole at a time (the running one, the prefetched one)
     if sharded + gathered <= budget:
         return plan("fsdp", device_count, 1, sharded + gathered, "the state fits only when sharded over every device")
+    def split_per_device(dp: int, tp: int) -> float:
+        """Training state per device under FSDP over ``dp`` x tensor parallelism over ``tp``. With ``dp == 1`` the
+        task applies no FSDP: what tensor parallelism does not split is whole on every device, and nothing is
+        gathered. A count without the module is assumed to split whole."""
+        if units is None:
+            return state / (dp * tp) + (gathered / tp if dp > 1 else 0)
+        root, blocks = units
+        split = sum(s for _, s in blocks)
+        per_device = bytes_per_parameter * (model_size - split + split / tp) / dp
+        if dp > 1:  # the root unit is never split; a block's unsplit layers (norms, a DSA FFN) gather whole
+            per_device += 2 * 4 * max([root, *(size - s + s / tp for size, s in blocks)])
+        return per_device
+
     splits = [tp for tp in _powers_of_two(2, nodes_devices) if head_count is None or head_count % tp == 0]
     for tp in splits:
-        if sharded + gathered / tp <= budget:
+        per_device = split_per_device(device_count // tp, tp)
+        if per_device <= budget:
             return plan(
                 "fsdp_tp",
                 device_count // tp,
                 tp,
-                sharded + gathered / tp,
-                f"a gathered layer ({4 * (largest_layer or 0) / 2**30:.2f} GiB in fp32) fits only when split over "
-                f"{tp} devices of a node",
+                per_device,
+                f"the state fits only when the blocks' attention and FFN layers are also split over {tp} devices "
+                "of a node",
             )
-    raise _does_not_fit(model_size, sharded + gathered / max([1, *splits]), device_count, budget)
+    best = min([split_per_device(device_count // tp, tp) for tp in splits], default=sharded + gathered)
+    raise _does_not_fit(model_size, best, device_count, budget)
 
 
 def _does_not_fit(model_size: int, per_device: float, devices: int, budget: int) -> ConfigError:
@@ -180,6 +199,19 @@ def _largest_layer(module: nn.Module) -> int:
     sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
     rest = sum(p.numel() for p in module.parameters()) - sum(sizes)
     return max(*sizes, rest)
+
+
+def _units(module: nn.Module) -> tuple[int, list[tuple[int, int]]]:
+    """The parameters of the root unit FSDP gathers (all that lies outside the transformer blocks), and of each block
+    with those of its layers that tensor parallelism splits (:func:`zoo.parallel.parallelize.tensor_parallel_plan`)."""
+    from zoo.layers.transformer import TransformerBlock
+    from zoo.parallel.parallelize import tensor_parallel_plan
+
+    blocks = []
+    for block in (m for m in module.modules() if isinstance(m, TransformerBlock)):
+        split = sum(p.numel() for name in tensor_parallel_plan(block) for p in block.get_submodule(name).parameters())
+        blocks.append((sum(p.numel() for p in block.parameters()), split))
+    return sum(p.numel() for p in module.parameters()) - sum(size for size, _ in blocks), blocks
 
 
 def _head_count(module: nn.Module) -> int | None:
