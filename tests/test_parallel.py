@@ -485,3 +485,8 @@ def test_attention_regroups_the_qkv_of_checkpoints_from_before_it_was_grouped_by
     new = SelfAttention(32, 4)
     new.load_state_dict(attention.state_dict())  # a marked checkpoint is taken as it is
     torch.testing.assert_close(new(x), attention(x))
+
+
+def test_a_job_on_part_of_a_node_is_not_refused():
+    # 4 GPUs of an 8-GPU node: devices_per_node is the node's, the job's devices all share it
+    assert select_parallelism(10, 4, devices_per_node=8).kind == "ddp"

@@ -124,7 +124,7 @@ def select_parallelism(
         units = _units(module)
     if isinstance(model_size, bool) or not isinstance(model_size, int) or model_size < 1:
         raise ConfigError(f"select_parallelism: model_size={model_size!r} must be a parameter count >= 1 or a module")
-    nodes_devices = devices_per_node or device_count
+    nodes_devices = min(devices_per_node or device_count, device_count)  # 4 devices of an 8-device node: 4
     if device_count % nodes_devices:
         raise ConfigError(
             f"select_parallelism: device_count={device_count} must be a multiple of devices_per_node={nodes_devices}"
