@@ -18,6 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -135,13 +136,16 @@ class RankShardedSampler(DistributedSampler):
         replicas = int(state.get("num_replicas", 1))
         position = int(state.get("position", 0))
         if replicas != self.num_replicas and position:
-            # the order of an epoch is the same on any number of ranks, its shards are not
+            # the order of an epoch is the same on any number of ranks, its shards are not; Lightning's count of the
+            # batches done, from which the next checkpoint's position comes, is in the old ranks' batches
             if position < math.ceil(self.total_samples / replicas):
-                raise ConfigError(
-                    f"{name}: the state was saved mid-epoch on {replicas} ranks and is resumed on "
-                    f"{self.num_replicas}; an exact resume needs the same number (or a checkpoint at an epoch's end)"
+                rank_zero_warn(
+                    f"{name}: the checkpoint was saved mid-epoch on {replicas} data-parallel ranks and is resumed on "
+                    f"{self.num_replicas}: epoch {state['epoch']} starts again (an exact resume needs the same number)"
                 )
-            position = self.num_samples  # the saved epoch was finished
+                position = 0
+            else:
+                position = self.num_samples  # the saved epoch was finished
         if not 0 <= position <= self.num_samples:
             raise ConfigError(f"{name}: position={position} outside [0, {self.num_samples}]")
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
@@ -357,6 +361,8 @@ def consumed_examples(trainer: Any, sampler: Any, batch_size: int) -> int:
     if trainer.world_size > 1 and not isinstance(sampler, torch.utils.data.DistributedSampler):
         return 0
     processed = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if processed >= getattr(trainer, "num_training_batches", math.inf):  # an epoch that limit_train_batches cut
+        return sampler.num_samples
     return min(processed * batch_size, sampler.num_samples)
 
 
@@ -400,7 +406,10 @@ class SplitLoaders(L.LightningDataModule):
 
     def load_state_dict(self, state_dict: dict) -> None:
         if "sampler" in state_dict:
-            self._pending_sampler_state = dict(state_dict["sampler"])
+            self._pending_sampler_state = dict(state_dict["sampler"])  # for the next training loader built
+            sampler = getattr(self, "_train_sampler", None)
+            if sampler is not None:  # strategies that restore after setup (ModelParallelStrategy) built it already
+                sampler.load_state_dict(self._pending_sampler_state)
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

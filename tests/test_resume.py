@@ -245,3 +245,68 @@ def test_ddp_run_cut_mid_epoch_resumes_exactly(tmp_path, data_dir, deterministic
     assert second["global_step"] == straight["global_step"] == 6
     for key, value in straight["state_dict"].items():
         assert torch.equal(second["state_dict"][key], value), key
+
+
+def test_model_parallel_strategy_resumes_mid_epoch_at_the_next_batch(tmp_path):
+    """``ModelParallelStrategy`` restores the datamodule after ``strategy.setup``, by which time the task's schedule
+    has built the training loader (``estimated_stepping_batches``): the state goes to that loader's sampler too.
+    (It went to the next loader built, which was none: the run replayed its epoch's first batches.)"""
+    import lightning as L
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch import nn
+
+    from datamodules._common import SplitLoaders
+
+    class Numbers(torch.utils.data.Dataset):
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return {"x": torch.tensor([float(i)]), "i": torch.tensor(i)}
+
+    class Data(SplitLoaders):
+        def __init__(self):
+            super().__init__()
+            self.batch_size, self.num_workers, self.pin_memory, self.seed = 4, 0, False, 0
+
+        def setup(self, stage):
+            self.train_dataset = self.val_dataset = self.test_dataset = Numbers()
+
+    class Task(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer, self.seen = nn.Linear(1, 1), []
+
+        def configure_model(self):
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.layer, mesh=self.device_mesh["data_parallel"])
+
+        def training_step(self, batch, batch_idx):
+            self.seen.append(batch["i"].tolist())
+            return self.layer(batch["x"]).sum()
+
+        def configure_optimizers(self):
+            # momentum: Lightning 2.6's ModelParallelStrategy cannot restore an optimizer without state (IndexError)
+            optimizer = torch.optim.SGD(self.parameters(), lr=0.0, momentum=0.9)
+            assert self.trainer.estimated_stepping_batches  # builds the training loader, as ZooTask's schedule does
+            return optimizer
+
+    class SaveAtStep3(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if trainer.global_step == 3 and not (tmp_path / "cut.ckpt").exists():
+                trainer.save_checkpoint(tmp_path / "cut.ckpt")
+
+    def fit(ckpt_path=None):
+        strategy = ModelParallelStrategy(
+            data_parallel_size=1, tensor_parallel_size=1, save_distributed_checkpoint=False
+        )
+        trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, max_epochs=1, logger=False,
+                            enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                            default_root_dir=tmp_path, callbacks=[SaveAtStep3()])  # fmt: skip
+        task = Task()
+        trainer.fit(task, datamodule=Data(), ckpt_path=ckpt_path)
+        return task.seen
+
+    straight = fit()
+    assert fit(tmp_path / "cut.ckpt") == straight[3:]

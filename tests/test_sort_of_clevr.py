@@ -246,15 +246,17 @@ def test_sampler_shards_its_epoch_across_ranks_and_resumes_on_each(length, repli
         assert len(list(resumed)) == len(shards[1])
 
 
-def test_sampler_state_moves_to_another_number_of_ranks_only_at_an_epoch_end():
+def test_sampler_state_moves_exactly_to_another_number_of_ranks_at_an_epoch_end_only():
     finished = SeededShuffleSampler(10, seed=1, num_replicas=2, rank=0).state_dict(consumed=5)
     one = SeededShuffleSampler(10, seed=0)
     one.load_state_dict(finished)  # a finished epoch stays finished: the next one starts at its beginning
     one.set_epoch(1)
     assert list(one) == SeededShuffleSampler(10, seed=1).permutation(1).tolist()
     mid_epoch = SeededShuffleSampler(10, seed=1, num_replicas=2, rank=0).state_dict(consumed=2)
-    with pytest.raises(ConfigError, match="saved mid-epoch on 2 ranks and is resumed on 1"):
-        SeededShuffleSampler(10).load_state_dict(mid_epoch)
+    restarted = SeededShuffleSampler(10)
+    with pytest.warns(UserWarning, match="saved mid-epoch on 2 data-parallel ranks and is resumed on 1: epoch 0"):
+        restarted.load_state_dict(mid_epoch)
+    assert list(restarted) == SeededShuffleSampler(10, seed=1).permutation(0).tolist()
     with pytest.raises(ConfigError, match="rank=2"):
         SeededShuffleSampler(10, num_replicas=2, rank=2)
 

@@ -317,12 +317,13 @@ class LongTailTextDataModule(L.LightningDataModule):
         trainer = getattr(self, "trainer", None)
         if trainer is None:
             return {"sampler": self._sampler.state_dict()}
-        # either sampler: the plain shuffle's position was left at 0, so a resumed run started its epoch again
         return {"sampler": self._sampler.state_dict(consumed_examples(trainer, self._sampler, self.batch_size))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "sampler" in state_dict:
-            self._pending_sampler_state = dict(state_dict["sampler"])
+            self._pending_sampler_state = dict(state_dict["sampler"])  # for the next training loader built
+            if self._sampler is not None:  # strategies that restore after setup (ModelParallelStrategy) built it
+                self._sampler.load_state_dict(self._pending_sampler_state)
 
 
 __all__ = [
