@@ -268,37 +268,38 @@ def test_resume_on_another_world_size_replans_from_the_saved_limit_and_warns(tmp
     checkpoint["callbacks"]["DynamicBatchAdjustment"].update(world_size=2, accumulation=2)
     torch.save(checkpoint, path)
 
-    resumed = DynamicBatchAdjustment(32, max_micro_batch_size=8)
+    # planned again as a new run on one rank plans it: the datamodule's batch_size (nothing measures on the CPU),
+    # under this run's caps; the checkpoint's global batch
+    resumed = DynamicBatchAdjustment(64)
     trainer = _trainer(tmp_path, resumed, max_epochs=2)
     with pytest.warns(UserWarning, match=r"planned for 2 data-parallel rank\(s\), this run has 1"):
         trainer.fit(Net(), datamodule=Data(batch_size=16), ckpt_path=path)
-    assert resumed.plan == BatchPlan(global_batch_size=32, micro_batch_size=8, accumulation=4, world_size=1,
-                                     micro_batch_limit=8)  # fmt: skip
-    assert trainer.accumulate_grad_batches == 4
+    assert resumed.plan == BatchPlan(global_batch_size=32, micro_batch_size=16, accumulation=2, world_size=1,
+                                     micro_batch_limit=16)  # fmt: skip
+    assert trainer.accumulate_grad_batches == 2
 
 
-@pytest.mark.parametrize("memory_limit, expected", [(1000, (32, 1)), (12, (11, 3)), ("absent", (8, 4))])
-def test_resume_on_fewer_ranks_plans_from_what_memory_allowed_not_the_old_share(tmp_path, memory_limit, expected):
-    """Planned on 4 ranks, a rank's micro-batch was capped at its share of the global batch, 32 / 4 = 8, whatever the
-    memory allowed; on one rank the plan follows the memory's limit (then the caps), not the old share: 32 x 1 where
-    memory allows 1000, not 8 x 4. A checkpoint from before the limit was recorded keeps its micro_batch_limit."""
+def test_resume_on_fewer_ranks_measures_again_instead_of_reusing_the_old_ranks_limit(tmp_path):
+    """Planned on 8 ranks, a rank's micro-batch was capped at its share of the global batch (32 / 8 = 4) and measured
+    under the old ranks' shards; resumed on one rank the probe measures again: 8 x 4, as memory allows (device of 1000
+    bytes, half of it for 100 + 50 m), not 4 x 8 from the saved limit."""
     torch.manual_seed(0)
-    first = _trainer(tmp_path, DynamicBatchAdjustment(32), max_epochs=1)
+    first = _trainer(tmp_path, ScriptedMemory(32, memory_fraction=0.5, optimizer_states_per_parameter=0), max_epochs=1)
     first.fit(Net(), datamodule=Data(batch_size=16))
-    path = tmp_path / "four_ranks.ckpt"
+    path = tmp_path / "eight_ranks.ckpt"
     first.save_checkpoint(path)
     checkpoint = torch.load(path, weights_only=False)
     state = checkpoint["callbacks"]["DynamicBatchAdjustment"]
-    state.update(world_size=4, micro_batch_size=8, accumulation=1, micro_batch_limit=8, memory_limit=memory_limit)
-    if memory_limit == "absent":
-        del state["memory_limit"]
+    state.update(world_size=8, micro_batch_size=4, accumulation=1, micro_batch_limit=4)
     torch.save(checkpoint, path)
 
-    resumed = DynamicBatchAdjustment(32)
+    resumed = ScriptedMemory(32, memory_fraction=0.5, optimizer_states_per_parameter=0)
     trainer = _trainer(tmp_path, resumed, max_epochs=2)
-    with pytest.warns(UserWarning, match=r"planned for 4 data-parallel rank\(s\), this run has 1"):
+    with pytest.warns(UserWarning, match=r"planned for 8 data-parallel rank\(s\), this run has 1"):
         trainer.fit(Net(), datamodule=Data(batch_size=16), ckpt_path=path)
-    assert (resumed.plan.micro_batch_size, resumed.plan.accumulation) == expected
+    assert resumed.probed == [8, 16]
+    assert (resumed.plan.micro_batch_size, resumed.plan.accumulation) == (8, 4)
+    assert trainer.accumulate_grad_batches == 4
 
 
 # -- errors ----------------------------------------------------------------------------------------------------------

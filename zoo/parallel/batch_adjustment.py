@@ -40,7 +40,6 @@ from torchmetrics import Metric
 from zoo.errors import ConfigError
 
 _GIB, _MIB = 2**30, 2**20
-_UNRECORDED = object()  # a checkpoint's state without "memory_limit", saved before it was recorded
 
 
 def plan_accumulation(*, global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
@@ -187,9 +186,9 @@ class DynamicBatchAdjustment(Callback):
 
     The plan is saved in checkpoints (:meth:`state_dict`); a fit resumed with ``ckpt_path`` reuses it without
     probing, whatever this callback's own arguments say. When the data-parallel world size changed, the accumulation
-    is planned again from the limit memory allowed (or, unmeasured, the datamodule's ``batch_size``), under the new
-    ranks' caps (a warning says so); the checkpoint's ``global_batch_size``
-    wins over a different one given here (a warning too).
+    is planned again as a new run would plan it, measured where the device allows (a warning says so): the saved
+    limit was capped by the old ranks' share of the global batch and measured under their shards. The checkpoint's
+    ``global_batch_size`` wins over a different one given here (a warning too).
 
     The datamodule must have a settable integer ``batch_size`` that its ``train_dataloader`` reads when called (the
     zoo's datamodules do); the setting also reaches its validation and test loaders. Strategies: a single device,
@@ -236,15 +235,12 @@ class DynamicBatchAdjustment(Callback):
         self.plan: BatchPlan | None = None
         #: the measured memory of a training step; ``None`` when not measured
         self.memory_line: MemoryLine | None = None
-        #: the largest micro-batch the measured memory allows, before the caps; ``None`` when not measured (or when
-        #: memory does not grow with the micro-batch)
-        self.memory_limit: int | None = None
-        self._restored_memory_limit: int | None | object = _UNRECORDED
         self.restored_plan: BatchPlan | None = None
         self._origin = ""  # where the plan comes from, for the message
         self._probe_size = 0
         self._optimizers_built = False  # strategy.setup has built the optimizers and maybe the loader
         self._deferred = False
+        self._plan_again = False
 
     # -- the hooks, in the order Lightning 2.6 calls them in Trainer._run ---------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -256,7 +252,7 @@ class DynamicBatchAdjustment(Callback):
             return
         datamodule = self._check_run(trainer, pl_module)
         self._optimizers_built, self._deferred, self.restored_plan, self.memory_line = False, False, None, None
-        self.memory_limit, self._restored_memory_limit = None, _UNRECORDED
+        self._plan_again = False  # the checkpoint's plan was made for another number of ranks: measure again
         self._probe_size = datamodule.batch_size
         self._apply(
             trainer, self._plan(trainer, datamodule.batch_size), f"the datamodule's batch_size={self._probe_size}"
@@ -271,7 +267,7 @@ class DynamicBatchAdjustment(Callback):
         state = (checkpoint.get("callbacks") or {}).get(self.state_key)
         if state:
             self.load_state_dict(state)
-            self._resume(trainer)
+            self._resume(trainer, pl_module)
         elif self._deferred:
             self._deferred = False
             self._measure(trainer, pl_module)
@@ -281,7 +277,7 @@ class DynamicBatchAdjustment(Callback):
         # optimizer and scheduler states are restored and before any step: the place to measure and, if the plan
         # changes, to rebuild the loader and the optimizers.
         self._optimizers_built = True
-        if self.restored_plan is not None:
+        if self.restored_plan is not None and not self._plan_again:
             return
         if trainer.ckpt_path is not None and trainer.strategy.restore_checkpoint_after_setup:
             self._deferred = True  # the checkpoint's plan, if any, arrives in on_load_checkpoint after this hook
@@ -316,8 +312,7 @@ class DynamicBatchAdjustment(Callback):
         """The plan in use (:class:`BatchPlan`'s fields) and the measured ``memory_line``, or ``{}`` before a fit."""
         if self.plan is None:
             return {}
-        line = None if self.memory_line is None else list(self.memory_line)
-        return {**asdict(self.plan), "memory_line": line, "memory_limit": self.memory_limit}
+        return {**asdict(self.plan), "memory_line": None if self.memory_line is None else list(self.memory_line)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keeps a saved plan as :attr:`restored_plan`; a fit resumed from the checkpoint applies it."""
@@ -329,7 +324,6 @@ class DynamicBatchAdjustment(Callback):
             raise ConfigError(f"{type(self).__name__}: the checkpoint's state lacks {missing}") from None
         line = state_dict.get("memory_line")
         self.memory_line = None if line is None else MemoryLine(*line)
-        self._restored_memory_limit = state_dict.get("memory_limit", _UNRECORDED)
 
     # -- measuring: override device_memory_bytes and peak_memory_bytes for another accelerator ----------------------
     def device_memory_bytes(self, trainer: Trainer) -> int | None:
@@ -381,16 +375,13 @@ class DynamicBatchAdjustment(Callback):
             )
         return datamodule
 
-    def _plan(self, trainer: Trainer, micro_batch_limit: int, global_batch_size: int | None = None) -> BatchPlan:
-        """The plan for this run's data-parallel ranks under ``micro_batch_limit``, capped by the global batch's share
-        of a rank and ``max_micro_batch_size``."""
-        global_batch_size = self.global_batch_size if global_batch_size is None else global_batch_size
+    def _plan(self, trainer: Trainer, micro_batch_limit: int) -> BatchPlan:
         world = data_parallel_size(trainer)
-        cap = -(-global_batch_size // world)
+        cap = -(-self.global_batch_size // world)
         if self.max_micro_batch_size is not None:
             cap = min(cap, self.max_micro_batch_size)
         return BatchPlan.make(
-            global_batch_size=global_batch_size, micro_batch_limit=min(micro_batch_limit, cap), world_size=world
+            global_batch_size=self.global_batch_size, micro_batch_limit=min(micro_batch_limit, cap), world_size=world
         )
 
     def _apply(self, trainer: Trainer, plan: BatchPlan, origin: str) -> None:
@@ -409,7 +400,7 @@ class DynamicBatchAdjustment(Callback):
                 trainer.fit_loop._combined_loader = None
                 trainer.strategy.setup_optimizers(trainer)
 
-    def _resume(self, trainer: Trainer) -> None:
+    def _resume(self, trainer: Trainer, pl_module: LightningModule) -> None:
         saved = self.restored_plan
         assert saved is not None
         name = type(self).__name__
@@ -422,18 +413,17 @@ class DynamicBatchAdjustment(Callback):
         if saved.world_size == world:
             self._apply(trainer, saved, "restored from the checkpoint")
             return
-        # the limit memory allows (or, unmeasured, the datamodule's batch size), not the saved micro_batch_limit, which
-        # the old world's share of the global batch also capped: on fewer ranks it would accumulate more than needed
-        if self._restored_memory_limit is _UNRECORDED:  # a checkpoint from before the limit was saved
-            limit = saved.micro_batch_limit
-        else:
-            limit = self._probe_size if self._restored_memory_limit is None else self._restored_memory_limit
-        plan = self._plan(trainer, limit, saved.global_batch_size)
+        # Another number of ranks: a rank's share of the global batch changed, and what it holds (FSDP's shards), maybe
+        # its device too; the saved limit, capped by the old share and measured under the old shards, says neither.
+        # Plan as a new run would, for the checkpoint's global batch: measured where the device allows it.
         rank_zero_warn(
             f"{name}: the checkpoint was planned for {saved.world_size} data-parallel rank(s), this run has {world}: "
-            f"{saved.describe()} becomes {plan.describe()}"
+            f"planning again for the checkpoint's global batch of {saved.global_batch_size} (was {saved.describe()})"
         )
-        self._apply(trainer, plan, f"re-planned for {world} rank(s) from the checkpoint's micro_batch_limit")
+        self.global_batch_size, self.memory_line, self._plan_again = saved.global_batch_size, None, True
+        self._apply(trainer, self._plan(trainer, self._probe_size), f"the datamodule's batch_size={self._probe_size}")
+        if self._optimizers_built:  # restored after on_fit_start (FSDP): measure now; otherwise on_fit_start does
+            self._measure(trainer, pl_module)
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device_bytes = self.device_memory_bytes(trainer)
@@ -463,13 +453,9 @@ class DynamicBatchAdjustment(Callback):
         reserve = self.optimizer_states_per_parameter * _trainable_bytes(pl_module)
         budget = self.memory_fraction * device_bytes - reserve
         fits = line.largest_micro_batch(budget)
-        # every rank measured its own device: all take the smallest; the limit of memory alone is kept for a resume on
-        # other ranks (None: memory did not grow with the micro-batch on any rank)
-        unbounded = torch.iinfo(torch.int64).max
-        fits = torch.tensor(unbounded if fits is None else fits, device=trainer.strategy.root_device)
-        memory_limit = int(trainer.strategy.reduce(fits, reduce_op="min"))
-        memory_limit = None if memory_limit == unbounded else memory_limit
-        fits = cap if memory_limit is None else min(memory_limit, cap)
+        fits = cap if fits is None else min(fits, cap)
+        # every rank measured its own device: all take the smallest
+        fits = int(trainer.strategy.reduce(torch.tensor(fits, device=trainer.strategy.root_device), reduce_op="min"))
         measured = (
             f"measured peak {line.fixed_bytes / _GIB:.2f} GiB + {line.bytes_per_sample / _MIB:.1f} MiB per sample; "
             f"budget {self.memory_fraction:g} x {device_bytes / _GIB:.1f} GiB - {reserve / _GIB:.2f} GiB of optimizer "
@@ -480,7 +466,7 @@ class DynamicBatchAdjustment(Callback):
                 f"{name}: one sample does not fit ({measured}); raise memory_fraction, shard the model "
                 "or checkpoint its activations"
             )
-        self.memory_line, self.memory_limit = line, memory_limit
+        self.memory_line = line
         self._apply(trainer, self._plan(trainer, fits), f"{measured}; micro-batch limit {fits}")
 
 
