@@ -117,6 +117,57 @@ def test_compensation_follows_gradient_accumulation_and_loss_scaling(scale):
     torch.testing.assert_close(ffn.gate.proj.weight.grad / scale, whole)
 
 
+def test_compensation_terms_of_several_calls_add_up_until_the_weights_change():
+    torch.manual_seed(0)
+    ffn = DSAFeedForward(16, 64, num_blocks=8, gate_threshold=0.25, compensation=0.3)
+    a, b = torch.randn(2, 5, 16), torch.randn(3, 5, 16)
+    terms = []
+    for x in (a, b):
+        ffn(x)
+        terms.append(compensation_loss(ffn))
+    ffn(a), ffn(b)  # a layer shared by two inputs in one step: both terms count
+    torch.testing.assert_close(compensation_loss(ffn), terms[0] + terms[1])
+    ffn(a)
+    with torch.no_grad():
+        ffn.gate.proj.weight.add_(0.0)  # an optimizer step: the uncollected term is stale
+    ffn(b)
+    torch.testing.assert_close(compensation_loss(ffn), terms[1])
+    ffn.eval()
+    ffn(a)  # eval with gradients on: the dense path, no term
+    assert compensation_loss(ffn) is None
+
+
+def test_activation_checkpointing_records_the_term_once():
+    """Non-reentrant checkpointing recomputes the forward in backward; the term is recorded by the first run only
+    (the recompute's would linger, holding its graph, or count twice)."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    ffn = DSAFeedForward(16, 64, num_blocks=8, gate_threshold=0.25, compensation=0.3)
+    x = torch.randn(2, 5, 16, requires_grad=True)
+    ffn(x)
+    plain = compensation_loss(ffn)
+    out = checkpoint(ffn, x, use_reentrant=False)
+    term = compensation_loss(ffn)
+    torch.testing.assert_close(term, plain)
+    (out.sum() + term).backward()
+    assert ffn.compensation_term is None, "the recompute in backward left no term"
+
+
+def test_compensation_is_recorded_in_a_compiled_region_without_a_graph_break():
+    torch.manual_seed(0)
+    block = TransformerBlock(32, 4, ffn=lambda d, h: DSAFeedForward(d, 128, num_blocks=4, gate_threshold=0.5))
+    x = torch.randn(2, 5, 32)
+    block(x)
+    eager = compensation_loss(block)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    term = compensation_loss(block)
+    torch.testing.assert_close(term, eager)
+    (out.sum() + term).backward()
+    assert block.ffn.gate.proj.weight.grad is not None
+
+
 def test_task_adds_the_compensation_to_its_training_loss():
     from types import SimpleNamespace
 

@@ -33,7 +33,10 @@ How it computes, for a token ``x`` (``[D]``) and ``N = num_blocks`` blocks of ``
 
   The term is the gradient of an auxiliary loss, ``(lambda / n) * sum(log alpha - alpha)``, that each training
   forward leaves in ``compensation_term`` and that :func:`compensation_loss` collects for the training loss
-  (:class:`lit_models.ZooTask` adds it; a loop of one's own adds ``compensation_loss(model)`` to its loss). Being
+  (:class:`lit_models.ZooTask` adds it; a loop of one's own adds ``compensation_loss(model)`` to its loss). The
+  terms of several calls before an optimizer step add up (in a compiled region, the last call's); one left
+  uncollected when the weights change is dropped; the forward that non-reentrant activation checkpointing recomputes
+  in backward records none (reentrant checkpointing, which runs the forward without gradients, loses the term). Being
   part of the loss, it is scaled with it: divided by Lightning's gradient accumulation, multiplied by fp16's loss
   scale. (A term added to the gradient in backward, as before, grew with the accumulation, which
   ``DynamicBatchAdjustment`` sets per machine, and vanished under a loss scale.)
@@ -118,12 +121,18 @@ class DynamicGate(nn.Module):
         nn.init.zeros_(self.proj.bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        # in fp32 under autocast: the selection compares gate values, and bf16's (spacing 2^-8 near 1) would tie
-        # often, where the fused inference kernel (fp32 logits, ties to the lower block) and topk break ties apart
-        weight = getattr(self.proj, "weight", None)  # a converted integer projection has none, and takes fp32
-        dtype = weight.dtype if isinstance(weight, Tensor) and weight.is_floating_point() else torch.float32
+        return torch.sigmoid(self.logits(x))
+
+    def logits(self, x: Tensor) -> Tensor:
+        """``proj(x)`` in fp32 (float64 for a float64 input), whatever autocast or the weights' dtype (FSDP's bf16
+        gathers): the selection compares gate values, and bf16's (spacing 2^-8 near 1) tie often, where the fused
+        inference kernel (fp32 logits, ties to the lower block) and ``topk`` break ties apart."""
+        dtype = torch.promote_types(x.dtype, torch.float32)
         with torch.autocast(x.device.type, enabled=False):
-            return torch.sigmoid(self.proj(x.to(dtype)))
+            if type(self.proj) is nn.Linear:
+                bias = None if self.proj.bias is None else self.proj.bias.to(dtype)
+                return F.linear(x.to(dtype), self.proj.weight.to(dtype), bias)
+            return self.proj(x.to(dtype))  # a fake-quantized or converted projection, which takes float input
 
 
 class DSAFeedForward(FFN):
@@ -178,9 +187,10 @@ class DSAFeedForward(FFN):
         self.fc2 = nn.Linear(hidden_dim, dim)
         self._gate_threshold = check_gate_threshold(gate_threshold, name="DSAFeedForward: gate_threshold")
         self._density_sums: Tensor | None = None
-        #: the compensation's auxiliary loss of the last training forward (module doc), until
-        #: :func:`compensation_loss` takes it
+        #: the compensation's auxiliary loss of the training forwards since the last optimizer step (module doc),
+        #: until :func:`compensation_loss` takes it
         self.compensation_term: Tensor | None = None
+        self._term_version = -1  # the gate parameters' version counters when the term was recorded
 
     # -- the fraction of blocks run ----------------------------------------------------------------------------
     @property
@@ -222,6 +232,34 @@ class DSAFeedForward(FFN):
             self._accumulate_density(alpha.detach(), idx)
         return self._forward_dense(x, alpha, idx)
 
+    def _record_compensation(self, term: Tensor) -> None:
+        if torch.compiler.is_compiling():
+            # in a compiled region the last call's term: neither the version counters nor the autograd engine's
+            # state below trace (and a compiled forward is not re-run in Python by activation checkpointing)
+            self.compensation_term = term
+            return
+        # several calls before the optimizer steps (a layer shared by two inputs) add up; a term no loss took before
+        # the weights changed is dropped, not kept with its graph
+        version = sum(p._version for p in self.gate.parameters())
+        if self.compensation_term is not None and self._term_version == version:
+            term = self.compensation_term + term
+        # not kept from the forward that non-reentrant activation checkpointing recomputes in backward (computed all
+        # the same: the recompute must save what the first run saved); the first run's is in the loss
+        if torch._C._current_graph_task_id() == -1:
+            self.compensation_term, self._term_version = term, version
+
+    def _records_compensation(self, alpha: Tensor) -> bool:
+        """Whether this forward computes a compensation term: in training, with gradients reaching a trainable gate.
+        Reentrant activation checkpointing runs the forward without gradients and computes none: use the
+        non-reentrant kind with DSA."""
+        return (
+            bool(self.compensation)
+            and self.training
+            and torch.is_grad_enabled()
+            and alpha.requires_grad
+            and any(p.requires_grad for p in self.gate.parameters())
+        )
+
     def _use_sparse(self) -> bool:
         return (
             self.inference_path != "dense"
@@ -233,12 +271,12 @@ class DSAFeedForward(FFN):
         )
 
     def _forward_dense(self, x: Tensor, alpha: Tensor, idx: Tensor) -> Tensor:
-        if self.compensation and torch.is_grad_enabled() and alpha.requires_grad:
+        if self._records_compensation(alpha):
             # on the gate logits z of the detached input: log(alpha) = logsigmoid(z), finite where alpha underflows
-            z = self.gate.proj(x.detach())
-            z = z.float() if z.dtype in (torch.float16, torch.bfloat16) else z
+            z = self.gate.logits(x.detach())
             tokens = max(1, alpha.numel() // self.num_blocks)
-            self.compensation_term = (self.compensation / tokens) * (F.logsigmoid(z) - torch.sigmoid(z)).sum()
+            term = (self.compensation / tokens) * (F.logsigmoid(z) - torch.sigmoid(z)).sum()
+            self._record_compensation(term)
         mask = torch.zeros_like(alpha).scatter_(-1, idx, 1.0)
         weight = alpha * mask  # alpha on the selected blocks, 0 elsewhere
         h = self.act(self.fc1(x))
