@@ -488,5 +488,10 @@ def test_attention_regroups_the_qkv_of_checkpoints_from_before_it_was_grouped_by
 
 
 def test_a_job_on_part_of_a_node_is_not_refused():
-    # 4 GPUs of an 8-GPU node: devices_per_node is the node's, the job's devices all share it
+    # 4 GPUs of an 8-GPU node: devices_per_node is the node's, the job's devices all share it (it was refused: "a
+    # multiple of devices_per_node"); tensor parallelism stays within the job's 4
     assert select_parallelism(10, 4, devices_per_node=8).kind == "ddp"
+    plan = select_parallelism(
+        1_000_000_000, 4, device_memory=16 * GIB, largest_layer=1_000_000_000, devices_per_node=8, head_count=8
+    )
+    assert (plan.kind, plan.data_parallel_size, plan.tensor_parallel_size) == ("fsdp_tp", 2, 2)
