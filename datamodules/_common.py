@@ -136,16 +136,17 @@ class RankShardedSampler(DistributedSampler):
         replicas = int(state.get("num_replicas", 1))
         position = int(state.get("position", 0))
         if replicas != self.num_replicas and position:
-            # the order of an epoch is the same on any number of ranks, its shards are not; Lightning's count of the
-            # batches done, from which the next checkpoint's position comes, is in the old ranks' batches
+            # The order of an epoch is the same on any number of ranks, its shards are not. Lightning resumes with the
+            # batches it counted done, from which the next checkpoint's position comes: each rank skips as many
+            # examples of its new share, which keeps the two consistent, though not exact.
             if position < math.ceil(self.total_samples / replicas):
                 rank_zero_warn(
                     f"{name}: the checkpoint was saved mid-epoch on {replicas} data-parallel ranks and is resumed on "
-                    f"{self.num_replicas}: epoch {state['epoch']} starts again (an exact resume needs the same number)"
+                    f"{self.num_replicas}: each rank goes on after the first {position} examples of its share of "
+                    f"epoch {state['epoch']}, so {position * self.num_replicas} of the epoch's order count as done "
+                    f"where {position * replicas} were trained (an exact resume needs the same number of ranks)"
                 )
-                position = 0
-            else:
-                position = self.num_samples  # the saved epoch was finished
+            position = min(position, self.num_samples)
         if not 0 <= position <= self.num_samples:
             raise ConfigError(f"{name}: position={position} outside [0, {self.num_samples}]")
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
@@ -366,6 +367,14 @@ def consumed_examples(trainer: Any, sampler: Any, batch_size: int) -> int:
     return min(processed * batch_size, sampler.num_samples)
 
 
+def drop_built_train_loader(trainer: Any) -> None:
+    """Make Lightning build the training loader again, as its ``BatchSizeFinder`` does: strategies that restore a
+    checkpoint after setup (``ModelParallelStrategy``) restore the datamodule once the schedule has built the loader
+    (``estimated_stepping_batches``), whose iterator, with workers, has already drawn the epoch's first indices."""
+    if trainer is not None and getattr(trainer, "fit_loop", None) is not None:
+        trainer.fit_loop._combined_loader = None
+
+
 class SplitLoaders(L.LightningDataModule):
     """The loaders of a datamodule whose ``setup`` builds ``train_dataset``, ``val_dataset`` and ``test_dataset`` and
     which sets ``batch_size``, ``num_workers``, ``pin_memory`` and ``seed``: the training loader shuffles with
@@ -407,9 +416,8 @@ class SplitLoaders(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict) -> None:
         if "sampler" in state_dict:
             self._pending_sampler_state = dict(state_dict["sampler"])  # for the next training loader built
-            sampler = getattr(self, "_train_sampler", None)
-            if sampler is not None:  # strategies that restore after setup (ModelParallelStrategy) built it already
-                sampler.load_state_dict(self._pending_sampler_state)
+            if getattr(self, "_train_sampler", None) is not None:
+                drop_built_train_loader(getattr(self, "trainer", None))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

@@ -247,10 +247,12 @@ def test_ddp_run_cut_mid_epoch_resumes_exactly(tmp_path, data_dir, deterministic
         assert torch.equal(second["state_dict"][key], value), key
 
 
-def test_model_parallel_strategy_resumes_mid_epoch_at_the_next_batch(tmp_path):
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_model_parallel_strategy_resumes_mid_epoch_at_the_next_batch(tmp_path, num_workers):
     """``ModelParallelStrategy`` restores the datamodule after ``strategy.setup``, by which time the task's schedule
-    has built the training loader (``estimated_stepping_batches``): the state goes to that loader's sampler too.
-    (It went to the next loader built, which was none: the run replayed its epoch's first batches.)"""
+    has built the training loader (``estimated_stepping_batches``) and, with workers, its iterator has drawn the
+    epoch's first indices: the datamodule makes Lightning build the loader again. (The state went to the next loader
+    built, which was none: the run replayed its epoch's first batches.)"""
     import lightning as L
     from lightning.pytorch.strategies import ModelParallelStrategy
     from torch import nn
@@ -267,7 +269,7 @@ def test_model_parallel_strategy_resumes_mid_epoch_at_the_next_batch(tmp_path):
     class Data(SplitLoaders):
         def __init__(self):
             super().__init__()
-            self.batch_size, self.num_workers, self.pin_memory, self.seed = 4, 0, False, 0
+            self.batch_size, self.num_workers, self.pin_memory, self.seed = 4, num_workers, False, 0
 
         def setup(self, stage):
             self.train_dataset = self.val_dataset = self.test_dataset = Numbers()

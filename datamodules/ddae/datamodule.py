@@ -28,6 +28,7 @@ from datamodules._common import (
     consumed_examples,
     data_parallel_shard,
     default_data_dir,
+    drop_built_train_loader,
     frequency_groups,
 )
 from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, check_strength
@@ -322,8 +323,8 @@ class LongTailTextDataModule(L.LightningDataModule):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if "sampler" in state_dict:
             self._pending_sampler_state = dict(state_dict["sampler"])  # for the next training loader built
-            if self._sampler is not None:  # strategies that restore after setup (ModelParallelStrategy) built it
-                self._sampler.load_state_dict(self._pending_sampler_state)
+            if self._sampler is not None:
+                drop_built_train_loader(getattr(self, "trainer", None))
 
 
 __all__ = [
