@@ -129,7 +129,12 @@ def test_compensation_terms_of_several_calls_add_up_until_the_weights_change():
     torch.testing.assert_close(compensation_loss(ffn), terms[0] + terms[1])
     ffn(a)
     with torch.no_grad():
-        ffn.gate.proj.weight.add_(0.0)  # an optimizer step: the uncollected term is stale
+        ffn.gate.proj.weight.add_(0.0)  # the weights changed: the uncollected term is stale
+    ffn(b)
+    torch.testing.assert_close(compensation_loss(ffn), terms[1])
+    ffn(a)
+    optimizer = torch.optim.AdamW(ffn.parameters(), fused=True)  # leaves the version counters as they were
+    optimizer.step()
     ffn(b)
     torch.testing.assert_close(compensation_loss(ffn), terms[1])
     ffn.eval()
@@ -476,3 +481,16 @@ def test_a_quantized_gate_keeps_the_dense_path_which_calls_it():
         assert ffn._use_sparse()
         ffn.gate.proj = proj
         assert not ffn._use_sparse()
+
+
+def test_a_quantization_aware_gate_with_bf16_weights_runs():
+    """FSDP's bf16 gathers give a QAT gate bf16 weights: the gate calls it on input of that dtype (fp32 input failed
+    in F.linear), and returns fp32 gate values."""
+    from zoo.quant import quantize_
+
+    torch.manual_seed(0)
+    model = quantize_(nn.ModuleDict({"ffn": DSAFeedForward(16, 64, num_blocks=4, gate_threshold=0.5)}), weight_bit=8)
+    model = model.to(torch.bfloat16)
+    x = torch.randn(2, 5, 16, dtype=torch.bfloat16)
+    assert model["ffn"].gate(x).dtype == torch.float32
+    assert model["ffn"](x).shape == x.shape

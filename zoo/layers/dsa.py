@@ -34,12 +34,13 @@ How it computes, for a token ``x`` (``[D]``) and ``N = num_blocks`` blocks of ``
   The term is the gradient of an auxiliary loss, ``(lambda / n) * sum(log alpha - alpha)``, that each training
   forward leaves in ``compensation_term`` and that :func:`compensation_loss` collects for the training loss
   (:class:`lit_models.ZooTask` adds it; a loop of one's own adds ``compensation_loss(model)`` to its loss). The
-  terms of several calls before an optimizer step add up (in a compiled region, the last call's); one left
-  uncollected when the weights change is dropped; the forward that non-reentrant activation checkpointing recomputes
-  in backward records none (reentrant checkpointing, which runs the forward without gradients, loses the term). Being
-  part of the loss, it is scaled with it: divided by Lightning's gradient accumulation, multiplied by fp16's loss
-  scale. (A term added to the gradient in backward, as before, grew with the accumulation, which
-  ``DynamicBatchAdjustment`` sets per machine, and vanished under a loss scale.)
+  terms of several calls before an optimizer step add up (in compiled code, the last call's: a block compiled
+  alone and called twice in a step keeps the second term); one left uncollected past an optimizer step is
+  dropped; the forward that non-reentrant activation checkpointing recomputes in backward records none (reentrant
+  checkpointing, which runs the forward without gradients, loses the term). Being part of the loss, it is scaled with
+  it: divided by Lightning's gradient accumulation, multiplied by fp16's loss scale. (A term added to the gradient in
+  backward, as before, grew with the accumulation, which ``DynamicBatchAdjustment`` sets per machine, and vanished
+  under a loss scale.)
 
   The term trains the **gate's own weights only**: it is computed on a second evaluation of the gate on the
   detached input, so the token representations ``x`` receive ``dL/dx`` alone. Passed on to ``x``, the term pulls
@@ -72,12 +73,25 @@ from typing import Any, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from zoo.contracts import FFN
 from zoo.errors import ConfigError
 from zoo.kernels.block_ffn import block_sparse_ffn, triton_available, triton_supports
 
 InferencePath = Literal["auto", "triton", "torch", "dense"]
+
+#: optimizer steps taken in this process by any ``torch.optim`` optimizer: an uncollected compensation term recorded
+#: before the latest one is stale (the gate parameters' version counters alone miss FSDP2's gathered copies and fused
+#: optimizers, which leave them unchanged)
+_optimizer_steps = [0]
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 __all__ = [
     "DSAFeedForward",
@@ -128,11 +142,17 @@ class DynamicGate(nn.Module):
         gathers): the selection compares gate values, and bf16's (spacing 2^-8 near 1) tie often, where the fused
         inference kernel (fp32 logits, ties to the lower block) and ``topk`` break ties apart."""
         dtype = torch.promote_types(x.dtype, torch.float32)
+        proj = self.proj
         with torch.autocast(x.device.type, enabled=False):
-            if type(self.proj) is nn.Linear:
-                bias = None if self.proj.bias is None else self.proj.bias.to(dtype)
-                return F.linear(x.to(dtype), self.proj.weight.to(dtype), bias)
-            return self.proj(x.to(dtype))  # a fake-quantized or converted projection, which takes float input
+            if type(proj) is nn.Linear and not (proj._forward_hooks or proj._forward_pre_hooks):
+                bias = None if proj.bias is None else proj.bias.to(dtype)
+                return F.linear(x.to(dtype), proj.weight.to(dtype), bias)
+            # a fake-quantized or converted projection, or one with hooks: called as it is, on input of its
+            # weights' dtype (bf16 under FSDP's bf16 gathers), fp32 where it has none (a converted integer layer)
+            weight = getattr(proj, "weight", None)
+            if isinstance(weight, Tensor) and weight.is_floating_point():
+                dtype = weight.dtype
+            return proj(x.to(dtype)).to(torch.promote_types(dtype, torch.float32))
 
 
 class DSAFeedForward(FFN):
@@ -190,7 +210,7 @@ class DSAFeedForward(FFN):
         #: the compensation's auxiliary loss of the training forwards since the last optimizer step (module doc),
         #: until :func:`compensation_loss` takes it
         self.compensation_term: Tensor | None = None
-        self._term_version = -1  # the gate parameters' version counters when the term was recorded
+        self._term_version: tuple[int, int] = (-1, -1)  # optimizer steps and the gate's versions at its recording
 
     # -- the fraction of blocks run ----------------------------------------------------------------------------
     @property
@@ -234,13 +254,14 @@ class DSAFeedForward(FFN):
 
     def _record_compensation(self, term: Tensor) -> None:
         if torch.compiler.is_compiling():
-            # in a compiled region the last call's term: neither the version counters nor the autograd engine's
-            # state below trace (and a compiled forward is not re-run in Python by activation checkpointing)
+            # a compiled call leaves its own term, replacing an earlier call's (a block compiled alone and called
+            # twice keeps the second): the step counters and the autograd engine's state below do not trace, and
+            # adding to an older term there would keep every uncollected one with its graph
             self.compensation_term = term
             return
         # several calls before the optimizer steps (a layer shared by two inputs) add up; a term no loss took before
         # the weights changed is dropped, not kept with its graph
-        version = sum(p._version for p in self.gate.parameters())
+        version = (_optimizer_steps[0], sum(p._version for p in self.gate.parameters()))
         if self.compensation_term is not None and self._term_version == version:
             term = self.compensation_term + term
         # not kept from the forward that non-reentrant activation checkpointing recomputes in backward (computed all
