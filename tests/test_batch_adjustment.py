@@ -461,3 +461,40 @@ def test_ddp_takes_the_smallest_micro_batch_over_ranks_and_counts_both_ranks_in_
         assert report["steps"] == SAMPLES // 2 // 4 // 4
     for mine, theirs in zip(reports[0]["weights"], reports[1]["weights"], strict=True):
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)  # the probe did not break DDP's gradient sync
+
+
+def test_resume_on_other_ranks_under_fsdp_measures_once_and_keeps_this_runs_line(tmp_path):
+    """ModelParallelStrategy restores after on_fit_start, which has measured these ranks already: the resume plans
+    from that measurement (the probe ran twice), keeps its memory line (not the checkpoint's), and the instance's
+    own global batch comes back for its next fit."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    class Sharded(Net):
+        def configure_model(self):
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(self.net, mesh=self.device_mesh["data_parallel"])
+
+    def strategy():
+        return ModelParallelStrategy(data_parallel_size=1, tensor_parallel_size=1, save_distributed_checkpoint=False)
+
+    torch.manual_seed(0)
+    first = _trainer(tmp_path, ScriptedMemory(32, memory_fraction=0.5, optimizer_states_per_parameter=0),
+                     max_epochs=1, strategy=strategy())  # fmt: skip
+    first.fit(Sharded(), datamodule=Data(batch_size=16))
+    path = tmp_path / "eight_ranks.ckpt"
+    first.save_checkpoint(path)
+    checkpoint = torch.load(path, weights_only=False)
+    state = checkpoint["callbacks"]["DynamicBatchAdjustment"]
+    state.update(world_size=8, micro_batch_size=4, accumulation=1, micro_batch_limit=4, memory_line=[1.0, 2.0])
+    torch.save(checkpoint, path)
+
+    resumed = ScriptedMemory(64, memory_fraction=0.5, optimizer_states_per_parameter=0)
+    trainer = _trainer(tmp_path, resumed, max_epochs=2, strategy=strategy())
+    with pytest.warns(UserWarning, match=r"planned for 8 data-parallel rank\(s\), this run has 1"):
+        trainer.fit(Sharded(), datamodule=Data(batch_size=16), ckpt_path=path)
+    assert resumed.probed == [8, 16]
+    assert (resumed.plan.global_batch_size, resumed.plan.micro_batch_size, resumed.plan.accumulation) == (32, 8, 4)
+    assert resumed.state_dict()["memory_line"] == [100.0, 50.0]
+    _trainer(tmp_path / "again", resumed, max_epochs=1).fit(Net(), datamodule=Data(batch_size=16))
+    assert resumed.plan.global_batch_size == 64

@@ -228,6 +228,7 @@ class DynamicBatchAdjustment(Callback):
                 f"{name}: optimizer_states_per_parameter={optimizer_states_per_parameter!r} must be a number >= 0"
             )
         self.global_batch_size = global_batch_size
+        self._configured_global_batch_size = global_batch_size  # a resumed fit may follow its checkpoint's instead
         self.max_micro_batch_size = max_micro_batch_size
         self.memory_fraction = float(memory_fraction)
         self.optimizer_states_per_parameter = float(optimizer_states_per_parameter)
@@ -241,6 +242,8 @@ class DynamicBatchAdjustment(Callback):
         self._optimizers_built = False  # strategy.setup has built the optimizers and maybe the loader
         self._deferred = False
         self._plan_again = False
+        self._measured_limit: int | None = None
+        self._measured_line: MemoryLine | None = None
 
     # -- the hooks, in the order Lightning 2.6 calls them in Trainer._run ---------------------------------------------
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
@@ -253,6 +256,8 @@ class DynamicBatchAdjustment(Callback):
         datamodule = self._check_run(trainer, pl_module)
         self._optimizers_built, self._deferred, self.restored_plan, self.memory_line = False, False, None, None
         self._plan_again = False  # the checkpoint's plan was made for another number of ranks: measure again
+        self._measured_limit = None  # this fit's measured micro-batch limit
+        self.global_batch_size = self._configured_global_batch_size
         self._probe_size = datamodule.batch_size
         self._apply(
             trainer, self._plan(trainer, datamodule.batch_size), f"the datamodule's batch_size={self._probe_size}"
@@ -316,6 +321,8 @@ class DynamicBatchAdjustment(Callback):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Keeps a saved plan as :attr:`restored_plan`; a fit resumed from the checkpoint applies it."""
+        if self._plan_again:  # Lightning's call after on_load_checkpoint, whose resume planned this fit afresh
+            return
         try:
             self.restored_plan = BatchPlan(
                 **{field: int(state_dict[field]) for field in BatchPlan.__dataclass_fields__}
@@ -420,9 +427,14 @@ class DynamicBatchAdjustment(Callback):
             f"{name}: the checkpoint was planned for {saved.world_size} data-parallel rank(s), this run has {world}: "
             f"planning again for the checkpoint's global batch of {saved.global_batch_size} (was {saved.describe()})"
         )
-        self.global_batch_size, self.memory_line, self._plan_again = saved.global_batch_size, None, True
+        self.global_batch_size, self._plan_again = saved.global_batch_size, True
+        if self._measured_limit is not None:  # restored after on_fit_start (FSDP), which measured these ranks
+            self.memory_line = self._measured_line  # not the checkpoint's, which load_state_dict has just read
+            self._apply(trainer, self._plan(trainer, self._measured_limit), self._origin)
+            return
+        self.memory_line = None
         self._apply(trainer, self._plan(trainer, self._probe_size), f"the datamodule's batch_size={self._probe_size}")
-        if self._optimizers_built:  # restored after on_fit_start (FSDP): measure now; otherwise on_fit_start does
+        if self._optimizers_built:  # restored after on_fit_start without a measurement: measure now
             self._measure(trainer, pl_module)
 
     def _measure(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -466,7 +478,7 @@ class DynamicBatchAdjustment(Callback):
                 f"{name}: one sample does not fit ({measured}); raise memory_fraction, shard the model "
                 "or checkpoint its activations"
             )
-        self.memory_line = line
+        self.memory_line, self._measured_line, self._measured_limit = line, line, fits
         self._apply(trainer, self._plan(trainer, fits), f"{measured}; micro-batch limit {fits}")
 
 
