@@ -18,7 +18,7 @@ import lightning as L
 import numpy as np
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -136,17 +136,16 @@ class RankShardedSampler(DistributedSampler):
         replicas = int(state.get("num_replicas", 1))
         position = int(state.get("position", 0))
         if replicas != self.num_replicas and position:
-            # The order of an epoch is the same on any number of ranks, its shards are not. Lightning resumes with the
-            # batches it counted done, from which the next checkpoint's position comes: each rank skips as many
-            # examples of its new share, which keeps the two consistent, though not exact.
+            # The order of an epoch is the same on any number of ranks, its shards are not; and Lightning resumes with
+            # the batches it counted done, of the old ranks' share and (DynamicBatchAdjustment plans again) size:
+            # no position of the new shares agrees with both, and a guess would skip or repeat examples silently.
             if position < math.ceil(self.total_samples / replicas):
-                rank_zero_warn(
+                raise ConfigError(
                     f"{name}: the checkpoint was saved mid-epoch on {replicas} data-parallel ranks and is resumed on "
-                    f"{self.num_replicas}: each rank goes on after the first {position} examples of its share of "
-                    f"epoch {state['epoch']}, so {position * self.num_replicas} of the epoch's order count as done "
-                    f"where {position * replicas} were trained (an exact resume needs the same number of ranks)"
+                    f"{self.num_replicas}; resume it on {replicas}, or resume from a checkpoint written at the end "
+                    "of an epoch"
                 )
-            position = min(position, self.num_samples)
+            position = self.num_samples  # the saved epoch was finished
         if not 0 <= position <= self.num_samples:
             raise ConfigError(f"{name}: position={position} outside [0, {self.num_samples}]")
         self.seed, self.epoch = int(state["seed"]), int(state["epoch"])
@@ -367,6 +366,12 @@ def consumed_examples(trainer: Any, sampler: Any, batch_size: int) -> int:
     return min(processed * batch_size, sampler.num_samples)
 
 
+def fitting(trainer: Any) -> bool:
+    """Whether a datamodule's state is restored for ``fit`` (or without a trainer): ``validate``, ``test`` and
+    ``predict`` with a ``ckpt_path`` restore it too, and a training position kept from them would cut a later fit."""
+    return getattr(getattr(trainer, "state", None), "fn", TrainerFn.FITTING) == TrainerFn.FITTING
+
+
 def drop_built_train_loader(trainer: Any) -> None:
     """Make Lightning build the training loader again, as its ``BatchSizeFinder`` does: strategies that restore a
     checkpoint after setup (``ModelParallelStrategy``) restore the datamodule once the schedule has built the loader
@@ -414,7 +419,7 @@ class SplitLoaders(L.LightningDataModule):
         return {"sampler": sampler.state_dict(consumed=consumed_examples(trainer, sampler, self.batch_size))}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if "sampler" in state_dict:
+        if "sampler" in state_dict and fitting(getattr(self, "trainer", None)):
             self._pending_sampler_state = dict(state_dict["sampler"])  # for the next training loader built
             if getattr(self, "_train_sampler", None) is not None:
                 drop_built_train_loader(getattr(self, "trainer", None))

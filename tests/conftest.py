@@ -10,6 +10,21 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _one_test_one_process_group():
+    """A test that runs a Lightning strategy in this process (ModelParallelStrategy on one CPU process) leaves the
+    default process group and the MASTER_* variables Lightning set: later tests could not initialise theirs, and
+    their child processes inherited a port this process still listens on. Both are undone after every test."""
+    environ = dict(os.environ)
+    yield
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    os.environ.clear()
+    os.environ.update(environ)
+
+
 @pytest.fixture()
 def elsewhere(tmp_path, monkeypatch):
     """Run from an unrelated directory, with the data cache under it."""

@@ -111,13 +111,10 @@ def test_bad_arguments_raise_config_errors():
         ClassAwareSampler(labels, num_replicas=2, rank=2)
     with pytest.raises(ConfigError, match="seed"):
         ClassAwareSampler(labels, seed=-1)
-    # a state saved mid-epoch on two ranks cannot resume exactly on one: the rank skips as many of its new share as
-    # Lightning counts done, with a warning
+    # a state saved mid-epoch on two ranks cannot resume exactly on one
     state = ClassAwareSampler(labels, num_replicas=2, rank=0).state_dict(consumed=1)
-    one = ClassAwareSampler(labels, num_replicas=1, rank=0)
-    with pytest.warns(UserWarning, match="saved mid-epoch on 2 data-parallel ranks and is resumed on 1: each rank"):
-        one.load_state_dict(state)
-    assert len(list(one)) == len(one) - 1
+    with pytest.raises(ConfigError, match="saved mid-epoch on 2 data-parallel ranks and is resumed on 1; resume it"):
+        ClassAwareSampler(labels, num_replicas=1, rank=0).load_state_dict(state)
 
 
 @pytest.mark.parametrize("class_weights", ["inverse", "none"])  # the class-aware draw, the plain shuffle
@@ -230,3 +227,25 @@ def test_training_sampler_shards_by_the_strategys_data_parallel_ranks(tmp_path, 
         dm.trainer = SimpleNamespace(distributed_sampler_kwargs=kwargs)
         sampler = dm.train_dataloader().sampler
         assert (sampler.num_replicas, sampler.rank, len(sampler)) == (*expected, -(-10 // expected[0]))
+
+
+def test_a_state_restored_for_validation_does_not_cut_a_later_fit(tmp_path):
+    """``trainer.validate(ckpt_path=...)`` restores the datamodule too; its training position must not reach the
+    next ``fit`` of the same datamodule."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.states import TrainerFn
+
+    from datamodules.text_folder import TextFolderDataModule
+
+    train = tmp_path / "train.csv"
+    train.write_text("text,label\n" + "\n".join(f"text number {i},{'ab'[i % 2]}" for i in range(12)) + "\n")
+    dm = TextFolderDataModule(train_file=str(train), batch_size=4)
+    dm.setup("fit")
+    state = {"sampler": {"seed": 0, "epoch": 0, "position": 8, "num_replicas": 1}}
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.VALIDATING), distributed_sampler_kwargs=None)
+    dm.load_state_dict(state)
+    dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=TrainerFn.FITTING), distributed_sampler_kwargs=None)
+    assert len(list(dm.train_dataloader().sampler)) == 12
+    dm.load_state_dict(state)
+    assert len(list(dm.train_dataloader().sampler)) == 4

@@ -29,6 +29,7 @@ from datamodules._common import (
     data_parallel_shard,
     default_data_dir,
     drop_built_train_loader,
+    fitting,
     frequency_groups,
 )
 from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, check_strength
@@ -321,7 +322,7 @@ class LongTailTextDataModule(L.LightningDataModule):
         return {"sampler": self._sampler.state_dict(consumed_examples(trainer, self._sampler, self.batch_size))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "sampler" in state_dict:
+        if "sampler" in state_dict and fitting(getattr(self, "trainer", None)):
             self._pending_sampler_state = dict(state_dict["sampler"])  # for the next training loader built
             if self._sampler is not None:
                 drop_built_train_loader(getattr(self, "trainer", None))

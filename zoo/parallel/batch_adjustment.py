@@ -40,6 +40,7 @@ from torchmetrics import Metric
 from zoo.errors import ConfigError
 
 _GIB, _MIB = 2**30, 2**20
+_UNBOUNDED = 2**62  # a micro-batch limit memory does not set
 
 
 def plan_accumulation(*, global_batch_size: int, micro_batch_size: int, world_size: int) -> tuple[int, int]:
@@ -228,7 +229,7 @@ class DynamicBatchAdjustment(Callback):
                 f"{name}: optimizer_states_per_parameter={optimizer_states_per_parameter!r} must be a number >= 0"
             )
         self.global_batch_size = global_batch_size
-        self._configured_global_batch_size = global_batch_size  # a resumed fit may follow its checkpoint's instead
+        self._replaced_global_batch_size: int | None = None  # set while a resumed fit follows its checkpoint's
         self.max_micro_batch_size = max_micro_batch_size
         self.memory_fraction = float(memory_fraction)
         self.optimizer_states_per_parameter = float(optimizer_states_per_parameter)
@@ -257,7 +258,8 @@ class DynamicBatchAdjustment(Callback):
         self._optimizers_built, self._deferred, self.restored_plan, self.memory_line = False, False, None, None
         self._plan_again = False  # the checkpoint's plan was made for another number of ranks: measure again
         self._measured_limit = None  # this fit's measured micro-batch limit
-        self.global_batch_size = self._configured_global_batch_size
+        if getattr(self, "_replaced_global_batch_size", None) is not None:  # a resumed fit followed its checkpoint's
+            self.global_batch_size, self._replaced_global_batch_size = self._replaced_global_batch_size, None
         self._probe_size = datamodule.batch_size
         self._apply(
             trainer, self._plan(trainer, datamodule.batch_size), f"the datamodule's batch_size={self._probe_size}"
@@ -427,6 +429,8 @@ class DynamicBatchAdjustment(Callback):
             f"{name}: the checkpoint was planned for {saved.world_size} data-parallel rank(s), this run has {world}: "
             f"planning again for the checkpoint's global batch of {saved.global_batch_size} (was {saved.describe()})"
         )
+        if saved.global_batch_size != self.global_batch_size:
+            self._replaced_global_batch_size = self.global_batch_size
         self.global_batch_size, self._plan_again = saved.global_batch_size, True
         if self._measured_limit is not None:  # restored after on_fit_start (FSDP), which measured these ranks
             self.memory_line = self._measured_line  # not the checkpoint's, which load_state_dict has just read
@@ -464,10 +468,14 @@ class DynamicBatchAdjustment(Callback):
         line = MemoryLine.through(sizes, peaks)
         reserve = self.optimizer_states_per_parameter * _trainable_bytes(pl_module)
         budget = self.memory_fraction * device_bytes - reserve
-        fits = line.largest_micro_batch(budget)
-        fits = cap if fits is None else min(fits, cap)
-        # every rank measured its own device: all take the smallest
-        fits = int(trainer.strategy.reduce(torch.tensor(fits, device=trainer.strategy.root_device), reduce_op="min"))
+        memory = line.largest_micro_batch(budget)
+        # every rank measured its own device: all take the smallest (a memory that did not grow: the cap)
+        memory = trainer.strategy.reduce(
+            torch.tensor(_UNBOUNDED if memory is None else memory, device=trainer.strategy.root_device),
+            reduce_op="min",
+        )
+        memory = int(memory)
+        fits = min(memory, cap)
         measured = (
             f"measured peak {line.fixed_bytes / _GIB:.2f} GiB + {line.bytes_per_sample / _MIB:.1f} MiB per sample; "
             f"budget {self.memory_fraction:g} x {device_bytes / _GIB:.1f} GiB - {reserve / _GIB:.2f} GiB of optimizer "
@@ -478,7 +486,8 @@ class DynamicBatchAdjustment(Callback):
                 f"{name}: one sample does not fit ({measured}); raise memory_fraction, shard the model "
                 "or checkpoint its activations"
             )
-        self.memory_line, self._measured_line, self._measured_limit = line, line, fits
+        # the limit of memory alone, for a resume that plans this fit again under another global batch's cap
+        self.memory_line, self._measured_line, self._measured_limit = line, line, memory
         self._apply(trainer, self._plan(trainer, fits), f"{measured}; micro-batch limit {fits}")
 
 
