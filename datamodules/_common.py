@@ -380,7 +380,42 @@ def drop_built_train_loader(trainer: Any) -> None:
         trainer.fit_loop._combined_loader = None
 
 
-class SplitLoaders(L.LightningDataModule):
+class ResumableTrainingOrder(L.LightningDataModule):
+    """A datamodule whose training order resumes mid-epoch: its ``train_dataloader`` hands each training sampler
+    (a :class:`RankShardedSampler`) to :meth:`_track_train_sampler`; the checkpoint holds that sampler's state, its
+    position the examples the trainer has consumed, and a resumed run goes on with the batches the interrupted one
+    had not trained on. Needs ``batch_size``."""
+
+    batch_size: int
+    _train_sampler: Any = None
+    _pending_sampler_state: dict | None = None  # restored, for the next training sampler
+
+    def _track_train_sampler(self, sampler: Any) -> Any:
+        """Keep ``sampler`` as the training order (the state of a restored checkpoint goes to it); returns it."""
+        self._train_sampler = sampler
+        if self._pending_sampler_state is not None:
+            sampler.load_state_dict(self._pending_sampler_state)
+            self._pending_sampler_state = None
+        return sampler
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"sampler": state}`` of the training order; ``{}`` before a training loader was built."""
+        sampler = self._train_sampler
+        if sampler is None or not hasattr(sampler, "state_dict"):
+            return {}
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return {"sampler": sampler.state_dict()}
+        return {"sampler": sampler.state_dict(consumed_examples(trainer, sampler, self.batch_size))}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if "sampler" in state_dict and fitting(getattr(self, "trainer", None)):
+            self._pending_sampler_state = dict(state_dict["sampler"])
+            if self._train_sampler is not None:
+                drop_built_train_loader(getattr(self, "trainer", None))
+
+
+class SplitLoaders(ResumableTrainingOrder):
     """The loaders of a datamodule whose ``setup`` builds ``train_dataset``, ``val_dataset`` and ``test_dataset`` and
     which sets ``batch_size``, ``num_workers``, ``pin_memory`` and ``seed``: the training loader shuffles with
     :class:`SeededShuffleSampler`, the others keep order; predict runs on the test split."""
@@ -402,27 +437,8 @@ class SplitLoaders(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         loader = self._loader(self.train_dataset, shuffle=True)
-        self._train_sampler = loader.sampler
-        pending = getattr(self, "_pending_sampler_state", None)
-        if pending is not None:
-            self._train_sampler.load_state_dict(pending)
-            self._pending_sampler_state = None
+        self._track_train_sampler(loader.sampler)
         return loader
-
-    def state_dict(self) -> dict:
-        """The training order's state, saved in checkpoints: a run resumed mid-epoch goes on with the batches the
-        interrupted one had not trained on."""
-        sampler = getattr(self, "_train_sampler", None)
-        trainer = getattr(self, "trainer", None)
-        if sampler is None or trainer is None:
-            return {}
-        return {"sampler": sampler.state_dict(consumed=consumed_examples(trainer, sampler, self.batch_size))}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        if "sampler" in state_dict and fitting(getattr(self, "trainer", None)):
-            self._pending_sampler_state = dict(state_dict["sampler"])  # for the next training loader built
-            if getattr(self, "_train_sampler", None) is not None:
-                drop_built_train_loader(getattr(self, "trainer", None))
 
     def val_dataloader(self) -> DataLoader:
         return self._loader(self.val_dataset, shuffle=False)

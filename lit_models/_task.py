@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from zoo.contracts import IGNORE_INDEX, Encoder
 from zoo.errors import ConfigError, ZooUserError
-from zoo.layers.dsa import compensation_loss
+from zoo.layers.dsa import compensation_loss, dsa_layers
 from zoo.optim import ScheduleFactory, WarmupCosine
 
 
@@ -59,6 +59,7 @@ class ZooTask(LightningModule):
         self.initial_checkpoint = initial_checkpoint
         self._parallelized = False
         self._foreach_given: dict[int, dict[int, Any]] = {}  # optimizer -> group -> foreach, where turned off
+        self._dsa_layers: list[nn.Module] | None = None  # found when training starts, not walked every step
 
     def setup(self, stage: str) -> None:
         self.check_sample_rate()
@@ -125,6 +126,7 @@ class ZooTask(LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_train_start(self) -> None:
+        self._dsa_layers = list(dsa_layers(self).values())
         # here, after a checkpoint's optimizer state (which carries the groups' options) is restored: groups that mix
         # plain tensors and DTensors (tensor parallelism without FSDP) cannot run torch's foreach kernels
         if self._parallelized:
@@ -175,7 +177,7 @@ class ZooTask(LightningModule):
         shown = self.trainer.progress_bar_callback is not None
         self.log_dict({"train/loss": loss, "train/acc": acc}, prog_bar=shown, batch_size=len(labels))
         # DSA's gradient compensation, part of the loss so that accumulation and loss scaling apply to it too
-        compensation = compensation_loss(self)
+        compensation = compensation_loss(self if self._dsa_layers is None else self._dsa_layers)
         return loss if compensation is None else loss + compensation
 
     def check_finite(self, loss: Tensor) -> None:

@@ -196,6 +196,10 @@ def test_task_adds_the_compensation_to_its_training_loss():
     expected = plain + compensation_loss(task)
     torch.testing.assert_close(total, expected)
     assert not torch.equal(total, plain)
+    task.on_train_start()  # the layers found once; the steps collect from them
+    assert task._dsa_layers == [task.ffn]
+    torch.testing.assert_close(task.training_step(batch, 0), total)
+    assert task.ffn.compensation_term is None
 
 
 @pytest.mark.parametrize("fraction", [1.0, 0.5, 0.4, 0.25])

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
@@ -22,14 +21,12 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from datamodules._common import (
     GROUP_NAMES,
+    ResumableTrainingOrder,
     SeededShuffleSampler,
     check_loader_args,
     collate,
-    consumed_examples,
     data_parallel_shard,
     default_data_dir,
-    drop_built_train_loader,
-    fitting,
     frequency_groups,
 )
 from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, check_strength
@@ -67,7 +64,7 @@ class TextClassificationDataset(Dataset):
         return {"text": self.texts[index], "label": self.labels[index], "group": self.groups[index]}
 
 
-class LongTailTextDataModule(L.LightningDataModule):
+class LongTailTextDataModule(ResumableTrainingOrder):
     """Text classification batches ``{"text": list[str], "label": long [B], "group": long [B]}``, rebalanced by DDAE.
 
     Args:
@@ -178,8 +175,6 @@ class LongTailTextDataModule(L.LightningDataModule):
         self.train_dataset: TextClassificationDataset | None = None
         self._train_quality: np.ndarray | None = None
         self._original_train: tuple[list[str], list[int]] = ([], [])
-        self._sampler: Sampler | None = None
-        self._pending_sampler_state: dict | None = None
 
     # -- what a subclass provides ---------------------------------------------------------------------------------
     def load_splits(self) -> TextSplits:  # pragma: no cover - abstract
@@ -280,9 +275,6 @@ class LongTailTextDataModule(L.LightningDataModule):
                 originals=len(self._original_train[0]),  # the dataset holds the originals first, then the copies
                 **shard,
             )
-        if self._pending_sampler_state is not None:
-            sampler.load_state_dict(self._pending_sampler_state)
-            self._pending_sampler_state = None
         return sampler
 
     def _loader(self, dataset: Dataset, sampler: Sampler | None = None) -> DataLoader:
@@ -297,8 +289,7 @@ class LongTailTextDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        self._sampler = self.train_sampler()
-        return self._loader(self.train_dataset, self._sampler)
+        return self._loader(self.train_dataset, self._track_train_sampler(self.train_sampler()))
 
     def val_dataloader(self) -> DataLoader | list:
         return self._loader(self.val_dataset) if self.val_dataset is not None else []
@@ -310,23 +301,6 @@ class LongTailTextDataModule(L.LightningDataModule):
         if self.predict_dataset is not None:
             return self._loader(self.predict_dataset)
         return self.test_dataloader()
-
-    # -- resume ---------------------------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The training sampler's state; its position is the number of examples the trainer has consumed."""
-        if self._sampler is None or not hasattr(self._sampler, "state_dict"):
-            return {}
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return {"sampler": self._sampler.state_dict()}
-        return {"sampler": self._sampler.state_dict(consumed_examples(trainer, self._sampler, self.batch_size))}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "sampler" in state_dict and fitting(getattr(self, "trainer", None)):
-            self._pending_sampler_state = dict(state_dict["sampler"])  # for the next training loader built
-            if self._sampler is not None:
-                drop_built_train_loader(getattr(self, "trainer", None))
-
 
 __all__ = [
     "GROUP_NAMES",

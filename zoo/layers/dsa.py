@@ -67,6 +67,7 @@ resumes with the value it had.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from numbers import Real
 from typing import Any, Literal
 
@@ -415,12 +416,13 @@ def set_gate_threshold(module: nn.Module, value: float) -> int:
     return len(layers)
 
 
-def compensation_loss(module: nn.Module) -> Tensor | None:
-    """The gradient compensation of every DSA FFN inside ``module``, to add to the training loss: the sum of the
-    ``compensation_term`` each left in its last training forward, which this clears. ``None`` when there is none (no
-    DSA layer, ``compensation=0``, or no training forward since the last call)."""
+def compensation_loss(module: nn.Module | Iterable[DSAFeedForward]) -> Tensor | None:
+    """The gradient compensation of every DSA FFN inside ``module`` (or of the layers given, found once where a step
+    should not walk the model), to add to the training loss: the sum of the ``compensation_term`` each left in its
+    last training forward, which this clears. ``None`` when there is none (no DSA layer, ``compensation=0``, or no
+    training forward since the last call)."""
     terms = []
-    for layer in dsa_layers(module).values():
+    for layer in dsa_layers(module).values() if isinstance(module, nn.Module) else module:
         if layer.compensation_term is not None:
             terms.append(layer.compensation_term)
             layer.compensation_term = None
