@@ -3,7 +3,10 @@ monitoring callback and exact resumption. Random inputs with fixed seeds through
 
 from __future__ import annotations
 
+import copy
 import functools
+import io
+import pickle
 import subprocess
 import sys
 import textwrap
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -157,6 +161,53 @@ def test_activation_checkpointing_records_the_term_once():
     torch.testing.assert_close(term, plain)
     (out.sum() + term).backward()
     assert ffn.compensation_term is None, "the recompute in backward left no term"
+
+
+def _torch_save_and_load(module: nn.Module) -> nn.Module:
+    buffer = io.BytesIO()
+    torch.save(module, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+@pytest.mark.parametrize(
+    "make_copy",
+    [
+        copy.deepcopy,
+        lambda m: pickle.loads(pickle.dumps(m)),
+        _torch_save_and_load,
+        lambda m: AveragedModel(m).module,  # an EMA of the weights, which deep-copies the model
+    ],
+    ids=["deepcopy", "pickle", "torch.save", "ema"],
+)
+def test_a_copy_taken_with_a_compensation_term_pending_starts_without_it(make_copy):
+    """Copying a model between its training forward and its loss (an EMA callback, QAT preparation,
+    ``torch.save(model)``) works, leaves the original its term for the loss, and gives the copy none: deepcopy of
+    the term (not a leaf: in the autograd graph) raised, and pickling carried its value, cut from the graph, into the
+    copy. The state dict is the same either way."""
+    torch.manual_seed(0)
+    block = TransformerBlock(16, 2, ffn=lambda d, h: DSAFeedForward(d, 64, num_blocks=8, gate_threshold=0.25))
+    x = torch.randn(2, 5, 16)
+    out = block(x)
+    pending = block.ffn.compensation_term
+    assert pending is not None and pending.grad_fn is not None
+
+    clone = make_copy(block)
+
+    assert clone.ffn.compensation_term is None, "the copy does not carry the original's term"
+    assert block.ffn.compensation_term is pending, "the original keeps its term for the loss"
+    reference, copied = block.state_dict(), clone.state_dict()
+    assert reference.keys() == copied.keys()
+    for key, value in reference.items():
+        if isinstance(value, torch.Tensor):
+            torch.testing.assert_close(copied[key], value, rtol=0, atol=0)
+        else:
+            assert copied[key] == value, key
+    clone(x)  # the copy's own training forward gives the same term as the original's first, nothing added to it
+    torch.testing.assert_close(compensation_loss(clone), pending, rtol=0, atol=0)
+    (out.sum() + compensation_loss(block)).backward()
+    assert block.ffn.gate.proj.weight.grad is not None
+    assert block.ffn.compensation_term is None
 
 
 def test_compensation_is_recorded_in_a_compiled_region_without_a_graph_break():

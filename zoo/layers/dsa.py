@@ -36,8 +36,9 @@ How it computes, for a token ``x`` (``[D]``) and ``N = num_blocks`` blocks of ``
   (:class:`lit_models.ZooTask` adds it; a loop of one's own adds ``compensation_loss(model)`` to its loss). The
   terms of several calls before an optimizer step add up (in compiled code, the last call's: a block compiled
   alone and called twice in a step keeps the second term); one left uncollected past an optimizer step is
-  dropped; the forward that non-reentrant activation checkpointing recomputes in backward records none (reentrant
-  checkpointing, which runs the forward without gradients, loses the term). Being part of the loss, it is scaled with
+  dropped; a copy of the layer (``copy.deepcopy``, pickling, ``torch.save(model)``) starts without one; the forward
+  that non-reentrant activation checkpointing recomputes in backward records none (reentrant checkpointing, which
+  runs the forward without gradients, loses the term). Being part of the loss, it is scaled with
   it: divided by Lightning's gradient accumulation, multiplied by fp16's loss scale. (A term added to the gradient in
   backward, as before, grew with the accumulation, which ``DynamicBatchAdjustment`` sets per machine, and vanished
   under a loss scale.)
@@ -232,6 +233,12 @@ class DSAFeedForward(FFN):
 
     def set_extra_state(self, state: dict[str, float]) -> None:
         self.set_gate_threshold(state["gate_threshold"])
+
+    def __getstate__(self) -> dict[str, Any]:
+        # a pending compensation term belongs to this layer's current step, not to a copy: ``copy.deepcopy`` (EMA,
+        # QAT preparation) of the non-leaf tensor raises, and pickling (``torch.save(model)``) would carry its value,
+        # cut from its graph, into the copy's next loss. The copy starts without one; this layer keeps its own.
+        return {**super().__getstate__(), "compensation_term": None, "_term_version": (-1, -1)}
 
     def extra_repr(self) -> str:
         return (
