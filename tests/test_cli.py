@@ -93,6 +93,48 @@ def test_unknown_yaml_key_names_the_key(elsewhere, cli_error):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("modle: {}\n", "'modle'"),
+        ("trainer:\n  callbackz: {}\n", "'trainer.callbackz'"),
+        ("modle: {a: {}}\n", "'modle'"),
+    ],
+)
+def test_unknown_yaml_key_holding_an_empty_mapping_names_the_key_and_the_file(elsewhere, text, named, cli_error):
+    """jsonargparse merges a config value by value, so a key whose mapping holds no value vanished unrefused."""
+    (elsewhere / "bad.yaml").write_text(text)
+    err = cli_error(["fit", "--config", "vqa.yaml", "--config", "bad.yaml", "--trainer.fast_dev_run=true", *SMALL])
+    assert err.startswith(f"zoo: error: Option {named} in bad.yaml is not accepted\n"), err
+    assert len(err.splitlines()) == 2 and "python -m zoo fit --help" in err
+
+
+def test_unknown_class_argument_holding_an_empty_mapping_names_the_key(elsewhere, cli_error):
+    (elsewhere / "bad.yaml").write_text("model:\n  init_args:\n    fusion:\n      init_args:\n        depthz: {}\n")
+    err = cli_error(["fit", "--config", "vqa.yaml", "--config", "bad.yaml", "--trainer.fast_dev_run=true", *SMALL])
+    assert "Option 'depthz' is not accepted" in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize(
+    ("flags", "shown"),
+    [
+        (["--model.init_args.optimizer.init_args.lr=nan"], "--model.init_args.optimizer.init_args.lr=nan"),
+        (["--trainer.gradient_clip_val", "NaN"], "--trainer.gradient_clip_val=NaN"),
+        (["--trainer.gradient_clip_val=.nan"], "--trainer.gradient_clip_val=.nan"),  # YAML's NaN: a float takes it
+        (["--data.init_args.num_images=nan"], "--data.init_args.num_images=nan"),
+    ],
+)
+def test_a_nan_for_a_number_is_one_line_naming_the_option(elsewhere, flags, shown, cli_error):
+    err = cli_error(["fit", "--config", "vqa.yaml", "--trainer.fast_dev_run=true", *SMALL, *flags])
+    assert err == f"zoo: error: {shown}: must be a number, not NaN\n"
+
+
+def test_nan_stays_a_word_for_a_text_option(elsewhere, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "vqa.yaml", "--trainer.default_root_dir=nan", "--print_config"])
+    assert exit_info.value.code in (0, None) and "default_root_dir: nan" in capsys.readouterr().out
+
+
 def test_a_value_of_the_wrong_type_names_the_key_without_the_usage_screen(elsewhere, cli_error):
     err = cli_error(["fit", "--config", "vqa.yaml", "--data.init_args.num_images=many"])
     assert err.startswith("zoo: error: ") and 'Parser key "num_images"' in err and "Got value: many" in err

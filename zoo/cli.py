@@ -10,17 +10,74 @@
 from __future__ import annotations
 
 import argparse
+import math
 import re
 import sys
 from importlib import resources
 from pathlib import Path
 
+from jsonargparse import ActionSubCommands, Namespace, get_loader
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from zoo.errors import ConfigError, DataError, ZooUserError
+
+
+class ZooArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser that refuses an unknown key whose value is a mapping without a value in it.
+
+    jsonargparse merges a config into the parsed one value by value (``Namespace.update`` copies the leaves), so such
+    a key (``modle: {}``, ``trainer: {callbackz: {}}``) vanished before its check of the keys could refuse it, as it
+    refuses the same key with any other value."""
+
+    def parse_string(self, content: str, path: str = "", *args, **kwargs) -> Namespace:
+        try:
+            tree = get_loader(self.parser_mode)(content)
+        except Exception:  # what does not load is jsonargparse's to report
+            tree = None
+        key = _dropped_key(self, tree) if isinstance(tree, dict) else None
+        if key is not None:
+            self.error(f"Option '{key}' in {path or 'the --config string'} is not accepted")
+        return super().parse_string(content, path, *args, **kwargs)
+
+    def parse_object(self, obj, *args, **kwargs) -> Namespace:
+        # the arguments of a class given by class_path and init_args (its parser is of this class too)
+        key = _dropped_key(self, obj.as_dict() if isinstance(obj, Namespace) else obj)
+        if key is not None:
+            self.error(f"Option '{key}' is not accepted")
+        return super().parse_object(obj, *args, **kwargs)
+
+
+def _dropped_key(parser: argparse.ArgumentParser, tree: dict, branch: str = "") -> str | None:
+    """The first key of ``tree`` (a loaded config, under the group ``branch``) that ``parser`` has no option for and
+    whose value is a mapping without a value in it, or ``None``."""
+    actions = parser._actions
+    for key, value in tree.items():
+        if not isinstance(value, dict):
+            continue  # jsonargparse checks any other value
+        name = f"{branch}{key}".removesuffix("+")
+        subcommands = (a.choices for a in actions if isinstance(a, ActionSubCommands))
+        subcommand = next((choices[name] for choices in subcommands if name in choices), None)
+        if subcommand is not None:
+            found = _dropped_key(subcommand, value)
+            found = found and f"{name}.{found}"
+        # a group (trainer), not a class-typed option (model), under which there is only its --model.help;
+        # a group given by class_path is resolved whole
+        elif any(a.dest.startswith(f"{name}.") and a.dest != f"{name}.help" for a in actions):
+            found = None if "class_path" in value else _dropped_key(parser, value, f"{name}.")
+        elif any(a.dest == name or f"--{name}" in a.option_strings for a in actions):
+            found = None  # a typed value: its type checks it, a class's arguments in parse_object
+        else:
+            found = name if _holds_no_value(value) else None  # else jsonargparse refuses it
+        if found is not None:
+            return found
+    return None
+
+
+def _holds_no_value(value) -> bool:
+    return isinstance(value, dict) and all(_holds_no_value(v) for v in value.values())
 
 
 class ZooCLI(LightningCLI):
@@ -35,6 +92,7 @@ class ZooCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_class", ZooArgumentParser)
         # a value the parser rejects raises argparse.ArgumentError (which ``main`` prints) instead of exiting after
         # the usage of every option, a screenful above the one line that says what was wrong
         kwargs.setdefault(
@@ -127,7 +185,20 @@ class ZooCLI(LightningCLI):
             self.trainer.callbacks.append(PredictionWriter())
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
+        argv = sys.argv[1:] if args is None else args
+        given_nan = _nan_options(argv)
+        try:
+            super().parse_arguments(parser, args)
+        except argparse.ArgumentError:
+            refused = _refused_nan(parser, argv) if given_nan else None
+            if refused is None:
+                raise
+            raise ConfigError(f"--{refused[0]}={refused[1]}: must be a number, not NaN") from None
+        # YAML's ".nan" is a float, which a number takes
+        for _, key, value in given_nan:
+            number = _number_at(self.config, key)
+            if number is not None and math.isnan(number):
+                raise ConfigError(f"--{key}={value}: must be a number, not NaN")
         # LightningCLI reads a given checkpoint's hyper-parameters next, before any hook of ours: look at the file first
         subcommand = self.config.get("subcommand")
         path = self.config[subcommand].get("ckpt_path") if subcommand else None
@@ -201,6 +272,43 @@ class ZooCLI(LightningCLI):
         checkpoint = self.trainer.checkpoint_callback
         best = getattr(checkpoint, "best_model_path", "") if checkpoint is not None else ""
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
+
+
+def _nan_options(argv) -> list[tuple[int, str, str]]:
+    """Each option of ``argv`` (``--key=value`` or ``--key value``) whose value spells NaN: the index in ``argv`` of
+    the argument that holds the value, the key and the value."""
+    found = []
+    for i, arg in enumerate(argv if isinstance(argv, (list, tuple)) else []):
+        key, inline, value = str(arg).removeprefix("--").partition("=")
+        at = i if inline or i + 1 == len(argv) else i + 1
+        value = value if at == i else str(argv[at])
+        if str(arg).startswith("--") and value.strip().lower().lstrip("+-") in ("nan", ".nan"):
+            found.append((at, key, value))
+    return found
+
+
+def _refused_nan(parser: LightningArgumentParser, argv: list[str]) -> tuple[str, str] | None:
+    """The key and value of the first NaN of ``argv`` that ``parser`` refused for a number, or ``None``.
+
+    YAML reads ``nan`` as a word, which jsonargparse refuses for a number in a dump over many lines: when the command
+    line parses with 1 in its place, the NaN is what it refused."""
+    given_nan = _nan_options(argv)
+    with_one = list(argv)
+    for i, _, value in given_nan:
+        with_one[i] = with_one[i].removesuffix(value) + "1"
+    try:  # without --print_config, which would print this config and exit
+        config = parser.parse_args([arg for arg in with_one if not str(arg).startswith("--print_config")])
+    except argparse.ArgumentError:
+        return None
+    return next(((key, value) for _, key, value in given_nan if _number_at(config, key) is not None), None)
+
+
+def _number_at(config: Namespace, key: str) -> float | None:
+    """The number at ``key`` of the subcommand's (or else the whole) parsed ``config``, or ``None``."""
+    subcommand = config.get("subcommand")
+    value = config.get(f"{subcommand}.{key}") if subcommand else None
+    value = config.get(key) if value is None else value
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
 #: the value of ``trainer.strategy`` that lets :func:`zoo.parallel.plan.select_parallelism` choose the strategy
