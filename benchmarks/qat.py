@@ -336,14 +336,16 @@ def _without_onednn_packing(model: nn.Module) -> nn.Module:
     return model
 
 
-def _exact_attention(model: nn.Module) -> nn.Module:
-    """A copy of a converted model whose integer attention, where torchao's kernel does not run, runs the trained
-    arithmetic (``QuantizedScaledDotProduct.exact``: probabilities rounded to codes, the ``[B, H, T, T]`` logits
-    written out) rather than float SDPA on the dequantized codes (the default since 2026-11-29)."""
+def _attention_with(model: nn.Module, **choice: bool) -> nn.Module:
+    """A copy of a converted model whose integer attention layers take the runtime ``choice`` where torchao's kernel
+    does not run: ``exact=True``, the trained arithmetic (probabilities rounded to codes, the ``[B, H, T, T]`` logits
+    written out, eager or compiled); ``float_sdpa=True``, float SDPA on the dequantized codes compiled on a CPU too
+    (the compiled path until ``zoo.quant.attention.codes_product``, 2026-11-30). See ``QuantizedScaledDotProduct``."""
     model = copy.deepcopy(model)
     for layer in model.modules():
         if isinstance(layer, QuantizedScaledDotProduct):
-            layer.exact = True
+            for name, value in choice.items():
+                setattr(layer, name, value)
     return model
 
 
@@ -409,7 +411,7 @@ def latency_mode(args) -> None:
         # trained arithmetic
         "int8_per_tensor_attention": (int_models["int8_per_tensor_attention"], float_dtype),
         "int8_per_tensor_attention, exact arithmetic": (
-            _exact_attention(int_models["int8_per_tensor_attention"]),
+            _attention_with(int_models["int8_per_tensor_attention"], exact=True),
             float_dtype,
         ),
     }
@@ -431,7 +433,11 @@ def latency_mode(args) -> None:
             "int8_per_tensor_compiled": (compiled_per_tensor, float_dtype),
             "int8_per_tensor_attention_compiled": (_compiled(int_models["int8_per_tensor_attention"]), float_dtype),
             "int8_per_tensor_attention_compiled, exact arithmetic": (
-                _compiled(_exact_attention(int_models["int8_per_tensor_attention"])),
+                _compiled(_attention_with(int_models["int8_per_tensor_attention"], exact=True)),
+                float_dtype,
+            ),
+            "int8_per_tensor_attention_compiled, float SDPA on the codes": (
+                _compiled(_attention_with(int_models["int8_per_tensor_attention"], float_sdpa=True)),
                 float_dtype,
             ),
         }
@@ -522,6 +528,7 @@ SWEEP_VARIANTS = (
     "int8_per_tensor_compiled",
     "int8_per_tensor_attention_compiled",
     "int8_per_tensor_attention_compiled, exact arithmetic",
+    "int8_per_tensor_attention_compiled, float SDPA on the codes",
     "int8_per_tensor_attention_compiled, blocks one by one",
     "bf16 autocast, float model compiled (reference)",
 )
@@ -747,7 +754,7 @@ def run_one(
         if any(isinstance(m, QuantizedScaledDotProduct) for m in converted.modules()):
             # where torchao's kernel does not run (here: eager), attention runs float SDPA on the dequantized codes;
             # the trained arithmetic (probabilities rounded to codes) beside it
-            entry["test_converted_exact_attention"] = _test(trainer, _exact_attention(converted), data)
+            entry["test_converted_exact_attention"] = _test(trainer, _attention_with(converted, exact=True), data)
         entry["latency"] = _time_inference(float_model, converted, data, reps)
         result["integer"][variant] = entry
     result["device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"

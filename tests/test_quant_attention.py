@@ -189,11 +189,40 @@ def test_converted_product_without_the_kernel_runs_float_sdpa_on_the_codes(mask_
     assert error < exact_error, (error, exact_error)
 
 
-def test_compiled_product_without_the_kernel_matches_eager():
+@pytest.mark.parametrize("pv_dtype", [torch.float32, torch.bfloat16])
+def test_compiled_product_on_a_cpu_without_the_kernel_runs_the_trained_arithmetic_on_the_codes(pv_dtype):
     q, k, v = _qkv()
     mask = _masks()["bool"]
     converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
     converted._has_kernel = False  # as on a CPU without AMX, or without torchao
+    converted._pv_dtype = pv_dtype  # bfloat16 where the CPU has AVX512-BF16
+    exact = copy.deepcopy(converted)
+    exact.exact = True
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(converted), dynamic=False, fullgraph=True)
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = compiled(q, k, v, mask)
+    ops = {event.key for event in prof.key_averages()}
+    assert any("bmm" in op for op in ops) and not any("scaled_dot_product" in op for op in ops), ops
+    with torch.no_grad():
+        expected, sdpa = exact(q, k, v, mask), converted(q, k, v, mask)  # eager: float SDPA on the codes
+    out_scale = converted.scale[-1]
+    steps = ((got - expected) / out_scale).round().abs()
+    sdpa_steps = ((sdpa - expected) / out_scale).round().abs()
+    if pv_dtype == torch.float32:  # every product of codes is exact: the trained arithmetic's codes
+        assert steps.max() == 0, (steps > 0).float().mean()
+    else:  # p v's sums rounded once to bfloat16: a code off by one here and there
+        assert steps.max() <= 1 and (steps > 0).float().mean() < 0.06, (steps.max(), (steps > 0).float().mean())
+    # float SDPA, which drops the probabilities' rounding, is further from the trained arithmetic
+    assert (sdpa_steps > 0).float().mean() > 2 * (steps > 0).float().mean()
+
+
+def test_compiled_product_with_float_sdpa_matches_eager():
+    q, k, v = _qkv()
+    mask = _masks()["bool"]
+    converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
+    converted._has_kernel = False
+    converted.float_sdpa = True
     torch._dynamo.reset()
     compiled = torch.compile(copy.deepcopy(converted), dynamic=False, fullgraph=True)
     with torch.no_grad():

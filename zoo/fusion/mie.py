@@ -7,7 +7,7 @@ import math
 from typing import Literal
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from zoo.contracts import FFNFactory, Fused, Fusion, Tokens
 from zoo.errors import ConfigError, check_dropout, check_sizes
@@ -15,6 +15,34 @@ from zoo.layers.ffn import FeedForward
 from zoo.layers.transformer import TransformerBlock
 
 FusionSchedule = Literal["linear", "learned", "open"]
+
+
+@torch.library.custom_op("zoo::mie_attention_masks", mutates_args=())
+def attention_masks(mask: Tensor, group: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """MIE's additive attention masks from the token mask ``[B, T]`` (``True`` = token) and each position's modality
+    index ``[T]``: the early layers' ``[B, 1, T, T]`` (padding keys and other modalities blocked), the late layers'
+    ``[B, 1, T, T]`` (padding keys blocked) and the cross-modal indicator ``[T, T]``, in ``dtype``. A padding token
+    always sees itself, so that no row is all ``-inf``.
+
+    An operator of its own, so that ``torch.compile`` writes the masks out once: inlined into each block's softmax,
+    inductor recomputed them per logit, which made the integer attention's fused softmax (zoo.quant.attention) 1.5-3x
+    slower on the CPU (README, "QAT").
+    """
+    B, T = mask.shape
+    eye = torch.eye(T, dtype=torch.bool, device=mask.device)
+    key_blocked = ~mask[:, None, None, :] & ~eye  # [B, 1, T, T]: padding keys, except a token itself
+    cross = (group[:, None] != group[None, :]).to(dtype)  # [T, T]
+    isolated = torch.zeros(B, 1, T, T, dtype=dtype, device=mask.device)
+    isolated = isolated.masked_fill(key_blocked | cross.bool(), float("-inf"))
+    padding_only = torch.zeros_like(isolated).masked_fill(key_blocked, float("-inf"))
+    return isolated, padding_only, cross
+
+
+@attention_masks.register_fake
+def _(mask: Tensor, group: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    B, T = mask.shape
+    square = mask.new_empty((B, 1, T, T), dtype=dtype)
+    return square, torch.empty_like(square), mask.new_empty((T, T), dtype=dtype)
 
 
 class MIE(Fusion):
@@ -122,14 +150,7 @@ class MIE(Fusion):
             masks.append(tokens.mask)
             groups.append(torch.full((tokens.embeddings.shape[1],), g, dtype=torch.long, device=device))
         x, mask, group = torch.cat(xs, 1), torch.cat(masks, 1), torch.cat(groups)
-        T = x.shape[1]
-
-        eye = torch.eye(T, dtype=torch.bool, device=device)
-        key_blocked = ~mask[:, None, None, :] & ~eye  # [B, 1, T, T]: padding keys, except a token itself
-        cross = (group[:, None] != group[None, :]).to(x.dtype)  # [T, T]
-        isolated = torch.zeros(B, 1, T, T, dtype=x.dtype, device=device)
-        isolated = isolated.masked_fill(key_blocked | cross.bool(), float("-inf"))
-        padding_only = torch.zeros_like(isolated).masked_fill(key_blocked, float("-inf"))
+        isolated, padding_only, cross = attention_masks(mask, group, x.dtype)
         for i, block in enumerate(self.blocks):
             k = i - self.first_fused_layer
             if k < 0:

@@ -10,14 +10,16 @@ The projections around it (``qkv``, ``proj``) are quantized linears; this module
 * :class:`QuantizedScaledDotProduct` (what :func:`zoo.quant.convert_` makes of it) keeps those scales. On an x86 CPU
   with AMX, under ``torch.compile``, at 8 bits, it runs torchao's int8 attention: inductor generates the kernel from
   torchao's C++ template (``torchao.prototype.inductor``; uint8 ``q k^T`` and ``p v`` on AMX tiles, the softmax in
-  float32 between them, the probabilities and the output written as codes). Everywhere else (eager mode, a GPU, a CPU
-  without AMX, no torchao, a single head) there is no integer attention kernel to run, so at 8 bits it runs float
-  SDPA on the dequantized query, key and value codes and quantizes its output: the trained arithmetic but for the
-  probabilities' rounding, at the float kernel's speed plus the passes that quantize q, k, v and the output (on the
-  2-core AMD EPYC the compiled VQA forward ran 3-6% slower than without integer attention). ``exact=True``, or
-  another bit width, runs :func:`quantized_product` instead, the arithmetic QAT trained with, which writes the
-  ``[B, H, T, T]`` logits and probabilities out and ran at about half the speed of float SDPA on a CPU without AMX
-  (README, "QAT").
+  float32 between them, the probabilities and the output written as codes). Compiled on any other CPU (no AMX, no
+  torchao, a single head, another bit width) it runs the same product on the codes with float GEMMs
+  (:func:`codes_product`): ``q k^T`` of the integer codes in float32 (exact), the softmax in float32, the
+  probabilities rounded to their codes, and ``p v`` of the codes in bfloat16 where the CPU multiplies bfloat16 in
+  hardware (AVX512-BF16: codes of 8 bits or fewer are exact in bfloat16, the float32 sums are rounded once to
+  bfloat16), else float32. Elsewhere (eager mode, a GPU) at 8 bits it runs float SDPA on the dequantized query, key
+  and value codes and quantizes its output: the trained arithmetic but for the probabilities' rounding, at the float
+  kernel's speed plus the passes that quantize q, k, v and the output. ``exact=True``, or another bit width, runs
+  :func:`quantized_product` instead, the arithmetic QAT trained with, which writes the ``[B, H, T, T]`` logits and
+  probabilities out and ran at about half the speed of float SDPA on a CPU without AMX (README, "QAT").
 
 Why torchao here, when the linears use core PyTorch's kernels: core PyTorch 2.11 has no int8 attention, and torchao
 0.18's x86 template needs no compiled extension of its own (its PyPI wheel ships CUDA extensions only; inductor
@@ -47,7 +49,13 @@ from zoo.quant.fake_quant import (
 )
 from zoo.quant.kernels import UINT8_OFFSET
 
-__all__ = ["QATScaledDotProduct", "QuantizedScaledDotProduct", "integer_attention_kernel", "quantized_product"]
+__all__ = [
+    "QATScaledDotProduct",
+    "QuantizedScaledDotProduct",
+    "codes_product",
+    "integer_attention_kernel",
+    "quantized_product",
+]
 
 #: the tensors with a static scale, in the order of :class:`QuantizedScaledDotProduct`'s buffers
 TENSORS = ("q", "k", "v", "out")
@@ -88,6 +96,33 @@ def quantized_product(
     if dropout_p:
         probs = F.dropout(probs, dropout_p)
     return quantize["out"](probs.to(v.dtype) @ v)
+
+
+def codes_product(
+    codes: tuple[Tensor, Tensor, Tensor],
+    scales: tuple[Tensor, Tensor, Tensor],
+    attn_mask: Tensor | None,
+    prob_bits: int,
+    pv_dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Attention on integer codes (float tensors of whole numbers, zero points already subtracted) ``[B, H, T, Dh]``
+    three times, with the query, key and value ``scales`` -> float32 ``[B, H, T, Dh]``, not yet quantized.
+
+    :func:`quantized_product`'s arithmetic on the codes themselves: ``q k^T`` of the codes in float32 (exact while the
+    sums stay below 2^24), scaled once; the softmax in float32; the probabilities rounded to ``prob_bits`` unsigned
+    codes; ``p v`` of the codes in ``pv_dtype``. bfloat16 holds every code of 8 bits or fewer exactly and its GEMM sums
+    in float32, so bfloat16 rounds only the sums, once (a relative error of at most 2^-9).
+    """
+    (q, k, v), (sq, sk, sv) = codes, scales
+    logits = (q @ k.transpose(-2, -1)) * (sq * sk * q.shape[-1] ** -0.5)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            logits = logits.masked_fill(~attn_mask, float("-inf"))
+        else:
+            logits = logits + attn_mask.float()
+    levels = 2**prob_bits - 1
+    probs = torch.round(logits.softmax(-1) * levels)
+    return (probs.to(pv_dtype) @ v.to(pv_dtype)).float() * (sv / levels)
 
 
 class QATScaledDotProduct(ScaledDotProduct):
@@ -164,12 +199,16 @@ class QuantizedScaledDotProduct(nn.Module):
     in the order of :data:`TENSORS`.
 
     ``exact``: where the integer kernel does not run, run the fake-quantized model's arithmetic (its output to the
-    last bit) rather than float SDPA on the dequantized codes (the default at 8 bits: the probabilities are not
-    rounded to their codes, an error of at most 1/510 each, and no ``[B, H, T, T]`` tensor is written out). A runtime
-    choice, not saved with the state dict; set it on a loaded model with ``layer.exact = True``.
+    last bit) rather than :func:`codes_product` (compiled on a CPU; ``p v`` rounded once in bfloat16 where the CPU
+    has it) or float SDPA on the dequantized codes (eager, or a GPU, at 8 bits: the probabilities are not rounded to
+    their codes, an error of at most 1/510 each, and no ``[B, H, T, T]`` tensor is written out). A runtime choice,
+    not saved with the state dict; set it on a loaded model with ``layer.exact = True``. ``float_sdpa``, another
+    runtime choice: float SDPA on the dequantized codes under ``torch.compile`` on a CPU too (the path before
+    :func:`codes_product`; for comparison).
     """
 
     zoo_converted = True
+    float_sdpa = False
 
     def __init__(
         self,
@@ -205,13 +244,19 @@ class QuantizedScaledDotProduct(nn.Module):
     def _refresh(self) -> None:
         # Python numbers for the integer kernel, which takes scalars
         self._qparams = [(float(s), int(z)) for s, z in zip(self.scale.tolist(), self.zero_point.tolist(), strict=True)]
-        self._has_kernel = integer_attention_kernel() is not None  # looked up here: compiled code reads the flag
+        self._has_kernel = integer_attention_kernel() is not None  # looked up here: compiled code reads the flags
+        # without it the product's bfloat16 GEMM is emulated, slower than float32's
+        self._pv_dtype = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
     def forward(
         self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0
     ) -> Tensor:
         if self._runs_kernel(q, dropout_p):
             return self._integer(q, k, v, attn_mask)
+        if self._runs_codes(q, dropout_p):
+            # inductor fuses the quantization, the mask, the softmax and the rounding into the GEMMs' neighbours:
+            # faster than float SDPA on a CPU, whose flash kernel is slow at short sequences (README, "QAT")
+            return self._codes(q, k, v, attn_mask)
         if self.exact or self.bits != 8:  # below 8 bits the probabilities' rounding is too coarse to drop
             quantize = {name: functools.partial(self._fake_quantize, i) for i, name in enumerate(TENSORS)}
             return quantized_product(q, k, v, attn_mask, quantize, self.bits, dropout_p)
@@ -237,6 +282,14 @@ class QuantizedScaledDotProduct(nn.Module):
             and self._has_kernel
         )
 
+    def _runs_codes(self, q: Tensor, dropout_p: float) -> bool:
+        return (
+            not (self.exact or self.float_sdpa)
+            and dropout_p == 0.0
+            and q.device.type == "cpu"
+            and torch.compiler.is_compiling()  # eager, its [B, H, T, T] passes are slower than SDPA
+        )
+
     def _integer(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
         qmin, qmax = quant_range(self.bits, self.symmetric)
         # a signed code c is the unsigned c + UINT8_OFFSET (128), so the kernel's zero points are z + UINT8_OFFSET
@@ -245,6 +298,15 @@ class QuantizedScaledDotProduct(nn.Module):
             for i, x in enumerate((q, k, v))
         ]
         return self.integer_product(*codes, attn_mask)
+
+    def _codes(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        qmin, qmax = quant_range(self.bits, self.symmetric)
+        codes = tuple(
+            quantize_codes(x.float(), self.scale[i], self.zero_point[i], qmin, qmax) - self.zero_point[i]
+            for i, x in enumerate((q, k, v))
+        )
+        out = codes_product(codes, tuple(self.scale[:3]), attn_mask, self.bits, self._pv_dtype)
+        return self._fake_quantize(TENSORS.index("out"), out).to(q.dtype)
 
     def integer_product(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
         """The product of uint8 codes ``[B, H, T, Dh]`` (``c + 128`` for each signed code ``c`` at this module's
