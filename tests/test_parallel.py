@@ -37,27 +37,29 @@ def test_a_model_whose_state_fits_each_device_is_replicated():
 
 
 def test_a_model_too_large_to_replicate_is_sharded():
-    # 7B x 16 = 104 GiB > 70.5 GiB budget; / 8 devices = 13 GiB plus two gathered 0.2B-parameter layers (1.6 GB)
+    # 7B x 16 = 104 GiB > 70.5 GiB budget; / 8 devices = 13 GiB plus what FSDP gathers: with a count, a root unit and
+    # three blocks of 0.2B parameters each, in fp32 (3.2 GB)
     plan = select_parallelism(7_000_000_000, 8, device_memory=141 * GIB, largest_layer=200_000_000)
     assert (plan.kind, plan.data_parallel_size, plan.tensor_parallel_size) == ("fsdp", 8, 1)
-    assert plan.state_bytes_per_device == pytest.approx(7e9 * 16 / 8 + 2 * 4 * 2e8)
+    assert plan.state_bytes_per_device == pytest.approx(7e9 * 16 / 8 + 4 * 4 * 2e8)
     strategy = plan.strategy()
     assert isinstance(strategy, ModelParallelStrategy)
     assert (strategy._data_parallel_size, strategy._tensor_parallel_size) == (8, 1)
 
 
 def test_a_layer_too_large_to_gather_is_split_within_a_node():
-    # 1B parameters over 16 devices: 0.93 GiB sharded, but one 1B-parameter layer gathered twice in fp32 is 7.5 GiB
-    # against a 4 GiB budget; split over 2 it is 3.7 GiB, plus the shard: still over; over 4 it fits
+    # 1B parameters over 16 devices: 0.93 GiB sharded, but four 1B-parameter units gathered in fp32 (the root and
+    # three blocks) are 14.9 GiB against a 6 GiB budget; split over 2 they are 7.5 GiB, plus the shard: still over;
+    # over 4 it fits
     plan = select_parallelism(
-        1_000_000_000, 16, device_memory=8 * GIB, largest_layer=1_000_000_000, devices_per_node=8, head_count=8
+        1_000_000_000, 16, device_memory=12 * GIB, largest_layer=1_000_000_000, devices_per_node=8, head_count=8
     )
     assert (plan.kind, plan.data_parallel_size, plan.tensor_parallel_size) == ("fsdp_tp", 4, 4)
     assert plan.data_parallel_size * plan.tensor_parallel_size == 16
 
 
 def test_the_tensor_parallel_size_divides_the_heads():
-    kwargs = dict(device_memory=8 * GIB, largest_layer=1_000_000_000, devices_per_node=8)
+    kwargs = dict(device_memory=12 * GIB, largest_layer=1_000_000_000, devices_per_node=8)
     # split over 2 a gathered layer does not fit (the previous test); over 4 it does, and 8 or 12 heads allow it
     assert select_parallelism(1_000_000_000, 16, head_count=8, **kwargs).tensor_parallel_size == 4
     assert select_parallelism(1_000_000_000, 16, head_count=12, **kwargs).tensor_parallel_size == 4
@@ -75,12 +77,63 @@ def test_sizes_are_read_from_a_model():
     fusion = MIE(dim=32, depth=3, num_heads=4, modality_fusion_layers=2)
     block = sum(p.numel() for p in fusion.blocks[0].parameters())
     total = sum(p.numel() for p in fusion.parameters())
-    tight = 16 * total / 2 + 2 * 4 * block  # exactly the fsdp plan's need on 2 devices
+    root = total - 3 * block  # the cls token, modality embeddings, final norm
+    tight = 16 * total / 2 + 4 * (root + 3 * block)  # exactly the fsdp plan's need on 2 devices
     plan = select_parallelism(fusion, 2, device_memory=int(tight / 0.5) + 2)
     assert plan.kind == "fsdp" and plan.state_bytes_per_device == int(tight)
     # a byte less and the blocks must be split: 4 heads allow tensor parallelism over 2
     plan = select_parallelism(fusion, 2, device_memory=int(tight / 0.5) - 2)
     assert (plan.kind, plan.tensor_parallel_size) == ("fsdp_tp", 2)
+
+
+def test_fsdp_keeps_the_root_unit_gathered_through_forward_and_backward(tmp_path):
+    """What ``gathered_bytes`` counts on: under ``apply_fsdp`` the root unit (embeddings, head) is gathered at every
+    block's forward and backward, beside the running block; the last block stays gathered from its forward into its
+    backward; all is resharded after the step."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from zoo.layers import TransformerBlock
+    from zoo.parallel.parallelize import apply_fsdp
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed, self.head = nn.Embedding(50, 16), nn.Linear(16, 3)
+            self.blocks = nn.ModuleList(TransformerBlock(16, 2) for _ in range(3))
+
+        def forward(self, x):
+            h = self.embed(x)
+            for block in self.blocks:
+                h = block(h)
+            return self.head(h.mean(1))
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = Model()
+        apply_fsdp(model, init_device_mesh("cpu", (1,)))
+        units = {"root": model, **{f"block{i}": block for i, block in enumerate(model.blocks)}}
+        seen = []
+
+        def record(where):
+            def hook(*_):
+                group = {n for n, u in units.items() if u._get_fsdp_state()._fsdp_param_group.is_unsharded}
+                seen.append((where, group))
+
+            return hook
+
+        for i, block in enumerate(model.blocks):
+            block.register_forward_hook(record(f"forward {i}"))
+            block.register_full_backward_hook(record(f"backward {i}"))
+        for _ in range(2):  # the second step as the first
+            seen.clear()
+            model(torch.randint(0, 50, (2, 5))).sum().backward()
+        assert all("root" in group for _, group in seen), seen
+        backward = {where: group for where, group in seen if where.startswith("backward")}
+        assert all(f"block{where[-1]}" in group for where, group in backward.items()), seen
+        assert "block2" in dict(seen)["forward 2"] and "block1" not in dict(seen)["forward 1"], seen
+        assert not any(u._get_fsdp_state()._fsdp_param_group.is_unsharded for u in units.values())
+    finally:
+        dist.destroy_process_group()
 
 
 def test_tensor_parallelism_is_not_offered_for_what_it_does_not_split():
@@ -492,6 +545,6 @@ def test_a_job_on_part_of_a_node_is_not_refused():
     # multiple of devices_per_node"); tensor parallelism stays within the job's 4
     assert select_parallelism(10, 4, devices_per_node=8).kind == "ddp"
     plan = select_parallelism(
-        1_000_000_000, 4, device_memory=16 * GIB, largest_layer=1_000_000_000, devices_per_node=8, head_count=8
+        1_000_000_000, 4, device_memory=24 * GIB, largest_layer=1_000_000_000, devices_per_node=8, head_count=8
     )
     assert (plan.kind, plan.data_parallel_size, plan.tensor_parallel_size) == ("fsdp_tp", 2, 2)

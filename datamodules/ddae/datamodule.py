@@ -302,6 +302,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
             return self._loader(self.predict_dataset)
         return self.test_dataloader()
 
+
 __all__ = [
     "GROUP_NAMES",
     "LongTailTextDataModule",

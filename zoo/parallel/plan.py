@@ -7,9 +7,11 @@ workspace). In order of preference:
 
 1. ``single``: one device.
 2. ``ddp``: the whole state fits on each device: replicate (Lightning's ``DDPStrategy``), the fastest when it fits.
-3. ``fsdp``: the state sharded over all devices fits, with room for the two largest layers gathered whole (FSDP2
-   gathers a layer's parameters before running it and prefetches the next): Lightning's ``ModelParallelStrategy``
-   with tensor parallelism 1, the layers sharded by :func:`zoo.parallel.parallelize.apply_fsdp`.
+3. ``fsdp``: the state sharded over all devices fits, with room for what FSDP2 gathers whole in fp32 at once
+   (:func:`gathered_bytes`: the root unit, which stays gathered from its forward to the end of the backward, and
+   three blocks: the running one, the prefetched one and the running one's gradients before their reduce-scatter):
+   Lightning's ``ModelParallelStrategy`` with tensor parallelism 1, the layers sharded by
+   :func:`zoo.parallel.parallelize.apply_fsdp`.
 4. ``fsdp_tp``: a gathered layer is too large even so: tensor parallelism inside a node (the smallest power of two
    that fits and divides the attention heads and the node's devices), FSDP across the rest.
 
@@ -92,15 +94,17 @@ def select_parallelism(
     """Choose single-device, DDP, FSDP or FSDP + tensor parallelism for training a model on ``device_count`` devices.
 
     Args:
-        model_size: the parameter count, or the model itself; from a model, ``largest_layer`` is the largest unit
-            :func:`zoo.parallel.parallelize.apply_fsdp` gathers (a transformer block, or all that lies outside the
-            blocks), ``head_count`` the greatest common divisor of its attention heads, and the tensor-parallel
+        model_size: the parameter count, or the model itself; from a model, the units
+            :func:`zoo.parallel.parallelize.apply_fsdp` gathers are read from it (each transformer block, and the
+            root: all that lies outside the blocks), ``head_count`` is the greatest common divisor of its attention
+            heads, and the tensor-parallel
             estimate counts the layers :func:`~zoo.parallel.parallelize.tensor_parallel_plan` splits (a count alone
             is assumed to split whole).
         device_count: devices in the job (all nodes).
         device_memory: bytes per device; by default the first CUDA device's total memory, ``None`` without CUDA
             (everything is assumed to fit: on CPUs the choice is replication).
-        largest_layer: parameters of the largest unit FSDP gathers at once; ``None`` (with a count): not checked.
+        largest_layer: parameters of the largest unit FSDP gathers at once, with a count taken for the root unit and
+            for each block alike (the worst case); ``None`` (with a count): not checked.
         devices_per_node: devices sharing a node (tensor parallelism stays inside one); ``device_count`` by default.
         head_count: attention heads, which the tensor-parallel size must divide; ``None``: any power of two.
         bytes_per_parameter: training-state bytes per parameter (16 for AdamW in fp32 or bf16-mixed).
@@ -119,7 +123,6 @@ def select_parallelism(
     if isinstance(model_size, nn.Module):
         module = model_size
         model_size = sum(p.numel() for p in module.parameters())
-        largest_layer = largest_layer if largest_layer is not None else _largest_layer(module)
         head_count = head_count if head_count is not None else _head_count(module)
         units = _units(module)
     if isinstance(model_size, bool) or not isinstance(model_size, int) or model_size < 1:
@@ -144,9 +147,14 @@ def select_parallelism(
     if budget is None or state <= budget:
         return plan("ddp", device_count, 1, state, "the whole training state fits on each device: replicate")
     sharded = state / device_count
-    gathered = 2 * 4 * (largest_layer or 0)  # two fp32 layers whole at a time (the running one, the prefetched one)
+    if units is not None and largest_layer is None:
+        root, blocks = units
+        gathered = gathered_bytes(root, max([size for size, _ in blocks], default=0))
+    else:
+        gathered = gathered_bytes(largest_layer or 0, largest_layer or 0)
     if sharded + gathered <= budget:
         return plan("fsdp", device_count, 1, sharded + gathered, "the state fits only when sharded over every device")
+
     def split_per_device(dp: int, tp: int) -> float:
         """Training state per device under FSDP over ``dp`` x tensor parallelism over ``tp``. With ``dp == 1`` the
         task applies no FSDP: what tensor parallelism does not split is whole on every device, and nothing is
@@ -157,7 +165,7 @@ def select_parallelism(
         split = sum(s for _, s in blocks)
         per_device = bytes_per_parameter * (model_size - split + split / tp) / dp
         if dp > 1:  # the root unit is never split; a block's unsplit layers (norms, a DSA FFN) gather whole
-            per_device += 2 * 4 * max([root, *(size - s + s / tp for size, s in blocks)])
+            per_device += gathered_bytes(root, max([size - s + s / tp for size, s in blocks], default=0))
         return per_device
 
     splits = [tp for tp in _powers_of_two(2, nodes_devices) if head_count is None or head_count % tp == 0]
@@ -176,6 +184,16 @@ def select_parallelism(
     raise _does_not_fit(model_size, best, device_count, budget)
 
 
+def gathered_bytes(root: float, block: float) -> float:
+    """Bytes FSDP2 holds gathered at its peak, in fp32, for a root unit of ``root`` parameters and blocks of at most
+    ``block`` (:func:`zoo.parallel.parallelize.apply_fsdp`'s units). FSDP2 does not reshard the root after its
+    forward (its parameters are needed at once by the backward), so the root stays gathered throughout; beside it, a
+    running block, the prefetched next one and the running one's unsharded gradients (before their reduce-scatter);
+    at the end of the backward, the root's own gradients. (Observed with ``is_unsharded`` at every block's forward and
+    backward hooks, ``tests/test_parallel.py``; the prefetch is FSDP2's documented default.)"""
+    return 4 * (root + max(3 * block, root))
+
+
 def _does_not_fit(model_size: int, per_device: float, devices: int, budget: int) -> ConfigError:
     gib = 2**30
     return ConfigError(
@@ -187,18 +205,6 @@ def _does_not_fit(model_size: int, per_device: float, devices: int, budget: int)
 
 def _powers_of_two(low: int, high: int) -> list[int]:
     return [2**i for i in range(int(math.log2(low)), int(math.log2(high)) + 1) if high % 2**i == 0]
-
-
-def _largest_layer(module: nn.Module) -> int:
-    from zoo.layers.transformer import TransformerBlock
-
-    blocks = [m for m in module.modules() if isinstance(m, TransformerBlock)]
-    if not blocks:  # then FSDP shards the model whole
-        return sum(p.numel() for p in module.parameters())
-    # FSDP gathers each block alone, and everything outside the blocks (embeddings, stems, heads) as one unit
-    sizes = [sum(p.numel() for p in block.parameters()) for block in blocks]
-    rest = sum(p.numel() for p in module.parameters()) - sum(sizes)
-    return max(*sizes, rest)
 
 
 def _units(module: nn.Module) -> tuple[int, list[tuple[int, int]]]:
