@@ -345,6 +345,8 @@ def _attention_with(model: nn.Module, **choice: bool) -> nn.Module:
     for layer in model.modules():
         if isinstance(layer, QuantizedScaledDotProduct):
             for name, value in choice.items():
+                if not hasattr(layer, name):  # a misspelt choice would time the default path under its label
+                    raise ValueError(f"_attention_with: QuantizedScaledDotProduct has no runtime choice {name!r}")
                 setattr(layer, name, value)
     return model
 

@@ -120,3 +120,15 @@ def test_bf16_autocast_runs():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = mie(_inputs(5))
     assert torch.isfinite(out.pooled.float()).all()
+
+
+def test_attention_masks_operator_passes_opcheck():
+    """``zoo::mie_attention_masks`` (MIE's masks, written out once under torch.compile): its fake implementation,
+    schema and dispatch agree with the real one."""
+    from zoo.fusion.mie import attention_masks
+
+    mask = torch.ones(3, 6, dtype=torch.bool)
+    mask[1, 4:] = False
+    group = torch.tensor([0, 1, 1, 1, 2, 2])
+    for dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(attention_masks, (mask, group, dtype))

@@ -217,6 +217,26 @@ def test_compiled_product_on_a_cpu_without_the_kernel_runs_the_trained_arithmeti
     assert (sdpa_steps > 0).float().mean() > 2 * (steps > 0).float().mean()
 
 
+def test_compiled_product_on_the_codes_is_exact_under_cpu_autocast_and_leaves_gradients_to_float_sdpa():
+    q, k, v = _qkv()
+    mask = _masks()["bool"]
+    converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
+    converted._has_kernel, converted._pv_dtype = False, torch.float32
+    exact = copy.deepcopy(converted)
+    exact.exact = True
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(converted), dynamic=False)
+    with torch.no_grad():
+        expected = exact(q, k, v, mask)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # would round q k^T's sums to bfloat16
+            got = compiled(q, k, v, mask)
+    assert torch.equal(((got.float() - expected) / converted.scale[-1]).round(), torch.zeros_like(expected))
+    # the codes' roundings pass no gradient: asked for one, the compiled product runs float SDPA on the codes
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    compiled(*leaves, mask).square().sum().backward()
+    assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in leaves)
+
+
 def test_compiled_product_with_float_sdpa_matches_eager():
     q, k, v = _qkv()
     mask = _masks()["bool"]

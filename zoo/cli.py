@@ -44,7 +44,8 @@ class ZooArgumentParser(LightningArgumentParser):
 
     def parse_object(self, obj, *args, **kwargs) -> Namespace:
         # the arguments of a class given by class_path and init_args (its parser is of this class too)
-        key = _dropped_key(self, obj.as_dict() if isinstance(obj, Namespace) else obj)
+        tree = obj.as_dict() if isinstance(obj, Namespace) else obj
+        key = _dropped_key(self, tree) if isinstance(tree, dict) else None
         if key is not None:
             self.error(f"Option '{key}' is not accepted")
         return super().parse_object(obj, *args, **kwargs)

@@ -26,7 +26,8 @@ def attention_masks(mask: Tensor, group: Tensor, dtype: torch.dtype) -> tuple[Te
 
     An operator of its own, so that ``torch.compile`` writes the masks out once: inlined into each block's softmax,
     inductor recomputed them per logit, which made the integer attention's fused softmax (zoo.quant.attention) 1.5-3x
-    slower on the CPU (README, "QAT").
+    slower on the CPU (README, "QAT"). Float SDPA reads a mask written out anyway, so on every other path (eager, a
+    GPU) the operator changes nothing but where the masks are built.
     """
     B, T = mask.shape
     eye = torch.eye(T, dtype=torch.bool, device=mask.device)

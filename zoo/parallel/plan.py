@@ -8,8 +8,9 @@ workspace). In order of preference:
 1. ``single``: one device.
 2. ``ddp``: the whole state fits on each device: replicate (Lightning's ``DDPStrategy``), the fastest when it fits.
 3. ``fsdp``: the state sharded over all devices fits, with room for what FSDP2 gathers whole in fp32 at once
-   (:func:`gathered_bytes`: the root unit, which stays gathered from its forward to the end of the backward, and
-   three blocks: the running one, the prefetched one and the running one's gradients before their reduce-scatter):
+   (:func:`gathered_bytes`: the root unit, which stays gathered from its forward to the end of the backward, with
+   its gradients, and three blocks: the running one, the prefetched one and the running one's gradients before their
+   reduce-scatter):
    Lightning's ``ModelParallelStrategy`` with tensor parallelism 1, the layers sharded by
    :func:`zoo.parallel.parallelize.apply_fsdp`.
 4. ``fsdp_tp``: a gathered layer is too large even so: tensor parallelism inside a node (the smallest power of two
@@ -187,11 +188,12 @@ def select_parallelism(
 def gathered_bytes(root: float, block: float) -> float:
     """Bytes FSDP2 holds gathered at its peak, in fp32, for a root unit of ``root`` parameters and blocks of at most
     ``block`` (:func:`zoo.parallel.parallelize.apply_fsdp`'s units). FSDP2 does not reshard the root after its
-    forward (its parameters are needed at once by the backward), so the root stays gathered throughout; beside it, a
-    running block, the prefetched next one and the running one's unsharded gradients (before their reduce-scatter);
-    at the end of the backward, the root's own gradients. (Observed with ``is_unsharded`` at every block's forward and
-    backward hooks, ``tests/test_parallel.py``; the prefetch is FSDP2's documented default.)"""
-    return 4 * (root + max(3 * block, root))
+    forward (its parameters are needed at once by the backward), so the root stays gathered throughout, and the
+    gradients of its layers after the blocks (a head, a final norm) are whole from the start of the backward to the
+    root's reduce-scatter at its end: counted as the root's whole gradient. Beside them, a running block, the
+    prefetched next one and the running one's unsharded gradients (before their reduce-scatter). (Observed at every
+    block's forward and backward hooks, ``tests/test_parallel.py``; the prefetch is FSDP2's documented default.)"""
+    return 4 * (2 * root + 3 * block)
 
 
 def _does_not_fit(model_size: int, per_device: float, devices: int, budget: int) -> ConfigError:

@@ -10,16 +10,17 @@ The projections around it (``qkv``, ``proj``) are quantized linears; this module
 * :class:`QuantizedScaledDotProduct` (what :func:`zoo.quant.convert_` makes of it) keeps those scales. On an x86 CPU
   with AMX, under ``torch.compile``, at 8 bits, it runs torchao's int8 attention: inductor generates the kernel from
   torchao's C++ template (``torchao.prototype.inductor``; uint8 ``q k^T`` and ``p v`` on AMX tiles, the softmax in
-  float32 between them, the probabilities and the output written as codes). Compiled on any other CPU (no AMX, no
-  torchao, a single head, another bit width) it runs the same product on the codes with float GEMMs
+  float32 between them, the probabilities and the output written as codes). Compiled on any other CPU at 8 bits (no
+  AMX, no torchao, a single head), without gradients, it runs the same product on the codes with float GEMMs
   (:func:`codes_product`): ``q k^T`` of the integer codes in float32 (exact), the softmax in float32, the
   probabilities rounded to their codes, and ``p v`` of the codes in bfloat16 where the CPU multiplies bfloat16 in
   hardware (AVX512-BF16: codes of 8 bits or fewer are exact in bfloat16, the float32 sums are rounded once to
-  bfloat16), else float32. Elsewhere (eager mode, a GPU) at 8 bits it runs float SDPA on the dequantized query, key
-  and value codes and quantizes its output: the trained arithmetic but for the probabilities' rounding, at the float
-  kernel's speed plus the passes that quantize q, k, v and the output. ``exact=True``, or another bit width, runs
-  :func:`quantized_product` instead, the arithmetic QAT trained with, which writes the ``[B, H, T, T]`` logits and
-  probabilities out and ran at about half the speed of float SDPA on a CPU without AMX (README, "QAT").
+  bfloat16), else float32. Elsewhere (eager mode, a GPU, gradients asked for) at 8 bits it runs float SDPA on the
+  dequantized query, key and value codes and quantizes its output: the trained arithmetic but for the probabilities'
+  rounding, at the float kernel's speed plus the passes that quantize q, k, v and the output. ``exact=True``, or
+  another bit width, runs :func:`quantized_product` instead, the arithmetic QAT trained with, which writes the
+  ``[B, H, T, T]`` logits and probabilities out and ran at about half the speed of float SDPA on a CPU without AMX
+  (README, "QAT").
 
 Why torchao here, when the linears use core PyTorch's kernels: core PyTorch 2.11 has no int8 attention, and torchao
 0.18's x86 template needs no compiled extension of its own (its PyPI wheel ships CUDA extensions only; inductor
@@ -102,6 +103,7 @@ def codes_product(
     codes: tuple[Tensor, Tensor, Tensor],
     scales: tuple[Tensor, Tensor, Tensor],
     attn_mask: Tensor | None,
+    *,
     prob_bits: int,
     pv_dtype: torch.dtype = torch.float32,
 ) -> Tensor:
@@ -111,18 +113,20 @@ def codes_product(
     :func:`quantized_product`'s arithmetic on the codes themselves: ``q k^T`` of the codes in float32 (exact while the
     sums stay below 2^24), scaled once; the softmax in float32; the probabilities rounded to ``prob_bits`` unsigned
     codes; ``p v`` of the codes in ``pv_dtype``. bfloat16 holds every code of 8 bits or fewer exactly and its GEMM sums
-    in float32, so bfloat16 rounds only the sums, once (a relative error of at most 2^-9).
+    in float32, so bfloat16 rounds only the sums, once (a relative error of at most 2^-9). No gradient: the roundings
+    pass none.
     """
     (q, k, v), (sq, sk, sv) = codes, scales
-    logits = (q @ k.transpose(-2, -1)) * (sq * sk * q.shape[-1] ** -0.5)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            logits = logits.masked_fill(~attn_mask, float("-inf"))
-        else:
-            logits = logits + attn_mask.float()
-    levels = 2**prob_bits - 1
-    probs = torch.round(logits.softmax(-1) * levels)
-    return (probs.to(pv_dtype) @ v.to(pv_dtype)).float() * (sv / levels)
+    with torch.autocast(q.device.type, enabled=False):  # CPU bf16 autocast would round q k^T's sums
+        logits = (q @ k.transpose(-2, -1)) * (sq * sk * q.shape[-1] ** -0.5)
+        if attn_mask is not None:
+            if attn_mask.dtype == torch.bool:
+                logits = logits.masked_fill(~attn_mask, float("-inf"))
+            else:
+                logits = logits + attn_mask.float()
+        levels = 2**prob_bits - 1
+        probs = torch.round(logits.softmax(-1) * levels)
+        return (probs.to(pv_dtype) @ v.to(pv_dtype)).float() * (sv / levels)
 
 
 class QATScaledDotProduct(ScaledDotProduct):
@@ -245,7 +249,8 @@ class QuantizedScaledDotProduct(nn.Module):
         # Python numbers for the integer kernel, which takes scalars
         self._qparams = [(float(s), int(z)) for s, z in zip(self.scale.tolist(), self.zero_point.tolist(), strict=True)]
         self._has_kernel = integer_attention_kernel() is not None  # looked up here: compiled code reads the flags
-        # without it the product's bfloat16 GEMM is emulated, slower than float32's
+        # without it the product's bfloat16 GEMM is emulated, slower than float32's (read on this machine, as the flag
+        # above: a module pickled whole keeps the choice of the machine that built or loaded it)
         self._pv_dtype = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
 
     def forward(
@@ -285,7 +290,10 @@ class QuantizedScaledDotProduct(nn.Module):
     def _runs_codes(self, q: Tensor, dropout_p: float) -> bool:
         return (
             not (self.exact or self.float_sdpa)
+            # below 8 bits coarse probability codes tie, and float rounding breaks ties unlike the trained arithmetic
+            and self.bits == 8
             and dropout_p == 0.0
+            and not (torch.is_grad_enabled() and q.requires_grad)  # its roundings pass no gradient
             and q.device.type == "cpu"
             and torch.compiler.is_compiling()  # eager, its [B, H, T, T] passes are slower than SDPA
         )
@@ -305,7 +313,7 @@ class QuantizedScaledDotProduct(nn.Module):
             quantize_codes(x.float(), self.scale[i], self.zero_point[i], qmin, qmax) - self.zero_point[i]
             for i, x in enumerate((q, k, v))
         )
-        out = codes_product(codes, tuple(self.scale[:3]), attn_mask, self.bits, self._pv_dtype)
+        out = codes_product(codes, tuple(self.scale[:3]), attn_mask, prob_bits=self.bits, pv_dtype=self._pv_dtype)
         return self._fake_quantize(TENSORS.index("out"), out).to(q.dtype)
 
     def integer_product(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
