@@ -15,6 +15,7 @@ Every integer policy quantizes the image encoder's convolutions too (``conv_bit`
     python benchmarks/qat.py --mode latency                       # CPU here (about 4 minutes on 2 quiet cores)
     python benchmarks/qat.py --mode latency --device cuda         # H200: bf16 baseline
     python benchmarks/qat.py --mode latency --sweep-only --sweep-batches 64 256   # the whole VQA forward alone
+    python benchmarks/qat.py --mode latency --attention-only      # the attention product alone (CPU)
 
 ``--mode profile`` (CPU by default): where the time of one VQA forward goes, fp32 against the converted int8 model
 (and, on the CPU, the compiled int8 model with bf16 float operations against the float model compiled in bf16),
@@ -293,9 +294,12 @@ def _ffn_layer(device: str, reps: int, compile_: bool) -> dict:
 
 
 def _attention_layer(reps: int) -> dict:
-    """The attention product alone at MIE's shape (64 x 117 tokens, 4 heads of 32), on the CPU: fp32 SDPA against
-    the integer product compiled (quantizing its float inputs, the kernel, dequantizing the output) and against the
-    kernel alone on codes already quantized; the modality mask of MIE's early layers (``-inf`` blocks)."""
+    """The attention product alone at MIE's shape (64 x 117 tokens, 4 heads of 32), on the CPU, the modality mask of
+    MIE's early layers (``-inf`` blocks): fp32 SDPA against the converted product eager (float SDPA on the codes) and
+    compiled. With torchao's AMX kernel: the compiled product (quantizing its float inputs, the kernel, dequantizing
+    the output) and the kernel alone on codes already quantized. Without it: the compiled product on the codes
+    (``codes_product``) and with ``float_sdpa``; and the two GEMMs of ``codes_product`` alone, in float32 and in
+    bfloat16, on codes."""
     from zoo.quant import QATScaledDotProduct, QuantizedScaledDotProduct, calibrating
     from zoo.quant.attention import integer_attention_kernel
 
@@ -311,16 +315,32 @@ def _attention_layer(reps: int) -> dict:
     product = QuantizedScaledDotProduct.from_qat(qat).eval()
     fns = {
         "fp32": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-        "int8, eager (PyTorch arithmetic)": lambda: product(q, k, v, mask),
+        "int8, eager (float SDPA on the codes)": lambda: product(q, k, v, mask),
     }
+    torch._dynamo.reset()
+    compiled = torch.compile(product, dynamic=False)
     if integer_attention_kernel() is not None:
-        compiled = torch.compile(product, dynamic=False)
         codes = [torch.randint(0, 256, t.shape, dtype=torch.uint8).transpose(1, 2).contiguous().transpose(1, 2)
                  for t in (q, k, v)]  # fmt: skip
         kernel = torch.compile(product.integer_product, dynamic=False)
         fns |= {
             "int8 compiled (quantize, kernel, dequantize)": lambda: compiled(q, k, v, mask),
             "int8 kernel alone, on codes": lambda: kernel(*codes, mask),
+        }
+    else:
+        sdpa = torch.compile(_attention_with(product, float_sdpa=True), dynamic=False)
+        codes = [torch.randint(-127, 128, t.shape).float() for t in (q, k, v)]
+        logits = codes[0] @ codes[1].transpose(-2, -1)
+        probs = torch.randint(0, 256, logits.shape).float()
+        qk, pv = (codes[0], codes[1].transpose(-2, -1)), (probs, codes[2])
+        bf16 = {name: [t.bfloat16() for t in pair] for name, pair in (("qk", qk), ("pv", pv))}
+        fns |= {
+            "int8 compiled, on the codes (codes_product)": lambda: compiled(q, k, v, mask),
+            "int8 compiled, float SDPA on the codes": lambda: sdpa(q, k, v, mask),
+            "GEMM q k^T of codes, float32": lambda: torch.matmul(*qk),
+            "GEMM q k^T of codes, bfloat16": lambda: torch.matmul(*bf16["qk"]),
+            "GEMM p v of codes, float32": lambda: torch.matmul(*pv),
+            "GEMM p v of codes, bfloat16": lambda: torch.matmul(*bf16["pv"]),
         }
     shape = f"attention product, {batch} x {length} tokens, {heads} heads of {head_dim}"
     return {"shape": shape, **side_by_side(fns, reps=reps, device="cpu", base="fp32")}
@@ -392,6 +412,25 @@ def latency_mode(args) -> None:
     float_dtype = torch.bfloat16 if device == "cuda" else None  # the GPU baseline runs under bf16 autocast
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.attention_only:
+        if device != "cpu":
+            raise SystemExit("--attention-only: the attention product is timed on the CPU")
+        torch._inductor.config.freezing = True  # as the compiled rows of the whole model
+        layer = _attention_layer(args.reps)
+        payload = {
+            "mode": "latency",
+            "device": device,
+            "cpu_model": cpu_model(),
+            "batch_size": 64,
+            "scopes": {"attention_layer": "the attention product alone at MIE's shape (see _attention_layer)"},
+            "sizes": {},
+            "latency": {f"threads={torch.get_num_threads()}": {"attention_layer": layer}},
+            "method": "rounds interleaved across variants; median ms, ratio of medians, median of per-round ratios",
+            "load_average_at_end": os.getloadavg(),
+        }
+        _print_latency(payload)
+        print(f"wrote {write_result('qat_attention', payload, out_dir)}")
+        return
     model = _vqa_model(args)
     batch = args.batch_size or (256 if device == "cuda" else 64)
     g = torch.Generator().manual_seed(0)
@@ -666,9 +705,10 @@ def _print_latency(payload: dict) -> None:
                 continue
             print(f"\n{scope} ({payload['device']}, {threads}, batch {payload['batch_size']}):")
             print(table([{"variant": k, **v} for k, v in rows.items() if isinstance(v, dict)], columns))
-    print("\nsizes on disk:")
-    print(table([{"variant": k, **v} for k, v in payload["sizes"].items() if isinstance(v, dict)],
-                ["variant", "bytes", "fraction_of_float"]))  # fmt: skip
+    if payload["sizes"]:
+        print("\nsizes on disk:")
+        print(table([{"variant": k, **v} for k, v in payload["sizes"].items() if isinstance(v, dict)],
+                    ["variant", "bytes", "fraction_of_float"]))  # fmt: skip
 
 
 # -- accuracy mode -----------------------------------------------------------------------------------------------------
@@ -939,6 +979,8 @@ def main() -> None:
     parser.add_argument("--sweep-batches", type=int, nargs="*", default=[16, 64, 256],
                         help="latency: batch sizes of the whole-VQA sweep (none: no sweep)")  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
+    parser.add_argument("--attention-only", action="store_true",
+                        help="latency: the attention product alone at MIE's shape (CPU)")  # fmt: skip
     parser.add_argument("--sweep-only", action="store_true",
                         help="latency: the --sweep-batches rows alone (minutes, not an hour)")  # fmt: skip
     parser.add_argument("--threads", type=int, nargs="*", default=None,
