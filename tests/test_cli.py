@@ -129,6 +129,13 @@ def test_a_nan_for_a_number_is_one_line_naming_the_option(elsewhere, flags, show
     assert err == f"zoo: error: {shown}: must be a number, not NaN\n"
 
 
+@pytest.mark.parametrize("value", ["inf", "-inf", "Infinity"])
+def test_an_infinity_spelt_as_a_word_is_one_line_naming_the_option(elsewhere, value, cli_error):
+    err = cli_error(["fit", "--config", "vqa.yaml", "--trainer.fast_dev_run=true", *SMALL,
+                     f"--trainer.gradient_clip_val={value}"])  # fmt: skip
+    assert err == f"zoo: error: --trainer.gradient_clip_val={value}: not a number; YAML writes infinity as .inf\n"
+
+
 def test_nan_stays_a_word_for_a_text_option(elsewhere, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", "vqa.yaml", "--trainer.default_root_dir=nan", "--print_config"])

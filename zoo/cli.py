@@ -187,16 +187,20 @@ class ZooCLI(LightningCLI):
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
         argv = sys.argv[1:] if args is None else args
-        given_nan = _nan_options(argv)
+        given = _non_finite_options(argv)
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError:
-            refused = _refused_nan(parser, argv) if given_nan else None
+            refused = _refused_non_finite(parser, argv) if given else None
             if refused is None:
                 raise
-            raise ConfigError(f"--{refused[0]}={refused[1]}: must be a number, not NaN") from None
+            key, value = refused
+            if _spells_nan(value):
+                raise ConfigError(f"--{key}={value}: must be a number, not NaN") from None
+            # YAML reads "inf" as a word; infinity is ".inf"
+            raise ConfigError(f"--{key}={value}: not a number; YAML writes infinity as .inf") from None
         # YAML's ".nan" is a float, which a number takes
-        for _, key, value in given_nan:
+        for _, key, value in given:
             number = _number_at(self.config, key)
             if number is not None and math.isnan(number):
                 raise ConfigError(f"--{key}={value}: must be a number, not NaN")
@@ -275,33 +279,38 @@ class ZooCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
-def _nan_options(argv) -> list[tuple[int, str, str]]:
-    """Each option of ``argv`` (``--key=value`` or ``--key value``) whose value spells NaN: the index in ``argv`` of
-    the argument that holds the value, the key and the value."""
+def _spells_nan(value: str) -> bool:
+    return value.strip().lower().lstrip("+-") in ("nan", ".nan")
+
+
+def _non_finite_options(argv) -> list[tuple[int, str, str]]:
+    """Each option of ``argv`` (``--key=value`` or ``--key value``) whose value spells NaN or infinity: the index in
+    ``argv`` of the argument that holds the value, the key and the value."""
     found = []
     for i, arg in enumerate(argv if isinstance(argv, (list, tuple)) else []):
         key, inline, value = str(arg).removeprefix("--").partition("=")
         at = i if inline or i + 1 == len(argv) else i + 1
         value = value if at == i else str(argv[at])
-        if str(arg).startswith("--") and value.strip().lower().lstrip("+-") in ("nan", ".nan"):
+        spelt = value.strip().lower().lstrip("+-")
+        if str(arg).startswith("--") and spelt in ("nan", ".nan", "inf", ".inf", "infinity"):
             found.append((at, key, value))
     return found
 
 
-def _refused_nan(parser: LightningArgumentParser, argv: list[str]) -> tuple[str, str] | None:
-    """The key and value of the first NaN of ``argv`` that ``parser`` refused for a number, or ``None``.
+def _refused_non_finite(parser: LightningArgumentParser, argv: list[str]) -> tuple[str, str] | None:
+    """The key and value of the first NaN or infinity of ``argv`` that ``parser`` refused for a number, or ``None``.
 
-    YAML reads ``nan`` as a word, which jsonargparse refuses for a number in a dump over many lines: when the command
-    line parses with 1 in its place, the NaN is what it refused."""
-    given_nan = _nan_options(argv)
+    YAML reads ``nan`` and ``inf`` as words, which jsonargparse refuses for a number in a dump over many lines: when
+    the command line parses with 1 in their place, one of them is what it refused."""
+    given = _non_finite_options(argv)
     with_one = list(argv)
-    for i, _, value in given_nan:
+    for i, _, value in given:
         with_one[i] = with_one[i].removesuffix(value) + "1"
     try:  # without --print_config, which would print this config and exit
         config = parser.parse_args([arg for arg in with_one if not str(arg).startswith("--print_config")])
     except argparse.ArgumentError:
         return None
-    return next(((key, value) for _, key, value in given_nan if _number_at(config, key) is not None), None)
+    return next(((key, value) for _, key, value in given if _number_at(config, key) is not None), None)
 
 
 def _number_at(config: Namespace, key: str) -> float | None:
