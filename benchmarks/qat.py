@@ -78,7 +78,7 @@ from _common import (  # noqa: E402
     training_overrides,
     write_result,
 )
-from torch import nn  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
 
 from zoo.contracts import Tokens  # noqa: E402
 from zoo.fusion import MIE  # noqa: E402
@@ -298,8 +298,10 @@ def _attention_layer(reps: int) -> dict:
     MIE's early layers (``-inf`` blocks): fp32 SDPA against the converted product eager (float SDPA on the codes) and
     compiled. With torchao's AMX kernel: the compiled product (quantizing its float inputs, the kernel, dequantizing
     the output) and the kernel alone on codes already quantized. Without it: the compiled product on the codes
-    (``codes_product``) and with ``float_sdpa``; and the two GEMMs of ``codes_product`` alone, in float32 and in
-    bfloat16, on codes."""
+    (``codes_product``) and with ``float_sdpa``; the product compiled with MIE's mask building in the same graph,
+    the masks built by ``zoo::mie_attention_masks`` against the same operations inlined (as MIE built them before
+    the operator); and the two GEMMs of ``codes_product`` alone, in float32 and in bfloat16, on codes."""
+    from zoo.fusion.mie import attention_masks
     from zoo.quant import QATScaledDotProduct, QuantizedScaledDotProduct, calibrating
     from zoo.quant.attention import integer_attention_kernel
 
@@ -334,8 +336,28 @@ def _attention_layer(reps: int) -> dict:
         probs = torch.randint(0, 256, logits.shape).float()
         qk, pv = (codes[0], codes[1].transpose(-2, -1)), (probs, codes[2])
         bf16 = {name: [t.bfloat16() for t in pair] for name, pair in (("qk", qk), ("pv", pv))}
+        # MIE's token mask and modality groups at this shape: [CLS], 100 image tokens, 16 text tokens (4 padded)
+        tokens = torch.ones(batch, length, dtype=torch.bool)
+        tokens[:, length - 4 :] = False
+        group = torch.cat([torch.zeros(1), torch.ones(100), torch.full((length - 101,), 2.0)]).long()
+
+        def inline_masks(tokens: Tensor, group: Tensor) -> Tensor:  # zoo.fusion.mie.attention_masks' early mask
+            eye = torch.eye(length, dtype=torch.bool)
+            blocked = (~tokens[:, None, None, :] & ~eye) | (group[:, None] != group[None, :])
+            return torch.zeros(batch, 1, length, length).masked_fill(blocked, float("-inf"))
+
+        def product_with_masks(inline: bool) -> Callable[[], Tensor]:
+            def run(q, k, v, tokens, group):
+                masks = inline_masks(tokens, group) if inline else attention_masks(tokens, group, torch.float32)[0]
+                return product(q, k, v, masks)
+
+            fn = torch.compile(run, dynamic=False)
+            return lambda: fn(q, k, v, tokens, group)
+
         fns |= {
             "int8 compiled, on the codes (codes_product)": lambda: compiled(q, k, v, mask),
+            "int8 compiled with MIE's masks, by zoo::mie_attention_masks": product_with_masks(inline=False),
+            "int8 compiled with MIE's masks, inlined": product_with_masks(inline=True),
             "int8 compiled, float SDPA on the codes": lambda: sdpa(q, k, v, mask),
             "GEMM q k^T of codes, float32": lambda: torch.matmul(*qk),
             "GEMM q k^T of codes, bfloat16": lambda: torch.matmul(*bf16["qk"]),
