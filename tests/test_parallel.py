@@ -168,6 +168,7 @@ def test_tensor_parallelism_is_not_offered_for_what_it_does_not_split():
         ({"model_size": 10, "device_count": 6, "devices_per_node": 4}, "multiple of devices_per_node=4"),
         ({"model_size": 10, "device_count": 2, "devices_per_node": 0}, "devices_per_node=0 must be at least 1"),
         ({"model_size": 10, "device_count": 2, "device_memory": -1}, "device_memory=-1 must be at least 1"),
+        ({"model_size": nn.Linear(2, 2), "device_count": 2, "largest_layer": 4}, "largest_layer goes with a"),
     ],
 )
 def test_invalid_arguments_name_the_argument(kwargs, message):

@@ -258,7 +258,7 @@ class DynamicBatchAdjustment(Callback):
         self._optimizers_built, self._deferred, self.restored_plan, self.memory_line = False, False, None, None
         self._plan_again = False  # the checkpoint's plan was made for another number of ranks: measure again
         self._measured_limit = None  # this fit's measured micro-batch limit
-        if getattr(self, "_replaced_global_batch_size", None) is not None:  # a resumed fit followed its checkpoint's
+        if self._replaced_global_batch_size is not None:  # a resumed fit followed its checkpoint's
             self.global_batch_size, self._replaced_global_batch_size = self._replaced_global_batch_size, None
         self._probe_size = datamodule.batch_size
         self._apply(

@@ -104,8 +104,9 @@ def select_parallelism(
         device_count: devices in the job (all nodes).
         device_memory: bytes per device; by default the first CUDA device's total memory, ``None`` without CUDA
             (everything is assumed to fit: on CPUs the choice is replication).
-        largest_layer: parameters of the largest unit FSDP gathers at once, with a count taken for the root unit and
-            for each block alike (the worst case); ``None`` (with a count): not checked.
+        largest_layer: with a parameter count, the parameters of the largest unit FSDP gathers at once, taken for
+            the root unit and for each block alike (the worst case); ``None``: not checked. A model's units are read
+            from it (given with a model: an error).
         devices_per_node: devices sharing a node (tensor parallelism stays inside one); ``device_count`` by default.
         head_count: attention heads, which the tensor-parallel size must divide; ``None``: any power of two.
         bytes_per_parameter: training-state bytes per parameter (16 for AdamW in fp32 or bf16-mixed).
@@ -122,6 +123,10 @@ def select_parallelism(
             raise ConfigError(f"select_parallelism: {key}={value} must be at least 1, or None")
     units = None  # (the root unit's parameters, [(a block's parameters, those tensor parallelism splits)])
     if isinstance(model_size, nn.Module):
+        if largest_layer is not None:
+            raise ConfigError(
+                "select_parallelism: largest_layer goes with a parameter count; a model's are read from it"
+            )
         module = model_size
         model_size = sum(p.numel() for p in module.parameters())
         head_count = head_count if head_count is not None else _head_count(module)
@@ -148,7 +153,7 @@ def select_parallelism(
     if budget is None or state <= budget:
         return plan("ddp", device_count, 1, state, "the whole training state fits on each device: replicate")
     sharded = state / device_count
-    if units is not None and largest_layer is None:
+    if units is not None:
         root, blocks = units
         gathered = gathered_bytes(root, max([size for size, _ in blocks], default=0))
     else:
