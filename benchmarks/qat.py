@@ -94,6 +94,7 @@ from zoo.quant import (  # noqa: E402
     save_converted,
     state_dict_bytes,
 )
+from zoo.quant.attention import integer_attention_kernel  # noqa: E402
 from zoo.quant.convert import onednn_int8_mm, onednn_prepack  # noqa: E402
 
 #: the integer variants, as quantize_ arguments: "mixed" is vqa_qat.yaml's policy (attention 8, FFN 4, the rest 8);
@@ -504,6 +505,12 @@ def latency_mode(args) -> None:
                 float_dtype,
             ),
         }
+        if device == "cpu" and integer_attention_kernel() is not None:
+            # where torchao's AMX kernel runs, the product on the codes that CPUs without it run, side by side with it
+            variants["int8_per_tensor_attention_compiled, on the codes (torchao's kernel off)"] = (
+                _compiled(_attention_with(int_models["int8_per_tensor_attention"], _has_kernel=False)),
+                float_dtype,
+            )
         # compile_regions(whole_fusion=False), the default until 2026-11-29: MIE's blocks one by one, its masks built
         # eagerly between them
         variants |= {
@@ -592,6 +599,7 @@ SWEEP_VARIANTS = (
     "int8_per_tensor_attention_compiled",
     "int8_per_tensor_attention_compiled, exact arithmetic",
     "int8_per_tensor_attention_compiled, float SDPA on the codes",
+    "int8_per_tensor_attention_compiled, on the codes (torchao's kernel off)",
     "int8_per_tensor_attention_compiled, blocks one by one",
     "bf16 autocast, float model compiled (reference)",
 )
@@ -605,7 +613,7 @@ def _batch_sweep(model: nn.Module, variants: dict, args, device: str, base: str)
         g = torch.Generator().manual_seed(0)
         image = torch.randn(batch, 3, 75, 75, generator=g).to(device)
         inputs = {"image": image, "text": _questions(batch)}
-        chosen = {name: variants[name] for name in (base, *SWEEP_VARIANTS) if name in variants}
+        chosen = {name: variants[name] for name in (base, *(args.sweep_variants or SWEEP_VARIANTS)) if name in variants}
         fns = {name: _call(m, inputs, dtype, device) for name, (m, dtype) in chosen.items()}
         print(f"timing vqa at batch {batch}: {list(fns)}", file=sys.stderr)
         out[f"batch={batch}"] = side_by_side(fns, reps=args.reps, device=device, base=base)
@@ -1000,6 +1008,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="latency: 64 CPU, 256 GPU; accuracy: 256")
     parser.add_argument("--sweep-batches", type=int, nargs="*", default=[16, 64, 256],
                         help="latency: batch sizes of the whole-VQA sweep (none: no sweep)")  # fmt: skip
+    parser.add_argument("--sweep-variants", nargs="*", choices=SWEEP_VARIANTS, default=None, metavar="VARIANT",
+                        help="latency: the sweep's variants besides the float model (default: all)")  # fmt: skip
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile rows")
     parser.add_argument("--attention-only", action="store_true",
                         help="latency: the attention product alone at MIE's shape (CPU)")  # fmt: skip
