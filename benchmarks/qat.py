@@ -617,6 +617,8 @@ def _batch_sweep(model: nn.Module, variants: dict, args, device: str, base: str)
         fns = {name: _call(m, inputs, dtype, device) for name, (m, dtype) in chosen.items()}
         print(f"timing vqa at batch {batch}: {list(fns)}", file=sys.stderr)
         out[f"batch={batch}"] = side_by_side(fns, reps=args.reps, device=device, base=base)
+        # each size as soon as it is timed: a run cut short by a time limit keeps the sizes it finished
+        print(f"vqa at batch {batch}: {json.dumps(out[f'batch={batch}'])}", file=sys.stderr, flush=True)
     return out
 
 
