@@ -109,6 +109,23 @@ def test_unknown_yaml_key_holding_an_empty_mapping_names_the_key_and_the_file(el
     assert len(err.splitlines()) == 2 and "python -m zoo fit --help" in err
 
 
+@pytest.mark.parametrize("text", ["callbackz: {}\n", "max_epochs: 1\ncallbackz: {a: {}}\n"])
+def test_unknown_key_holding_an_empty_mapping_in_a_group_file_names_the_key_and_the_file(elsewhere, text, cli_error):
+    """A group's own config file (``--trainer tr.yaml``) is loaded and merged apart from ``--config``."""
+    (elsewhere / "tr.yaml").write_text(text)
+    err = cli_error(["fit", "--config", "vqa.yaml", "--trainer", "tr.yaml", "--trainer.fast_dev_run=true", *SMALL])
+    assert err.startswith("zoo: error: Option 'trainer.callbackz' in tr.yaml is not accepted\n"), err
+    assert len(err.splitlines()) == 2
+
+
+def test_a_group_file_without_unknown_keys_is_taken(elsewhere, capsys):
+    (elsewhere / "tr.yaml").write_text("max_epochs: 3\ncallbacks: []\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "vqa.yaml", "--trainer", "tr.yaml", *SMALL_DATA, "--print_config"])
+    assert exit_info.value.code in (0, None)
+    assert "max_epochs: 3" in capsys.readouterr().out
+
+
 def test_unknown_class_argument_holding_an_empty_mapping_names_the_key(elsewhere, cli_error):
     (elsewhere / "bad.yaml").write_text("model:\n  init_args:\n    fusion:\n      init_args:\n        depthz: {}\n")
     err = cli_error(["fit", "--config", "vqa.yaml", "--config", "bad.yaml", "--trainer.fast_dev_run=true", *SMALL])

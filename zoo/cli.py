@@ -17,6 +17,7 @@ from importlib import resources
 from pathlib import Path
 
 from jsonargparse import ActionSubCommands, Namespace, get_loader
+from jsonargparse._util import config_load_stack
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -29,8 +30,9 @@ class ZooArgumentParser(LightningArgumentParser):
     """LightningCLI's parser that refuses an unknown key whose value is a mapping without a value in it.
 
     jsonargparse merges a config into the parsed one value by value (``Namespace.update`` copies the leaves), so such
-    a key (``modle: {}``, ``trainer: {callbackz: {}}``) vanished before its check of the keys could refuse it, as it
-    refuses the same key with any other value."""
+    a key (``modle: {}``, ``trainer: {callbackz: {}}``, or ``callbackz: {}`` in a group's own file given as
+    ``--trainer tr.yaml``) vanished before its check of the keys could refuse it, as it refuses the same key with any
+    other value."""
 
     def parse_string(self, content: str, path: str = "", *args, **kwargs) -> Namespace:
         try:
@@ -41,6 +43,17 @@ class ZooArgumentParser(LightningArgumentParser):
         if key is not None:
             self.error(f"Option '{key}' in {path or 'the --config string'} is not accepted")
         return super().parse_string(content, path, *args, **kwargs)
+
+    def _apply_actions(self, cfg, parent_key: str = "", *args, **kwargs) -> Namespace:
+        # a group's own config file (``--trainer tr.yaml``) is checked here, under its group's name; jsonargparse has no
+        # public hook between loading that file and merging it
+        tree = cfg.as_dict() if isinstance(cfg, Namespace) else cfg
+        key = _dropped_key(self, tree, f"{parent_key}.") if parent_key and isinstance(tree, dict) else None
+        if key is not None:
+            loading = config_load_stack.get()  # (real path, path as given) of the files being loaded, innermost last
+            where = loading[-1][1] if loading else f"the --{parent_key} config"
+            self.error(f"Option '{key}' in {where} is not accepted")
+        return super()._apply_actions(cfg, parent_key, *args, **kwargs)
 
     def parse_object(self, obj, *args, **kwargs) -> Namespace:
         # the arguments of a class given by class_path and init_args (its parser is of this class too)
