@@ -105,7 +105,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         type=float,
         default=0.0,
         help="post-hoc logit adjustment at evaluation (Menon et al. 2021): logits - tau * log(training class prior);\n"
-        "not DDAE: a loss-free reference for what the head/tail trade-off allows (0: off)",
+        "not DDAE: a loss-free reference for what the head/tail trade-off allows (0: off); a negative tau adds the\n"
+        "prior back, for a re-balanced model tested on the long-tailed split",
     )
     p.add_argument(
         "--feature-interpolation",
