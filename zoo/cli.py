@@ -17,13 +17,17 @@ from importlib import resources
 from pathlib import Path
 
 from jsonargparse import ActionSubCommands, Namespace, get_loader
-from jsonargparse._util import config_load_stack
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from zoo.errors import ConfigError, DataError, ZooUserError
+
+try:  # the config files being loaded, innermost last; only to name the file in a message (jsonargparse 4.53 has it)
+    from jsonargparse._util import config_load_stack
+except ImportError:
+    config_load_stack = None
 
 
 class ZooArgumentParser(LightningArgumentParser):
@@ -50,7 +54,7 @@ class ZooArgumentParser(LightningArgumentParser):
         tree = cfg.as_dict() if isinstance(cfg, Namespace) else cfg
         key = _dropped_key(self, tree, f"{parent_key}.") if parent_key and isinstance(tree, dict) else None
         if key is not None:
-            loading = config_load_stack.get()  # (real path, path as given) of the files being loaded, innermost last
+            loading = config_load_stack.get() if config_load_stack is not None else ()  # (real path, path as given)
             where = loading[-1][1] if loading else f"the --{parent_key} config"
             self.error(f"Option '{key}' in {where} is not accepted")
         return super()._apply_actions(cfg, parent_key, *args, **kwargs)
