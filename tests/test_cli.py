@@ -8,24 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_vqa import QUIET, TINY_MIE, TINY_SORT_OF_CLEVR
 
 from zoo.cli import main, packaged_config, resolve_config_args
 
 ROOT = Path(__file__).resolve().parents[1]
 # A tiny Sort-of-CLEVR and a small model: the same code path as the shipped config, sized for a CPU test.
-SMALL_DATA = [
-    "--data.init_args.num_images=24",
-    "--data.init_args.val_images=4",
-    "--data.init_args.test_images=4",
-    "--data.init_args.batch_size=8",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
-]
-SMALL = [
-    *SMALL_DATA,
-    "--model.init_args.fusion.init_args.depth=2",
-    "--model.init_args.fusion.init_args.modality_fusion_layers=1",
-]
+SMALL_DATA = [*TINY_SORT_OF_CLEVR, "--data.init_args.batch_size=8", *QUIET]
+SMALL = [*SMALL_DATA, *TINY_MIE]
 
 
 def test_bare_config_name_resolves_to_the_packaged_file(elsewhere):

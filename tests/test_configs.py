@@ -6,6 +6,7 @@ from importlib import resources
 
 import numpy as np
 import pytest
+from tiny_vqa import TINY_SORT_OF_CLEVR
 
 from zoo.cli import main
 
@@ -31,12 +32,7 @@ def _small_audio_folder(tmp_path) -> list[str]:
 # Small data for each datamodule the configs use: the same code paths, sized for a CPU test; a function writes the
 # data under the test's folder and returns the flags.
 SMALL_DATA = {
-    "datamodules.sort_of_clevr.SortOfCLEVRDataModule": [
-        "--data.init_args.num_images=24",
-        "--data.init_args.val_images=4",
-        "--data.init_args.test_images=4",
-        "--data.init_args.batch_size=8",
-    ],
+    "datamodules.sort_of_clevr.SortOfCLEVRDataModule": [*TINY_SORT_OF_CLEVR, "--data.init_args.batch_size=8"],
     "datamodules.wordnet_supersense.WordNetSupersenseDataModule": [
         "--data.init_args.max_train_per_class=6",
         "--data.init_args.val_per_class=2",

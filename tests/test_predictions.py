@@ -7,17 +7,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_vqa import QUIET, TINY_SORT_OF_CLEVR
 
 from zoo.callbacks import PredictionWriter
 from zoo.cli import main
 
-SMALL = [
-    "--data.init_args.num_images=24",
-    "--data.init_args.val_images=4",
-    "--data.init_args.test_images=4",
-    "--data.init_args.batch_size=16",
-    "--trainer.enable_progress_bar=false",
-]
+SMALL = [*TINY_SORT_OF_CLEVR, "--data.init_args.batch_size=16", *QUIET]
 
 
 def test_predict_writes_every_test_question_with_the_accuracy_test_reports(elsewhere):

@@ -9,25 +9,22 @@ from pathlib import Path
 import pytest
 import torch
 from lightning.pytorch import Callback
+from tiny_vqa import QUIET, TINY_MIE, TINY_SORT_OF_CLEVR
 
 from zoo.cli import ZooCLI, resolve_config_args
 
 TINY = [
     "--config",
     "vqa.yaml",
-    "--data.init_args.num_images=24",
-    "--data.init_args.val_images=4",
-    "--data.init_args.test_images=4",
+    *TINY_SORT_OF_CLEVR,
     "--data.init_args.batch_size=8",
     "--data.init_args.symmetries=true",  # epoch-dependent augmentation must resume too
-    "--model.init_args.fusion.init_args.depth=2",
-    "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+    *TINY_MIE,
     "--trainer.max_epochs=2",
     "--trainer.limit_train_batches=4",
     "--trainer.limit_val_batches=2",
     "--trainer.val_check_interval=1.0",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
+    *QUIET,
     "--trainer.logger=false",
 ]
 

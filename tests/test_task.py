@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from tiny_vqa import QUIET, TINY_MIE, TINY_SORT_OF_CLEVR
 
 from lit_models._task import TrainingDivergedError
 from zoo.cli import ZooCLI, resolve_config_args
@@ -15,15 +16,11 @@ from zoo.cli import ZooCLI, resolve_config_args
 SMALL = [
     "--config",
     "vqa.yaml",
-    "--data.init_args.num_images=24",
-    "--data.init_args.val_images=4",
-    "--data.init_args.test_images=4",
+    *TINY_SORT_OF_CLEVR,
     "--data.init_args.batch_size=8",
-    "--model.init_args.fusion.init_args.depth=2",
-    "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+    *TINY_MIE,
     "--trainer.accelerator=cpu",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
+    *QUIET,
 ]
 
 

@@ -8,6 +8,7 @@ import re
 import pytest
 import torch
 from lightning.pytorch import Callback
+from tiny_vqa import QUIET, TINY_MIE, TINY_SORT_OF_CLEVR
 from torch import nn
 
 from zoo.cli import ZooCLI, main, resolve_config_args
@@ -16,18 +17,14 @@ from zoo.quant import QATLinear, quantize_
 from zoo.weights import check_lightning_checkpoint, load_weights
 
 TINY = [
-    "--data.init_args.num_images=24",
-    "--data.init_args.val_images=4",
-    "--data.init_args.test_images=4",
+    *TINY_SORT_OF_CLEVR,
     "--data.init_args.batch_size=8",
-    "--model.init_args.fusion.init_args.depth=2",
-    "--model.init_args.fusion.init_args.modality_fusion_layers=1",
+    *TINY_MIE,
     "--trainer.max_epochs=1",
     "--trainer.limit_train_batches=2",
     "--trainer.limit_val_batches=1",
     "--trainer.val_check_interval=1.0",
-    "--trainer.enable_progress_bar=false",
-    "--trainer.enable_model_summary=false",
+    *QUIET,
     "--trainer.logger=false",
 ]
 
