@@ -116,6 +116,17 @@ def test_a_group_file_without_unknown_keys_is_taken(elsewhere, capsys):
     assert "max_epochs: 3" in capsys.readouterr().out
 
 
+def test_a_group_file_named_by_a_root_level_config_is_checked_by_its_own_parser(elsewhere, capsys):
+    """There the root parser, which has no trainer options, loads the file: a real option must not read as unknown."""
+    (elsewhere / "tr.yaml").write_text("plugins: {}\n")
+    (elsewhere / "all.yaml").write_text("fit: {trainer: tr.yaml}\n")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", "all.yaml", "fit", "--config", "vqa.yaml", *SMALL_DATA, "--print_config"])
+    out, err = capsys.readouterr()
+    assert exit_info.value.code in (0, None), err
+    assert "seed_everything:" in out
+
+
 def test_unknown_class_argument_holding_an_empty_mapping_names_the_key(elsewhere, cli_error):
     (elsewhere / "bad.yaml").write_text("model:\n  init_args:\n    fusion:\n      init_args:\n        depthz: {}\n")
     err = cli_error(["fit", "--config", "vqa.yaml", "--config", "bad.yaml", "--trainer.fast_dev_run=true", *SMALL])

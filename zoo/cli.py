@@ -52,7 +52,10 @@ class ZooArgumentParser(LightningArgumentParser):
         # a group's own config file (``--trainer tr.yaml``) is checked here, under its group's name; jsonargparse has no
         # public hook between loading that file and merging it
         tree = cfg.as_dict() if isinstance(cfg, Namespace) else cfg
-        key = _dropped_key(self, tree, f"{parent_key}.") if parent_key and isinstance(tree, dict) else None
+        # only by the parser that owns the group: a root-level --config naming a subcommand's group file reaches the
+        # root parser, which has none of the group's options (that route stays jsonargparse's)
+        owns = parent_key and any(a.dest.startswith(f"{parent_key}.") for a in self._actions)
+        key = _dropped_key(self, tree, f"{parent_key}.") if owns and isinstance(tree, dict) else None
         if key is not None:
             loading = config_load_stack.get() if config_load_stack is not None else ()  # (real path, path as given)
             where = loading[-1][1] if loading else f"the --{parent_key} config"
