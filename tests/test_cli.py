@@ -127,6 +127,13 @@ def test_a_group_file_named_by_a_root_level_config_is_checked_by_its_own_parser(
     assert "seed_everything:" in out
 
 
+def test_unknown_key_in_a_group_file_named_by_a_root_level_config_names_the_key_and_the_file(elsewhere, cli_error):
+    (elsewhere / "tr.yaml").write_text("callbackz: {}\n")
+    (elsewhere / "all.yaml").write_text("fit: {trainer: tr.yaml}\n")
+    err = cli_error(["--config", "all.yaml", "fit", "--config", "vqa.yaml", "--trainer.fast_dev_run=true", *SMALL])
+    assert err.startswith("zoo: error: Option 'trainer.callbackz' in tr.yaml is not accepted\n"), err
+
+
 def test_unknown_class_argument_holding_an_empty_mapping_names_the_key(elsewhere, cli_error):
     (elsewhere / "bad.yaml").write_text("model:\n  init_args:\n    fusion:\n      init_args:\n        depthz: {}\n")
     err = cli_error(["fit", "--config", "vqa.yaml", "--config", "bad.yaml", "--trainer.fast_dev_run=true", *SMALL])

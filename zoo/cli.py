@@ -52,10 +52,11 @@ class ZooArgumentParser(LightningArgumentParser):
         # a group's own config file (``--trainer tr.yaml``) is checked here, under its group's name; jsonargparse has no
         # public hook between loading that file and merging it
         tree = cfg.as_dict() if isinstance(cfg, Namespace) else cfg
-        # only by the parser that owns the group: a root-level --config naming a subcommand's group file reaches the
-        # root parser, which has none of the group's options (that route stays jsonargparse's)
-        owns = parent_key and any(a.dest.startswith(f"{parent_key}.") for a in self._actions)
-        key = _dropped_key(self, tree, f"{parent_key}.") if owns and isinstance(tree, dict) else None
+        # checked by the parser that owns the group: a root-level --config naming a subcommand's group file
+        # (``fit: {trainer: tr.yaml}``) is loaded by the root parser, which has none of the group's options; the
+        # subcommands' groups are alike, so the first subcommand that has the group checks it
+        owner = _group_owner(self, parent_key) if parent_key and isinstance(tree, dict) else None
+        key = _dropped_key(owner, tree, f"{parent_key}.") if owner is not None else None
         if key is not None:
             loading = config_load_stack.get() if config_load_stack is not None else ()  # (real path, path as given)
             where = loading[-1][1] if loading else f"the --{parent_key} config"
@@ -94,6 +95,18 @@ def _dropped_key(parser: argparse.ArgumentParser, tree: dict, branch: str = "") 
             found = name if _holds_no_value(value) else None  # else jsonargparse refuses it
         if found is not None:
             return found
+    return None
+
+
+def _group_owner(parser: argparse.ArgumentParser, group: str) -> argparse.ArgumentParser | None:
+    """``parser`` if it has options of ``group``, else the first of its subcommands' parsers that has, else ``None``."""
+    if any(a.dest.startswith(f"{group}.") for a in parser._actions):
+        return parser
+    for action in parser._actions:
+        if isinstance(action, ActionSubCommands):
+            for subparser in action.choices.values():
+                if any(a.dest.startswith(f"{group}.") for a in subparser._actions):
+                    return subparser
     return None
 
 
