@@ -303,8 +303,7 @@ def _attention_layer(reps: int) -> dict:
     the masks built by ``zoo::mie_attention_masks`` against the same operations inlined (as MIE built them before
     the operator); and the two GEMMs of ``codes_product`` alone, in float32 and in bfloat16, on codes."""
     from zoo.fusion.mie import attention_masks
-    from zoo.quant import QATScaledDotProduct, QuantizedScaledDotProduct, calibrating
-    from zoo.quant.attention import integer_attention_kernel
+    from zoo.quant import QATScaledDotProduct
 
     torch.manual_seed(0)
     batch, heads, length, head_dim = 64, 4, 117, 32

@@ -85,9 +85,7 @@ def _dropped_key(parser: argparse.ArgumentParser, tree: dict, branch: str = "") 
         if subcommand is not None:
             found = _dropped_key(subcommand, value)
             found = found and f"{name}.{found}"
-        # a group (trainer), not a class-typed option (model), under which there is only its --model.help;
-        # a group given by class_path is resolved whole
-        elif any(a.dest.startswith(f"{name}.") and a.dest != f"{name}.help" for a in actions):
+        elif _has_group(parser, name):  # a group given by class_path is resolved whole
             found = None if "class_path" in value else _dropped_key(parser, value, f"{name}.")
         elif any(a.dest == name or f"--{name}" in a.option_strings for a in actions):
             found = None  # a typed value: its type checks it, a class's arguments in parse_object
@@ -98,16 +96,18 @@ def _dropped_key(parser: argparse.ArgumentParser, tree: dict, branch: str = "") 
     return None
 
 
+def _has_group(parser: argparse.ArgumentParser, name: str) -> bool:
+    """Whether ``name`` is a group of ``parser`` (trainer), not a class-typed option (model), under which there is
+    only its ``--model.help``."""
+    return any(a.dest.startswith(f"{name}.") and a.dest != f"{name}.help" for a in parser._actions)
+
+
 def _group_owner(parser: argparse.ArgumentParser, group: str) -> argparse.ArgumentParser | None:
-    """``parser`` if it has options of ``group``, else the first of its subcommands' parsers that has, else ``None``."""
-    if any(a.dest.startswith(f"{group}.") for a in parser._actions):
+    """``parser`` if it has ``group``, else the first of its subcommands' parsers that has, else ``None``."""
+    if _has_group(parser, group):
         return parser
-    for action in parser._actions:
-        if isinstance(action, ActionSubCommands):
-            for subparser in action.choices.values():
-                if any(a.dest.startswith(f"{group}.") for a in subparser._actions):
-                    return subparser
-    return None
+    subcommands = (a.choices.values() for a in parser._actions if isinstance(a, ActionSubCommands))
+    return next((sub for choices in subcommands for sub in choices if _has_group(sub, group)), None)
 
 
 def _holds_no_value(value) -> bool:
@@ -224,7 +224,7 @@ class ZooCLI(LightningCLI):
         try:
             super().parse_arguments(parser, args)
         except argparse.ArgumentError:
-            refused = _refused_non_finite(parser, argv) if given else None
+            refused = _refused_non_finite(parser, argv, given) if given else None
             if refused is None:
                 raise
             key, value = refused
@@ -312,8 +312,13 @@ class ZooCLI(LightningCLI):
         self.trainer.test(self.model, datamodule=self.datamodule, ckpt_path=best or None)
 
 
+def _spelt(value: str) -> str:
+    """A number's spelling without its sign, case or surrounding blanks."""
+    return value.strip().lower().lstrip("+-")
+
+
 def _spells_nan(value: str) -> bool:
-    return value.strip().lower().lstrip("+-") in ("nan", ".nan")
+    return _spelt(value) in ("nan", ".nan")
 
 
 def _non_finite_options(argv) -> list[tuple[int, str, str]]:
@@ -324,18 +329,19 @@ def _non_finite_options(argv) -> list[tuple[int, str, str]]:
         key, inline, value = str(arg).removeprefix("--").partition("=")
         at = i if inline or i + 1 == len(argv) else i + 1
         value = value if at == i else str(argv[at])
-        spelt = value.strip().lower().lstrip("+-")
-        if str(arg).startswith("--") and spelt in ("nan", ".nan", "inf", ".inf", "infinity"):
+        if str(arg).startswith("--") and _spelt(value) in ("nan", ".nan", "inf", ".inf", "infinity"):
             found.append((at, key, value))
     return found
 
 
-def _refused_non_finite(parser: LightningArgumentParser, argv: list[str]) -> tuple[str, str] | None:
-    """The key and value of the first NaN or infinity of ``argv`` that ``parser`` refused for a number, or ``None``.
+def _refused_non_finite(
+    parser: LightningArgumentParser, argv: list[str], given: list[tuple[int, str, str]]
+) -> tuple[str, str] | None:
+    """The key and value of the first NaN or infinity of ``argv`` (``given``: its :func:`_non_finite_options`) that
+    ``parser`` refused for a number, or ``None``.
 
     YAML reads ``nan`` and ``inf`` as words, which jsonargparse refuses for a number in a dump over many lines: when
     the command line parses with 1 in their place, one of them is what it refused."""
-    given = _non_finite_options(argv)
     with_one = list(argv)
     for i, _, value in given:
         with_one[i] = with_one[i].removesuffix(value) + "1"

@@ -62,6 +62,16 @@ __all__ = [
 TENSORS = ("q", "k", "v", "out")
 
 
+def _mask_(logits: Tensor, attn_mask: Tensor | None) -> Tensor:
+    """``attn_mask`` applied to float32 ``logits`` in place, as SDPA applies it: bool (``True`` = may attend) or
+    float (added)."""
+    if attn_mask is None:
+        return logits
+    if attn_mask.dtype == torch.bool:
+        return logits.masked_fill_(~attn_mask, float("-inf"))
+    return logits.add_(attn_mask.float())
+
+
 def quantized_product(
     q: Tensor,
     k: Tensor,
@@ -81,12 +91,7 @@ def quantized_product(
     q, k, v = quantize["q"](q), quantize["k"](k), quantize["v"](v)
     # in place where autograd allows (a matmul's backward does not read its output): the [B, H, T, T] passes are
     # what this costs
-    logits = (q @ k.transpose(-2, -1)).float().mul_(q.shape[-1] ** -0.5)
-    if attn_mask is not None:
-        if attn_mask.dtype == torch.bool:
-            logits.masked_fill_(~attn_mask, float("-inf"))
-        else:
-            logits.add_(attn_mask.float())
+    logits = _mask_((q @ k.transpose(-2, -1)).float().mul_(q.shape[-1] ** -0.5), attn_mask)
     probs = logits.softmax(-1)
     levels = 2**prob_bits - 1
     if probs.requires_grad:  # codes round(p * levels), straight-through
@@ -118,12 +123,7 @@ def codes_product(
     """
     (q, k, v), (sq, sk, sv) = codes, scales
     with torch.autocast(q.device.type, enabled=False):  # CPU bf16 autocast would round q k^T's sums
-        logits = (q @ k.transpose(-2, -1)) * (sq * sk * q.shape[-1] ** -0.5)
-        if attn_mask is not None:
-            if attn_mask.dtype == torch.bool:
-                logits = logits.masked_fill(~attn_mask, float("-inf"))
-            else:
-                logits = logits + attn_mask.float()
+        logits = _mask_((q @ k.transpose(-2, -1)) * (sq * sk * q.shape[-1] ** -0.5), attn_mask)
         levels = 2**prob_bits - 1
         probs = torch.round(logits.softmax(-1) * levels)
         return (probs.to(pv_dtype) @ v.to(pv_dtype)).float() * (sv / levels)
