@@ -82,6 +82,7 @@ from torch import Tensor, nn  # noqa: E402
 
 from zoo.contracts import Tokens  # noqa: E402
 from zoo.fusion import MIE  # noqa: E402
+from zoo.kernels.int8_attention import available as int8_attention_available  # noqa: E402
 from zoo.quant import (  # noqa: E402
     DEFAULT_OVERRIDES,
     QuantizedLinear,
@@ -504,10 +505,16 @@ def latency_mode(args) -> None:
                 float_dtype,
             ),
         }
-        if device == "cpu" and integer_attention_kernel() is not None:
-            # where torchao's AMX kernel runs, the product on the codes that CPUs without it run, side by side with it
-            variants["int8_per_tensor_attention_compiled, on the codes (torchao's kernel off)"] = (
+        if device == "cpu" and integer_attention_kernel() is not None and int8_attention_available():
+            # where torchao's AMX kernel runs, zoo's VNNI kernel that CPUs without AMX run, side by side with it
+            variants["int8_per_tensor_attention_compiled, zoo's VNNI kernel (torchao's off)"] = (
                 _compiled(_attention_with(int_models["int8_per_tensor_attention"], _has_kernel=False)),
+                float_dtype,
+            )
+        if device == "cpu" and (integer_attention_kernel() is not None or int8_attention_available()):
+            # the product on the codes with float GEMMs: what a CPU without either kernel runs
+            variants["int8_per_tensor_attention_compiled, on the codes (kernels off)"] = (
+                _compiled(_attention_with(int_models["int8_per_tensor_attention"], _has_kernel=False, _has_vnni=False)),
                 float_dtype,
             )
         # compile_regions(whole_fusion=False), the default until 2026-11-29: MIE's blocks one by one, its masks built
@@ -598,7 +605,9 @@ SWEEP_VARIANTS = (
     "int8_per_tensor_attention_compiled",
     "int8_per_tensor_attention_compiled, exact arithmetic",
     "int8_per_tensor_attention_compiled, float SDPA on the codes",
-    "int8_per_tensor_attention_compiled, on the codes (torchao's kernel off)",
+    "int8_per_tensor_attention_compiled, zoo's VNNI kernel (torchao's off)",
+    "int8_per_tensor_attention_compiled, on the codes (kernels off)",
+    "int8_per_tensor_attention",
     "int8_per_tensor_attention_compiled, blocks one by one",
     "bf16 autocast, float model compiled (reference)",
 )

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from zoo.contracts import Tokens
 from zoo.errors import ConfigError
 from zoo.fusion import MIE
+from zoo.kernels import int8_attention as vnni
 from zoo.layers import ScaledDotProduct
 from zoo.quant import (
     QATScaledDotProduct,
@@ -23,7 +24,11 @@ from zoo.quant import (
     restore_qat_layers,
     save_converted,
 )
-from zoo.quant.attention import integer_attention_kernel
+from zoo.quant.attention import codes_product, integer_attention_kernel
+
+needs_vnni = pytest.mark.skipif(
+    not vnni.available(), reason="zoo's int8 attention needs x86-64 with AVX-512 VNNI and cc"
+)
 
 
 def _qkv(batch=4, heads=2, length=37, head_dim=32, seed=0, dtype=torch.float32):
@@ -172,6 +177,7 @@ def test_converted_product_without_the_kernel_runs_float_sdpa_on_the_codes(mask_
     q, k, v = _qkv(length=64)
     mask = None if mask_kind is None else _masks(length=64)[mask_kind]
     converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
+    converted._has_vnni = False  # as on a CPU without AVX-512 VNNI or a C compiler
     exact = copy.deepcopy(converted)
     exact.exact = True
     with torch.no_grad(), torch.profiler.profile() as prof:
@@ -195,6 +201,7 @@ def test_compiled_product_on_a_cpu_without_the_kernel_runs_the_trained_arithmeti
     mask = _masks()["bool"]
     converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
     converted._has_kernel = False  # as on a CPU without AMX, or without torchao
+    converted._has_vnni = False  # and without AVX-512 VNNI or a C compiler
     converted._pv_dtype = pv_dtype  # bfloat16 where the CPU has AVX512-BF16
     exact = copy.deepcopy(converted)
     exact.exact = True
@@ -221,7 +228,7 @@ def test_compiled_product_on_the_codes_is_exact_under_cpu_autocast_and_leaves_gr
     q, k, v = _qkv()
     mask = _masks()["bool"]
     converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
-    converted._has_kernel, converted._pv_dtype = False, torch.float32
+    converted._has_kernel, converted._has_vnni, converted._pv_dtype = False, False, torch.float32
     exact = copy.deepcopy(converted)
     exact.exact = True
     torch._dynamo.reset()
@@ -299,9 +306,127 @@ def test_compiled_product_runs_the_integer_kernel_within_one_output_code(heads):
         expected = converted(q, k, v, mask)
     ops = {event.key for event in prof.key_averages()}
     # the reference arithmetic compiles to two batched GEMMs; the kernel computes both products itself. One head runs
-    # the reference arithmetic (torchao's template cannot take the dequantization that inductor would fuse into it)
-    assert any("bmm" in op for op in ops) == (heads == 1), ops
+    # zoo's VNNI kernel, or the reference arithmetic without it (torchao's template cannot take the dequantization
+    # that inductor would fuse into it)
+    assert any("bmm" in op for op in ops) == (heads == 1 and not vnni.available()), ops
+    assert any("zoo::int8_attention" in op for op in ops) == (heads == 1 and vnni.available()), ops
     out_scale = converted.scale[-1].item()
     steps = ((got - expected) / out_scale).round().abs()
     # same codes but for the softmax's float rounding, which moves a few probabilities across a rounding boundary
     assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01, (steps.max(), (steps > 0).float().mean())
+
+
+def _codes(shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(-127, 128, shape, generator=g, dtype=torch.int8)
+
+
+@needs_vnni
+@pytest.mark.parametrize("length", [1, 16, 45])
+@pytest.mark.parametrize("mask_kind", [None, "float", "per_head", "bool"])
+def test_vnni_kernel_rounds_the_probabilities_as_the_trained_arithmetic(length, mask_kind):
+    # v = the identity (codes 1) reads the probability codes P out of the output: out = P * v_scale
+    batch, heads, head_dim = 2, 3, length if length % 4 == 0 else length + 3
+    q, k = _codes((batch, heads, length, head_dim), 0), _codes((batch, heads, length, head_dim), 1)
+    v = torch.eye(length, head_dim, dtype=torch.int8).expand(batch, heads, length, head_dim)
+    mask = None
+    if mask_kind is not None:
+        g = torch.Generator().manual_seed(2)
+        blocked = torch.rand(batch, heads if mask_kind == "per_head" else 1, length, length, generator=g) > 0.6
+        blocked &= ~torch.eye(length, dtype=torch.bool)
+        mask = ~blocked if mask_kind == "bool" else torch.zeros(blocked.shape).masked_fill(blocked, float("-inf"))
+        if mask_kind == "per_head":
+            mask = mask + torch.randn(mask.shape, generator=g)  # a finite bias per head, as MIE's learned schedule
+    qk_scale, levels = 2e-3, 255
+    got = vnni.int8_attention(q, k, v, mask, qk_scale, 1.0, levels)[..., :length]
+    assert torch.equal(got, got.round())  # whole codes of 1 / levels
+    logits = (q.double() @ k.double().transpose(-2, -1)) * qk_scale
+    if mask is not None:
+        logits = logits + (
+            mask.double()
+            if mask.dtype != torch.bool
+            else torch.zeros(mask.shape).masked_fill(~mask, float("-inf")).double()
+        )
+    scaled = logits.softmax(-1) * levels
+    expected = scaled.round()
+    # the codes of a float64 softmax, but where float32's last bits put a value across a rounding boundary
+    differ = got != expected
+    assert (got - expected).abs().max() <= 1
+    assert ((scaled[differ] - scaled[differ].floor() - 0.5).abs() < 1e-3).all()
+    assert differ.float().mean() < 1e-3
+
+
+@needs_vnni
+@pytest.mark.parametrize("head_dim", [32, 24, 8])
+def test_vnni_kernel_matches_the_product_on_the_codes(head_dim):
+    batch, heads, length = 4, 4, 117  # MIE's sequence in the VQA model: past several 16-wide blocks
+    q, k, v = (_codes((batch, heads, length, head_dim), seed) for seed in range(3))
+    mask = _masks(batch, length)["float"]
+    scales = torch.tensor(0.011), torch.tensor(0.013), torch.tensor(0.02)
+    got = vnni.int8_attention(q, k, v, mask, (0.011 * 0.013) * head_dim**-0.5, 0.02 / 255, 255)
+    expected = codes_product((q.float(), k.float(), v.float()), scales, mask, prob_bits=8)  # exact p v in float32
+    # float32's exp in the two differs in the last bits, which moves a probability code now and then: by one code
+    one_code = 0.02 / 255 * 127
+    differ = (got - expected).abs() > 1e-6
+    assert (got - expected).abs().max() <= 2 * one_code and differ.float().mean() < 0.01
+
+
+@needs_vnni
+def test_vnni_kernel_gives_zeros_for_a_row_that_sees_nothing_and_refuses_bad_inputs():
+    q, k, v = (_codes((1, 2, 5, 8), seed) for seed in range(3))
+    mask = torch.zeros(5, 5)
+    mask[2] = float("-inf")
+    out = vnni.int8_attention(q, k, v, mask, 0.01, 0.01, 255)
+    assert torch.equal(out[:, :, 2], torch.zeros(1, 2, 8)) and out[:, :, [0, 1, 3, 4]].abs().sum() > 0
+    with pytest.raises(ValueError, match="int8 CPU tensors"):
+        vnni.int8_attention(q.float(), k, v, None, 0.01, 0.01, 255)
+    with pytest.raises(ValueError, match="D % 4"):
+        vnni.int8_attention(q[..., :6], k[..., :6], v[..., :6], None, 0.01, 0.01, 255)
+
+
+@needs_vnni
+def test_converted_product_runs_the_vnni_kernel_eager_and_compiled_within_one_output_code():
+    q, k, v = _qkv(length=45)
+    mask = _masks(length=45)["float"]
+    converted = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask))
+    converted._has_kernel = False  # torchao's AMX kernel, where there is one, is another test's
+    exact = copy.deepcopy(converted)
+    exact.exact = True
+    torch._dynamo.reset()
+    compiled = torch.compile(copy.deepcopy(converted), dynamic=False, fullgraph=True)
+    out_scale = converted.scale[-1]
+    with torch.no_grad():
+        expected = exact(q, k, v, mask)
+        for run in (converted, compiled):
+            with torch.profiler.profile() as prof:
+                got = run(q, k, v, mask)
+            ops = {event.key for event in prof.key_averages()}
+            assert "zoo::int8_attention" in ops and not any("bmm" in op or "scaled_dot" in op for op in ops), ops
+            steps = ((got - expected) / out_scale).round().abs()
+            # the trained arithmetic's codes but where exp's last bit moves a probability across a rounding boundary
+            assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01, (steps.max(), (steps > 0).float().mean())
+    # gradients, another bit width or asymmetric codes take the other paths
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    converted(*leaves, mask).sum().backward()
+    assert all(t.grad is not None for t in leaves)
+    asymmetric = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask, quant_method="asymmetric"))
+    assert not asymmetric._runs_vnni(q, 0.0)
+
+
+@needs_vnni
+def test_converted_mie_on_the_vnni_kernel_matches_the_trained_arithmetic():
+    torch.manual_seed(0)
+    qat = quantize_(_mie(), attention_bit=8, activation_granularity="per_tensor").eval()
+    x = _tokens()
+    with torch.no_grad(), calibrating(qat):
+        qat(x)
+    integer = convert_(copy.deepcopy(qat))
+    exact = copy.deepcopy(integer)
+    for layer in exact.modules():
+        if isinstance(layer, QuantizedScaledDotProduct):
+            layer.exact = True
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        got = integer(x).pooled
+    assert "zoo::int8_attention" in {event.key for event in prof.key_averages()}
+    with torch.no_grad():
+        torch.testing.assert_close(got, exact(x).pooled, atol=0.02, rtol=0)

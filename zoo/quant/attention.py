@@ -7,11 +7,18 @@ The projections around it (``qkv``, ``proj``) are quantized linears; this module
   tensor each, observed or learned, as the per-tensor linear inputs), the attention probabilities (unsigned codes
   with the fixed scale ``1 / (2^bits - 1)``: they lie in ``[0, 1]``, and a fixed scale needs no calibration) and the
   output (per tensor);
-* :class:`QuantizedScaledDotProduct` (what :func:`zoo.quant.convert_` makes of it) keeps those scales. On an x86 CPU
-  with AMX, under ``torch.compile``, at 8 bits, it runs torchao's int8 attention: inductor generates the kernel from
-  torchao's C++ template (``torchao.prototype.inductor``; uint8 ``q k^T`` and ``p v`` on AMX tiles, the softmax in
-  float32 between them, the probabilities and the output written as codes). Compiled on any other CPU at 8 bits (no
-  AMX, no torchao, a single head), without gradients, it runs the same product on the codes with float GEMMs
+* :class:`QuantizedScaledDotProduct` (what :func:`zoo.quant.convert_` makes of it) keeps those scales. At 8 bits,
+  without gradients, on a CPU it runs an integer kernel:
+
+  - on an x86 CPU with AMX, under ``torch.compile``: torchao's int8 attention (inductor generates the kernel from
+    torchao's C++ template, ``torchao.prototype.inductor``; uint8 ``q k^T`` and ``p v`` on AMX tiles, the softmax in
+    float32 between them, the probabilities and the output written as codes);
+  - otherwise, on an x86 CPU with AVX-512 VNNI (AMD Zen 4, Intel since Ice Lake), eager or compiled, on symmetric
+    codes: zoo's own
+    (:func:`zoo.kernels.int8_attention.int8_attention`): ``q k^T`` and ``p v`` as exact int32 sums, the softmax in
+    float32, the probabilities rounded to their codes: the trained arithmetic but for exp's last bit.
+
+  Compiled on any other CPU at 8 bits it runs the same product on the codes with float GEMMs
   (:func:`codes_product`): ``q k^T`` of the integer codes in float32 (exact), the softmax in float32, the
   probabilities rounded to their codes, and ``p v`` of the codes in bfloat16 where the CPU multiplies bfloat16 in
   hardware (AVX512-BF16: codes of 8 bits or fewer are exact in bfloat16, the float32 sums are rounded once to
@@ -38,6 +45,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from zoo.errors import ConfigError
+from zoo.kernels.int8_attention import available as int8_attention_available
+from zoo.kernels.int8_attention import int8_attention
 from zoo.layers.attention import ScaledDotProduct, scaled_dot_product
 from zoo.quant.fake_quant import (
     FakeQuantizer,
@@ -249,6 +258,7 @@ class QuantizedScaledDotProduct(nn.Module):
         # Python numbers for the integer kernel, which takes scalars
         self._qparams = [(float(s), int(z)) for s, z in zip(self.scale.tolist(), self.zero_point.tolist(), strict=True)]
         self._has_kernel = integer_attention_kernel() is not None  # looked up here: compiled code reads the flags
+        self._has_vnni = int8_attention_available()
         # without it the product's bfloat16 GEMM is emulated, slower than float32's (read on this machine, as the flag
         # above: a module pickled whole keeps the choice of the machine that built or loaded it)
         self._pv_dtype = torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else torch.float32
@@ -258,6 +268,8 @@ class QuantizedScaledDotProduct(nn.Module):
     ) -> Tensor:
         if self._runs_kernel(q, dropout_p):
             return self._integer(q, k, v, attn_mask)
+        if self._runs_vnni(q, dropout_p):
+            return self._vnni(q, k, v, attn_mask)
         if self._runs_codes(q, dropout_p):
             # inductor fuses the quantization, the mask, the softmax and the rounding into the GEMMs' neighbours:
             # faster than float SDPA on a CPU, whose flash kernel is slow at short sequences (README, "QAT")
@@ -287,6 +299,18 @@ class QuantizedScaledDotProduct(nn.Module):
             and self._has_kernel
         )
 
+    def _runs_vnni(self, q: Tensor, dropout_p: float) -> bool:
+        return (
+            not (self.exact or self.float_sdpa)
+            and self.bits == 8
+            and self.symmetric  # the kernel takes codes with zero point 0
+            and dropout_p == 0.0
+            and not (torch.is_grad_enabled() and q.requires_grad)  # its roundings pass no gradient
+            and q.device.type == "cpu"
+            and q.shape[-1] % 4 == 0
+            and self._has_vnni
+        )
+
     def _runs_codes(self, q: Tensor, dropout_p: float) -> bool:
         return (
             not (self.exact or self.float_sdpa)
@@ -306,6 +330,17 @@ class QuantizedScaledDotProduct(nn.Module):
             for i, x in enumerate((q, k, v))
         ]
         return self.integer_product(*codes, attn_mask)
+
+    def _vnni(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        qmin, qmax = quant_range(self.bits, self.symmetric)
+        codes = [
+            quantize_codes(x.float(), self.scale[i], self.zero_point[i], qmin, qmax).to(torch.int8)
+            for i, x in enumerate((q, k, v))
+        ]
+        (sq, _), (sk, _), (sv, _), _ = self._qparams
+        levels = 2**self.bits - 1
+        out = int8_attention(*codes, attn_mask, sq * sk * q.shape[-1] ** -0.5, sv / levels, levels)
+        return self._fake_quantize(TENSORS.index("out"), out).to(q.dtype)
 
     def _codes(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
         qmin, qmax = quant_range(self.bits, self.symmetric)
