@@ -11,10 +11,11 @@ Why a kernel of our own: PyTorch 2.11 has no integer attention, and torchao's (0
 tiles, which AMD's CPUs and Intel's before Sapphire Rapids lack; on those, without it, the integer model's attention
 cost as much as fp32 SDPA (README, "QAT").
 
-The C source is compiled once per machine at first use (the C compiler ``$CC`` or ``cc``, ``-O3 -march=native
--fopenmp``), into ``$ZOO_KERNEL_CACHE`` (default ``~/.cache/zoo/kernels``; the temporary directory where that cannot
-be written), keyed by the source, the compiler and the CPU's flags, and written atomically. Without a compiler,
-without AVX-512 VNNI, or off x86-64 Linux, :func:`available` is false and callers take another path.
+The C source is compiled once per machine at first use (the C compiler ``$CC``, else ``cc``, ``gcc`` or ``clang``,
+with ``-O3 -march=native -fopenmp``), into ``$ZOO_KERNEL_CACHE`` (default ``~/.cache/zoo/kernels``; the temporary
+directory where that cannot be written), keyed by the source, the compiler and the CPU's flags, and written
+atomically. Without a compiler, without AVX-512 VNNI, or off x86-64 Linux, :func:`available` is false and callers
+take another path.
 """
 
 from __future__ import annotations
@@ -61,9 +62,9 @@ def _library() -> ctypes.CDLL | None:
         return None
     if "avx512_vnni" not in _cpu_flags().split():
         return None
-    compiler = shutil.which(os.environ.get("CC", "cc"))
+    compiler = next(filter(None, map(shutil.which, [os.environ.get("CC", ""), "cc", "gcc", "clang"])), None)
     if compiler is None:
-        log.info("zoo int8 attention: no C compiler ($CC or cc); the integer attention takes another path")
+        log.info("zoo int8 attention: no C compiler ($CC, cc, gcc, clang); the integer attention takes another path")
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
