@@ -91,6 +91,7 @@ from zoo.quant import (  # noqa: E402
     calibrating,
     convert_,
     converted_layers,
+    load_converted,
     quantize_,
     save_converted,
     state_dict_bytes,
@@ -706,6 +707,56 @@ def profile_mode(args) -> None:
     print(f"wrote {path}")
 
 
+#: the runtime choices of every QuantizedScaledDotProduct for each path that --mode attention-paths tests
+ATTENTION_PATHS = {
+    "trained arithmetic (exact)": {"exact": True},
+    "zoo's VNNI kernel": {},
+    "float SDPA on the codes": {"_has_vnni": False},
+}
+
+
+def attention_paths_mode(args) -> None:
+    """One converted model (``--converted``, written by ``python -m zoo convert``) tested on the CPU on each
+    attention path of :data:`ATTENTION_PATHS`, eager: test accuracy, and how many test predictions agree with the
+    trained arithmetic's."""
+    from zoo.cli import ZooCLI, resolve_config_args
+
+    if not args.converted:
+        raise SystemExit("--mode attention-paths needs --converted MODEL.pt (python -m zoo convert writes it)")
+    if not int8_attention_available():
+        raise SystemExit("--mode attention-paths: zoo's VNNI kernel does not run here (AVX-512 VNNI and cc)")
+    cli = ZooCLI(args=resolve_config_args(["--config", args.config, "--trainer.accelerator=cpu"]), run=False)
+    data, trainer = cli.datamodule, cli.trainer
+    data.prepare_data()
+    data.setup("test")
+    model = load_converted(args.converted)
+    rows, predictions = [], {}
+    for name, choice in ATTENTION_PATHS.items():
+        variant = _attention_with(model, **choice)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            predictions[name] = torch.cat([variant(batch).argmax(-1) for batch in data.test_dataloader()])
+        seconds = time.perf_counter() - start
+        accuracy = _test(trainer, variant, data)
+        reference = predictions["trained arithmetic (exact)"]
+        agree = (predictions[name] == reference).float().mean().item()
+        rows.append(
+            {"path": name, **accuracy, "predictions_as_exact": round(agree, 5), "test_seconds": round(seconds, 1)}
+        )
+    print(table(rows, list(rows[0])))
+    payload = {
+        "mode": "attention-paths",
+        "cpu_model": cpu_model(),
+        "converted": args.converted,
+        "config": args.config,
+        "test_examples": len(reference),
+        "paths": rows,
+        "method": "eager CPU inference of one converted model, each attention layer on the path named; test/acc from"
+        " Trainer.test, agreement of the arg-max answers with the trained arithmetic's over the test split",
+    }
+    print(f"wrote {write_result('qat_attention_paths', payload, Path(args.out_dir))}")
+
+
 #: the profiler's name of a kernel inductor generated (``cpp.enable_kernel_profile``): ``graph_<n>_kernel`` for a
 #: template (here torchao's int8 attention), ``graph_<n>_cpp_fused_<ops>_<k>`` for the fused pointwise and norm loops
 _KERNEL = re.compile(r"graph_\d+_(kernel|cpp_fused_.*)$")
@@ -1008,12 +1059,13 @@ def _speed(timing: dict | None, base: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--mode", choices=["latency", "accuracy", "profile"], default="latency")
+    parser.add_argument("--mode", choices=["latency", "accuracy", "profile", "attention-paths"], default="latency")
     parser.add_argument("--out-dir", default=str(ROOT / "benchmarks" / "results"))
     parser.add_argument("--reps", type=int, default=15, help="timed rounds per variant")
     # latency mode
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--config", default="vqa.yaml", help="model of a fresh run (latency mode)")
+    parser.add_argument("--config", default="vqa.yaml", help="model of a fresh run (latency); data (attention-paths)")
+    parser.add_argument("--converted", default=None, help="attention-paths: a model `python -m zoo convert` wrote")
     parser.add_argument("--ckpt", default=None, help="a float checkpoint instead of a fresh model (latency mode)")
     parser.add_argument("--batch-size", type=int, default=None, help="latency: 64 CPU, 256 GPU; accuracy: 256")
     parser.add_argument("--sweep-batches", type=int, nargs="*", default=[16, 64, 256],
@@ -1050,10 +1102,10 @@ def main() -> None:
     args, extra = parser.parse_known_args()
     if args.run_one:
         run_one(args.run_one[0], extra, Path(args.run_one[1]), args.reps, finetune=args.finetune, ptq=args.ptq)
-    elif args.mode in ("latency", "profile"):
+    elif args.mode in ("latency", "profile", "attention-paths"):
         if extra:
             parser.error(f"unknown arguments {extra}")
-        (latency_mode if args.mode == "latency" else profile_mode)(args)
+        {"latency": latency_mode, "profile": profile_mode, "attention-paths": attention_paths_mode}[args.mode](args)
     else:
         accuracy_mode(args, extra)
 
