@@ -213,11 +213,12 @@ class QuantizedScaledDotProduct(nn.Module):
 
     ``exact``: where torchao's kernel does not run, run the fake-quantized model's arithmetic (its output to the
     last bit) rather than zoo's VNNI kernel (a CPU with AVX-512 VNNI: exp's last bit may move a probability code),
-    :func:`codes_product` (compiled on a CPU; ``p v`` rounded once in bfloat16 where the CPU has it) or float SDPA on the dequantized codes (eager, or a GPU, at 8 bits: the probabilities are not rounded to
-    their codes, an error of at most 1/510 each, and no ``[B, H, T, T]`` tensor is written out). A runtime choice,
-    not saved with the state dict; set it on a loaded model with ``layer.exact = True``. ``float_sdpa``, another
-    runtime choice: float SDPA on the dequantized codes on a CPU too, eager or compiled (the path before zoo's
-    kernel and :func:`codes_product`; for comparison).
+    :func:`codes_product` (compiled on a CPU; ``p v`` rounded once in bfloat16 where the CPU has it) or float SDPA on
+    the dequantized codes (eager, or a GPU, at 8 bits: the probabilities are not rounded to their codes, an error of
+    at most 1/510 each, and no ``[B, H, T, T]`` tensor is written out). A runtime choice, not saved with the state
+    dict; set it on a loaded model with ``layer.exact = True``. ``float_sdpa``, another runtime choice: float SDPA on
+    the dequantized codes on a CPU too, eager or compiled (the path before zoo's kernel and :func:`codes_product`;
+    for comparison).
     """
 
     zoo_converted = True
