@@ -729,7 +729,7 @@ def attention_paths_mode(args) -> None:
     data, trainer = cli.datamodule, cli.trainer
     data.prepare_data()
     data.setup("test")
-    model = load_converted(args.converted)
+    model = load_converted(args.converted, cli.model)  # the config gives the architecture the file was converted from
     rows, predictions = [], {}
     for name, choice in ATTENTION_PATHS.items():
         variant = _attention_with(model, **choice)
