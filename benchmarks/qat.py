@@ -83,6 +83,7 @@ from torch import Tensor, nn  # noqa: E402
 from zoo.contracts import Tokens  # noqa: E402
 from zoo.fusion import MIE  # noqa: E402
 from zoo.kernels.int8_attention import available as int8_attention_available  # noqa: E402
+from zoo.kernels.int8_attention import int8_attention  # noqa: E402
 from zoo.quant import (  # noqa: E402
     DEFAULT_OVERRIDES,
     QuantizedLinear,
@@ -299,11 +300,13 @@ def _ffn_layer(device: str, reps: int, compile_: bool) -> dict:
 def _attention_layer(reps: int) -> dict:
     """The attention product alone at MIE's shape (64 x 117 tokens, 4 heads of 32), on the CPU, the modality mask of
     MIE's early layers (``-inf`` blocks): fp32 SDPA against the converted product eager (float SDPA on the codes) and
-    compiled. With torchao's AMX kernel: the compiled product (quantizing its float inputs, the kernel, dequantizing
+    compiled. With zoo's VNNI kernel: the product on it eager and compiled, and the kernel alone on codes. With
+    torchao's AMX kernel: the compiled product (quantizing its float inputs, the kernel, dequantizing
     the output) and the kernel alone on codes already quantized. Without it: the compiled product on the codes
     (``codes_product``) and with ``float_sdpa``; the product compiled with MIE's mask building in the same graph,
     the masks built by ``zoo::mie_attention_masks`` against the same operations inlined (as MIE built them before
-    the operator); and the two GEMMs of ``codes_product`` alone, in float32 and in bfloat16, on codes."""
+    the operator; both on ``codes_product``); and the two GEMMs of ``codes_product`` alone, in float32 and in
+    bfloat16, on codes."""
     from zoo.fusion.mie import attention_masks
     from zoo.quant import QATScaledDotProduct
 
@@ -317,10 +320,21 @@ def _attention_layer(reps: int) -> dict:
     with torch.no_grad(), calibrating(qat):
         qat(q, k, v, mask)
     product = QuantizedScaledDotProduct.from_qat(qat).eval()
+    sdpa_on_codes = _attention_with(product, _has_vnni=False)
     fns = {
         "fp32": lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
-        "int8, eager (float SDPA on the codes)": lambda: product(q, k, v, mask),
+        "int8, eager (float SDPA on the codes)": lambda: sdpa_on_codes(q, k, v, mask),
     }
+    if int8_attention_available():
+        # zoo's kernel: quantizing its float inputs, eager and compiled, and alone on codes already quantized
+        int8_codes = [torch.randint(-127, 128, t.shape, dtype=torch.int8) for t in (q, k, v)]
+        zoo_eager = _attention_with(product, _has_kernel=False)
+        zoo_compiled = torch.compile(zoo_eager, dynamic=False)
+        fns |= {
+            "int8, zoo's VNNI kernel, eager": lambda: zoo_eager(q, k, v, mask),
+            "int8, zoo's VNNI kernel, compiled": lambda: zoo_compiled(q, k, v, mask),
+            "zoo's VNNI kernel alone, on codes": lambda: int8_attention(*int8_codes, mask, 1e-4, 1e-4, 255),
+        }
     torch._dynamo.reset()
     compiled = torch.compile(product, dynamic=False)
     if integer_attention_kernel() is not None:
@@ -333,6 +347,7 @@ def _attention_layer(reps: int) -> dict:
         }
     else:
         sdpa = torch.compile(_attention_with(product, float_sdpa=True), dynamic=False)
+        compiled = torch.compile(_attention_with(product, _has_vnni=False), dynamic=False)
         codes = [torch.randint(-127, 128, t.shape).float() for t in (q, k, v)]
         logits = codes[0] @ codes[1].transpose(-2, -1)
         probs = torch.randint(0, 256, logits.shape).float()
@@ -351,13 +366,13 @@ def _attention_layer(reps: int) -> dict:
         def product_with_masks(inline: bool) -> Callable[[], Tensor]:
             def run(q, k, v, tokens, group):
                 masks = inline_masks(tokens, group) if inline else attention_masks(tokens, group, torch.float32)[0]
-                return product(q, k, v, masks)
+                return sdpa_on_codes(q, k, v, masks)  # compiled: codes_product
 
             fn = torch.compile(run, dynamic=False)
             return lambda: fn(q, k, v, tokens, group)
 
         fns |= {
-            "int8 compiled, on the codes (codes_product)": lambda: compiled(q, k, v, mask),
+            "int8 compiled, on the codes (codes_product, zoo's kernel off)": lambda: compiled(q, k, v, mask),
             "int8 compiled with MIE's masks, by zoo::mie_attention_masks": product_with_masks(inline=False),
             "int8 compiled with MIE's masks, inlined": product_with_masks(inline=True),
             "int8 compiled, float SDPA on the codes": lambda: sdpa(q, k, v, mask),
