@@ -358,9 +358,13 @@ def test_vnni_kernel_rounds_the_probabilities_as_the_trained_arithmetic(length, 
 
 @needs_vnni
 @pytest.mark.parametrize("head_dim", [32, 24, 8])
-def test_vnni_kernel_matches_the_product_on_the_codes(head_dim):
+@pytest.mark.parametrize("layout", ["contiguous", "split"])
+def test_vnni_kernel_matches_the_product_on_the_codes(head_dim, layout):
     batch, heads, length = 4, 4, 117  # MIE's sequence in the VQA model: past several 16-wide blocks
-    q, k, v = (_codes((batch, heads, length, head_dim), seed) for seed in range(3))
+    if layout == "contiguous":
+        q, k, v = (_codes((batch, heads, length, head_dim), seed) for seed in range(3))
+    else:  # views of one [B, T, H, 3, Dh] tensor, as the qkv projection's output is split
+        q, k, v = _codes((batch, length, heads, 3, head_dim), 0).permute(3, 0, 2, 1, 4).unbind(0)
     mask = _masks(batch, length)["float"]
     scales = torch.tensor(0.011), torch.tensor(0.013), torch.tensor(0.02)
     got = vnni.int8_attention(q, k, v, mask, (0.011 * 0.013) * head_dim**-0.5, 0.02 / 255, 255)

@@ -1,6 +1,7 @@
 /* Integer attention on x86 CPUs with AVX-512 VNNI: softmax(q k^T * s + mask) v on signed 8-bit codes.
 
-   q, k, v: int8 codes [B, H, T, D], contiguous, zero points 0 (symmetric quantization).
+   q, k, v: int8 codes [B, H, T, D], zero points 0 (symmetric quantization); element (b, h, t, d) of q at
+   q + b*strides[0] + h*strides[1] + t*strides[2] + d, of k with strides[3..5], of v with strides[6..8].
    out[b, h, i, :] = v_scale * sum_j P[i, j] v[j, :], float32 [B, H, T, D], where
    P[i, j] = round(levels * softmax_j(qk_scale * (q_i . k_j) + mask[b, h, i, j])), unsigned codes.
 
@@ -44,12 +45,13 @@ static inline __m512 exp_neg(__m512 x) {
 }
 
 /* Pack one head's keys for the q.k dot products: kp[d4][j] = the 4 codes k[j, 4*d4 .. 4*d4 + 3] as one int32
-   (j < Tp, zero past T), and ksum128[j] = 128 * sum_d k[j, d]. */
-static void pack_keys(const int8_t *k, int64_t T, int64_t D, int64_t Tp, int32_t *kp, int32_t *ksum128) {
+   (j < Tp, a multiple of 16; zero past T), and ksum128[j] = 128 * sum_d k[j, d]. */
+static void pack_keys(const int8_t *k, int64_t row_stride, int64_t T, int64_t D, int64_t Tp, int32_t *kp,
+                      int32_t *ksum128) {
     const int64_t D4 = D / 4;
     for (int64_t d4 = 0; d4 < D4; ++d4) {
         int32_t *row = kp + d4 * Tp;
-        for (int64_t j = 0; j < T; ++j) memcpy(row + j, k + j * D + 4 * d4, 4);
+        for (int64_t j = 0; j < T; ++j) memcpy(row + j, k + j * row_stride + 4 * d4, 4);
         for (int64_t j = T; j < Tp; ++j) row[j] = 0;
     }
     const __m512i ones = _mm512_set1_epi8(1);
@@ -60,21 +62,22 @@ static void pack_keys(const int8_t *k, int64_t T, int64_t D, int64_t Tp, int32_t
     }
 }
 
-/* Pack one head's values for P v: vp[jg][e] = the 4 codes v[4*jg .. 4*jg + 3, e] as one int32 (e < Dp, zero past D
-   and past T). */
-static void pack_values(const int8_t *v, int64_t T, int64_t D, int64_t T4, int64_t Dp, int8_t *vp) {
-    memset(vp, 0, (size_t)(T4 * Dp));
-    for (int64_t jg = 0; jg < T4 / 4; ++jg) {
+/* Pack one head's values for P v: vp[jg][e] = the 4 codes v[4*jg .. 4*jg + 3, e] as one int32 (jg < Tp / 4, e < Dp;
+   zero past D and past T). */
+static void pack_values(const int8_t *v, int64_t row_stride, int64_t T, int64_t D, int64_t Tp, int64_t Dp,
+                        int8_t *vp) {
+    memset(vp, 0, (size_t)(Tp * Dp));
+    for (int64_t jg = 0; jg < (T + 3) / 4; ++jg) {
         const int64_t rows = T - 4 * jg < 4 ? T - 4 * jg : 4;
         int8_t *dst = vp + jg * Dp * 4;
         int64_t e = 0;
         if (rows == 4) {
             for (; e + 16 <= D; e += 16) {
-                const int8_t *src = v + 4 * jg * D + e;
+                const int8_t *src = v + 4 * jg * row_stride + e;
                 const __m128i r0 = _mm_loadu_si128((const __m128i *)src);
-                const __m128i r1 = _mm_loadu_si128((const __m128i *)(src + D));
-                const __m128i r2 = _mm_loadu_si128((const __m128i *)(src + 2 * D));
-                const __m128i r3 = _mm_loadu_si128((const __m128i *)(src + 3 * D));
+                const __m128i r1 = _mm_loadu_si128((const __m128i *)(src + row_stride));
+                const __m128i r2 = _mm_loadu_si128((const __m128i *)(src + 2 * row_stride));
+                const __m128i r3 = _mm_loadu_si128((const __m128i *)(src + 3 * row_stride));
                 const __m128i a = _mm_unpacklo_epi8(r0, r1), b = _mm_unpackhi_epi8(r0, r1);
                 const __m128i c = _mm_unpacklo_epi8(r2, r3), d = _mm_unpackhi_epi8(r2, r3);
                 _mm_storeu_si128((__m128i *)(dst + 4 * e), _mm_unpacklo_epi16(a, c));
@@ -84,16 +87,19 @@ static void pack_values(const int8_t *v, int64_t T, int64_t D, int64_t T4, int64
             }
         }
         for (; e < D; ++e)
-            for (int64_t r = 0; r < rows; ++r) dst[4 * e + r] = v[(4 * jg + r) * D + e];
+            for (int64_t r = 0; r < rows; ++r) dst[4 * e + r] = v[(4 * jg + r) * row_stride + e];
     }
 }
 
-int zoo_int8_attention(const int8_t *q, const int8_t *k, const int8_t *v, const float *mask, int64_t mask_sb,
-                       int64_t mask_sh, int64_t mask_si, float *out, int64_t B, int64_t H, int64_t T, int64_t D,
+int zoo_int8_attention(const int8_t *q, const int8_t *k, const int8_t *v, const int64_t *strides, const float *mask,
+                       int64_t mask_sb, int64_t mask_sh, int64_t mask_si, float *out, int64_t B, int64_t H, int64_t T,
+                       int64_t D,
                        float qk_scale, float v_scale, int32_t levels) {
     if (D % 4 != 0 || T <= 0 || levels < 1 || levels > 255) return 1;
-    const int64_t Tp = (T + 15) / 16 * 16, T4 = (T + 3) / 4 * 4, Dp = (D + 15) / 16 * 16, D4 = D / 4;
-    const size_t scratch = sizeof(int32_t) * (size_t)(D4 * Tp + Tp) + (size_t)(T4 * Dp) + sizeof(float) * Tp + Tp;
+    /* Tq: keys padded to whole groups of 4 blocks of 16 (the q.k loop runs 4 independent accumulators); Tp: whole
+       blocks of 16 (the softmax, and the values in groups of 4 rows, 4 accumulators each) */
+    const int64_t Tq = (T + 63) / 64 * 64, Tp = (T + 15) / 16 * 16, Dp = (D + 15) / 16 * 16, D4 = D / 4;
+    const size_t scratch = sizeof(int32_t) * (size_t)(D4 * Tq + Tq) + (size_t)(Tp * Dp) + sizeof(float) * Tq + Tq;
     int failed = 0;
 #pragma omp parallel reduction(| : failed)
     {
@@ -102,37 +108,46 @@ int zoo_int8_attention(const int8_t *q, const int8_t *k, const int8_t *v, const 
             failed = 1;
         } else {
             int32_t *kp = (int32_t *)buffer;
-            int32_t *ksum128 = kp + D4 * Tp;
-            int8_t *vp = (int8_t *)(ksum128 + Tp);
-            float *row = (float *)(((uintptr_t)(vp + T4 * Dp) + 63) & ~(uintptr_t)63);
-            uint8_t *codes = (uint8_t *)(row + Tp);
+            int32_t *ksum128 = kp + D4 * Tq;
+            int8_t *vp = (int8_t *)(ksum128 + Tq);
+            float *row = (float *)(((uintptr_t)(vp + Tp * Dp) + 63) & ~(uintptr_t)63);
+            uint8_t *codes = (uint8_t *)(row + Tq);
             const __m512 ninf = _mm512_set1_ps(-INFINITY), scale = _mm512_set1_ps(qk_scale);
-            const __m512 vscale = _mm512_set1_ps(v_scale), nlevels = _mm512_set1_ps((float)levels);
+            const __m512 vscale = _mm512_set1_ps(v_scale);
             const int32_t sign = (int32_t)0x80808080u;
 #pragma omp for schedule(static)
             for (int64_t bh = 0; bh < B * H; ++bh) {
                 const int64_t b = bh / H, h = bh % H, head = bh * T * D;
-                pack_keys(k + head, T, D, Tp, kp, ksum128);
-                pack_values(v + head, T, D, T4, Dp, vp);
+                const int8_t *qh = q + b * strides[0] + h * strides[1];
+                pack_keys(k + b * strides[3] + h * strides[4], strides[5], T, D, Tq, kp, ksum128);
+                pack_values(v + b * strides[6] + h * strides[7], strides[8], T, D, Tp, Dp, vp);
                 for (int64_t i = 0; i < T; ++i) {
-                    const int8_t *qi = q + head + i * D;
+                    const int8_t *qi = qh + i * strides[2];
                     const float *mi = mask ? mask + b * mask_sb + h * mask_sh + i * mask_si : NULL;
                     __m512 vmax = ninf;
-                    for (int64_t j0 = 0; j0 < Tp; j0 += 16) {
-                        __m512i acc = _mm512_setzero_si512();
+                    for (int64_t j0 = 0; j0 < Tq; j0 += 64) {
+                        /* four blocks of 16 keys at once: four independent chains of dot products */
+                        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                                          _mm512_setzero_si512()};
                         for (int64_t d4 = 0; d4 < D4; ++d4) {
                             int32_t word;
                             memcpy(&word, qi + 4 * d4, 4);
-                            acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(word ^ sign),
-                                                      _mm512_loadu_si512(kp + d4 * Tp + j0));
+                            const __m512i qw = _mm512_set1_epi32(word ^ sign);
+                            const int32_t *kd = kp + d4 * Tq + j0;
+                            for (int u = 0; u < 4; ++u)
+                                acc[u] = _mm512_dpbusd_epi32(acc[u], qw, _mm512_loadu_si512(kd + 16 * u));
                         }
-                        acc = _mm512_sub_epi32(acc, _mm512_loadu_si512(ksum128 + j0));
-                        const __mmask16 valid = T - j0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - j0)) - 1);
-                        __m512 logit = _mm512_mul_ps(_mm512_cvtepi32_ps(acc), scale);
-                        if (mi) logit = _mm512_add_ps(logit, _mm512_maskz_loadu_ps(valid, mi + j0));
-                        logit = _mm512_mask_blend_ps(valid, ninf, logit);
-                        _mm512_store_ps(row + j0, logit);
-                        vmax = _mm512_max_ps(vmax, logit);
+                        for (int u = 0; u < 4 && j0 + 16 * u < Tp; ++u) {
+                            const int64_t jb = j0 + 16 * u;
+                            const __m512i dot = _mm512_sub_epi32(acc[u], _mm512_loadu_si512(ksum128 + jb));
+                            const __mmask16 valid =
+                                T - jb >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (T - jb)) - 1);
+                            __m512 logit = _mm512_mul_ps(_mm512_cvtepi32_ps(dot), scale);
+                            if (mi) logit = _mm512_add_ps(logit, _mm512_maskz_loadu_ps(valid, mi + jb));
+                            logit = _mm512_mask_blend_ps(valid, ninf, logit);
+                            _mm512_store_ps(row + jb, logit);
+                            vmax = _mm512_max_ps(vmax, logit);
+                        }
                     }
                     float *oi = out + head + i * D;
                     const float m = _mm512_reduce_max_ps(vmax);
@@ -149,22 +164,29 @@ int zoo_int8_attention(const int8_t *q, const int8_t *k, const int8_t *v, const 
                         _mm512_store_ps(row + j0, e);
                         vsum = _mm512_add_ps(vsum, e);
                     }
-                    const __m512 total = _mm512_set1_ps(_mm512_reduce_add_ps(vsum));
+                    /* levels / sum once, as torch's CPU softmax multiplies by 1 / sum: a division per element cost
+                       more than the exp */
+                    const __m512 per_sum = _mm512_set1_ps((float)levels / _mm512_reduce_add_ps(vsum));
                     for (int64_t j0 = 0; j0 < Tp; j0 += 16) {
-                        const __m512 p = _mm512_div_ps(_mm512_load_ps(row + j0), total);
-                        const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(p, nlevels)); /* round half to even */
+                        const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(row + j0), per_sum));
                         _mm_storeu_si128((__m128i *)(codes + j0), _mm512_cvtusepi32_epi8(c));
                     }
                     for (int64_t e0 = 0; e0 < Dp; e0 += 16) {
-                        __m512i acc = _mm512_setzero_si512();
-                        for (int64_t jg = 0; jg < T4 / 4; ++jg) {
-                            int32_t word;
-                            memcpy(&word, codes + 4 * jg, 4);
-                            acc = _mm512_dpbusd_epi32(acc, _mm512_set1_epi32(word),
-                                                      _mm512_loadu_si512(vp + (jg * Dp + e0) * 4));
+                        /* four groups of 4 rows at once: four independent chains of dot products */
+                        __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(),
+                                          _mm512_setzero_si512()};
+                        for (int64_t jg = 0; jg < Tp / 4; jg += 4) {
+                            for (int u = 0; u < 4; ++u) {
+                                int32_t word;
+                                memcpy(&word, codes + 4 * (jg + u), 4);
+                                acc[u] = _mm512_dpbusd_epi32(acc[u], _mm512_set1_epi32(word),
+                                                             _mm512_loadu_si512(vp + ((jg + u) * Dp + e0) * 4));
+                            }
                         }
+                        const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(acc[0], acc[1]),
+                                                             _mm512_add_epi32(acc[2], acc[3]));
                         const __mmask16 cols = D - e0 >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (D - e0)) - 1);
-                        _mm512_mask_storeu_ps(oi + e0, cols, _mm512_mul_ps(_mm512_cvtepi32_ps(acc), vscale));
+                        _mm512_mask_storeu_ps(oi + e0, cols, _mm512_mul_ps(_mm512_cvtepi32_ps(sum), vscale));
                     }
                 }
             }

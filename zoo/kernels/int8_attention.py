@@ -89,7 +89,7 @@ def _library() -> ctypes.CDLL | None:
     library = ctypes.CDLL(str(path))
     fn = library.zoo_int8_attention
     fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 4
+    fn.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_void_p] + [ctypes.c_int64] * 4
     fn.argtypes += [ctypes.c_float, ctypes.c_float, ctypes.c_int32]
     return library
 
@@ -118,8 +118,10 @@ def int8_attention(
     if k.shape != q.shape or v.shape != q.shape or D % 4 or not 1 <= levels <= 255:
         raise ValueError(f"int8_attention: q, k, v of one shape [B, H, T, D], D % 4 == 0, levels in 1..255; got "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}, levels {levels}")  # fmt: skip
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    strides = (0, 0, 0)
+    # any batch, head and token strides (the projection's [B, T, H, 3, D] split leaves them), the last dimension dense
+    q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+    strides = (ctypes.c_int64 * 9)(*(stride for x in (q, k, v) for stride in x.stride()[:3]))
+    mask_strides = (0, 0, 0)
     if mask is not None:
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
@@ -127,10 +129,10 @@ def int8_attention(
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(B, H, T, T)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
-        strides = tuple(mask.stride()[:3])
+        mask_strides = tuple(mask.stride()[:3])
     out = torch.empty(B, H, T, D, dtype=torch.float32)
     status = library.zoo_int8_attention(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), mask.data_ptr() if mask is not None else None, *strides,
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, mask.data_ptr() if mask is not None else None, *mask_strides,
         out.data_ptr(), B, H, T, D, qk_scale, v_scale, levels,
     )  # fmt: skip
     if status:
