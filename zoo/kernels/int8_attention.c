@@ -168,6 +168,7 @@ int zoo_int8_attention(const int8_t *q, const int8_t *k, const int8_t *v, const 
                        more than the exp */
                     const __m512 per_sum = _mm512_set1_ps((float)levels / _mm512_reduce_add_ps(vsum));
                     for (int64_t j0 = 0; j0 < Tp; j0 += 16) {
+                        /* rounded half to even (the default rounding mode), as torch.round */
                         const __m512i c = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_load_ps(row + j0), per_sum));
                         _mm_storeu_si128((__m128i *)(codes + j0), _mm512_cvtusepi32_epi8(c));
                     }
