@@ -414,7 +414,11 @@ def test_converted_product_runs_the_vnni_kernel_eager_and_compiled_within_one_ou
     converted(*leaves, mask).sum().backward()
     assert all(t.grad is not None for t in leaves)
     asymmetric = QuantizedScaledDotProduct.from_qat(_calibrated(q, k, v, mask, quant_method="asymmetric"))
-    assert not asymmetric._runs_vnni(q, 0.0)
+    assert not asymmetric._runs_vnni(q, k, v, 0.0)
+    # cross-attention (keys of another length) takes the other paths too
+    with torch.no_grad():
+        memory = converted(q, k[:, :, :20], v[:, :, :20], None)
+    assert memory.shape == q.shape
 
 
 @needs_vnni

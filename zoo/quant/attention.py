@@ -269,7 +269,7 @@ class QuantizedScaledDotProduct(nn.Module):
     ) -> Tensor:
         if self._runs_kernel(q, dropout_p):
             return self._integer(q, k, v, attn_mask)
-        if self._runs_vnni(q, dropout_p):
+        if self._runs_vnni(q, k, v, dropout_p):
             return self._vnni(q, k, v, attn_mask)
         if self._runs_codes(q, dropout_p):
             # inductor fuses the quantization, the mask, the softmax and the rounding into the GEMMs' neighbours:
@@ -300,7 +300,7 @@ class QuantizedScaledDotProduct(nn.Module):
             and self._has_kernel
         )
 
-    def _runs_vnni(self, q: Tensor, dropout_p: float) -> bool:
+    def _runs_vnni(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
         return (
             not (self.exact or self.float_sdpa)
             and self.bits == 8
@@ -309,6 +309,7 @@ class QuantizedScaledDotProduct(nn.Module):
             and not (torch.is_grad_enabled() and q.requires_grad)  # its roundings pass no gradient
             and q.device.type == "cpu"
             and q.shape[-1] % 4 == 0
+            and k.shape == q.shape == v.shape  # self-attention: the kernel takes one sequence length
             and self._has_vnni
         )
 
