@@ -13,6 +13,8 @@
    mask: float32 additive, element (b, h, i, j) at mask + b*mask_sb + h*mask_sh + i*mask_si + j (strides 0 to
    broadcast), or NULL. A row whose every logit is -inf gets a zero output (float SDPA would give NaN).
 
+   Returns 0, 1 when a thread's scratch buffer cannot be allocated, 2 for arguments it does not take.
+
    Compiled at first use by zoo/kernels/int8_attention.py with -march=native -fopenmp; the OpenMP runtime is the one
    torch already loaded (libgomp.so.1), so the kernel shares torch's threads. */
 
@@ -95,7 +97,7 @@ int zoo_int8_attention(const int8_t *q, const int8_t *k, const int8_t *v, const 
                        int64_t mask_sb, int64_t mask_sh, int64_t mask_si, float *out, int64_t B, int64_t H, int64_t T,
                        int64_t D,
                        float qk_scale, float v_scale, int32_t levels) {
-    if (D % 4 != 0 || T <= 0 || levels < 1 || levels > 255) return 1;
+    if (D % 4 != 0 || T <= 0 || levels < 1 || levels > 255) return 2;
     /* Tq: keys padded to whole groups of 4 blocks of 16 (the q.k loop runs 4 independent accumulators); Tp: whole
        blocks of 16 (the softmax, and the values in groups of 4 rows, 4 accumulators each) */
     const int64_t Tq = (T + 63) / 64 * 64, Tp = (T + 15) / 16 * 16, Dp = (D + 15) / 16 * 16, D4 = D / 4;

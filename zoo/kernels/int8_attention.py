@@ -106,14 +106,17 @@ def int8_attention(
     """``int8 [B, H, T, D]`` query, key and value codes (zero points 0) -> float32 ``[B, H, T, D]``:
     ``v_scale * round(levels * softmax(qk_scale * q k^T + mask)) v``.
 
-    ``mask``: float additive (``-inf`` = may not attend), broadcastable to ``[B, H, T, T]``, or ``None``. ``D`` a
-    multiple of 4, ``levels`` at most 255. A row with every logit ``-inf`` gives zeros.
+    ``mask``: float additive (``-inf`` = may not attend) or bool (``True`` = may attend), broadcastable to
+    ``[B, H, T, T]``, or ``None``. ``D`` a multiple of 4, ``levels`` at most 255. A row with every logit ``-inf`` gives
+    zeros.
     """
     library = _library()
     if library is None:
         raise RuntimeError("zoo.kernels.int8_attention: not available here (x86-64 Linux, AVX-512 VNNI, a C compiler)")
     if not all(x.dtype == torch.int8 and x.device.type == "cpu" for x in (q, k, v)):
         raise ValueError("int8_attention: q, k and v must be int8 CPU tensors")
+    if q.dim() != 4:
+        raise ValueError(f"int8_attention: q, k and v must be [B, H, T, D]; got q of shape {tuple(q.shape)}")
     B, H, T, D = q.shape
     if k.shape != q.shape or v.shape != q.shape or D % 4 or not 1 <= levels <= 255:
         raise ValueError(f"int8_attention: q, k, v of one shape [B, H, T, D], D % 4 == 0, levels in 1..255; got "
@@ -126,17 +129,23 @@ def int8_attention(
         if mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape).masked_fill_(~mask, float("-inf"))
         mask = mask.to(torch.float32)
+        if mask.dim() > 4 or not all(m in (1, n) for m, n in zip(mask.shape[::-1], (T, T, H, B), strict=False)):
+            raise ValueError(f"int8_attention: mask of shape {tuple(mask.shape)} does not broadcast to {[B, H, T, T]}")
         mask = mask.reshape((1,) * (4 - mask.dim()) + tuple(mask.shape)).expand(B, H, T, T)
         if mask.stride(-1) != 1:
             mask = mask.contiguous()
         mask_strides = tuple(mask.stride()[:3])
     out = torch.empty(B, H, T, D, dtype=torch.float32)
+    if out.numel() == 0:
+        return out
     status = library.zoo_int8_attention(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), strides, mask.data_ptr() if mask is not None else None, *mask_strides,
         out.data_ptr(), B, H, T, D, qk_scale, v_scale, levels,
     )  # fmt: skip
-    if status:
+    if status == 1:
         raise MemoryError("int8_attention: the kernel could not allocate its scratch buffers")
+    if status:
+        raise ValueError(f"int8_attention: the kernel refused [B, H, T, D] = {[B, H, T, D]}, levels {levels}")
     return out
 
 
