@@ -95,8 +95,7 @@ static void pack_values(const int8_t *v, int64_t row_stride, int64_t T, int64_t 
 
 int zoo_int8_attention(const int8_t *q, const int8_t *k, const int8_t *v, const int64_t *strides, const float *mask,
                        int64_t mask_sb, int64_t mask_sh, int64_t mask_si, float *out, int64_t B, int64_t H, int64_t T,
-                       int64_t D,
-                       float qk_scale, float v_scale, int32_t levels) {
+                       int64_t D, float qk_scale, float v_scale, int32_t levels) {
     if (D % 4 != 0 || T <= 0 || levels < 1 || levels > 255) return 2;
     /* Tq: keys padded to whole groups of 4 blocks of 16 (the q.k loop runs 4 independent accumulators); Tp: whole
        blocks of 16 (the softmax, and the values in groups of 4 rows, 4 accumulators each) */
@@ -166,8 +165,7 @@ int zoo_int8_attention(const int8_t *q, const int8_t *k, const int8_t *v, const 
                         _mm512_store_ps(row + j0, e);
                         vsum = _mm512_add_ps(vsum, e);
                     }
-                    /* levels / sum once, as torch's CPU softmax multiplies by 1 / sum: a division per element cost
-                       more than the exp */
+                    /* levels / sum once, then one multiplication per probability */
                     const __m512 per_sum = _mm512_set1_ps((float)levels / _mm512_reduce_add_ps(vsum));
                     for (int64_t j0 = 0; j0 < Tp; j0 += 16) {
                         /* rounded half to even (the default rounding mode), as torch.round */
