@@ -413,7 +413,7 @@ def test_converted_product_runs_the_vnni_kernel_eager_and_compiled_within_one_ou
             ops = {event.key for event in prof.key_averages()}
             assert "zoo::int8_attention" in ops and not any("bmm" in op or "scaled_dot" in op for op in ops), ops
             steps = ((got - expected) / out_scale).round().abs()
-            # the trained arithmetic's codes but where exp's last bit moves a probability across a rounding boundary
+            # the trained arithmetic's codes but where exp's last bits move a probability across a rounding boundary
             assert steps.max() <= 1 and (steps > 0).float().mean() < 0.01, (steps.max(), (steps > 0).float().mean())
     # gradients, another bit width or asymmetric codes take the other paths
     leaves = [t.detach().requires_grad_() for t in (q, k, v)]

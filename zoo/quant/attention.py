@@ -14,9 +14,9 @@ The projections around it (``qkv``, ``proj``) are quantized linears; this module
     torchao's C++ template, ``torchao.prototype.inductor``; uint8 ``q k^T`` and ``p v`` on AMX tiles, the softmax in
     float32 between them, the probabilities and the output written as codes);
   - otherwise, on an x86 CPU with AVX-512 VNNI (AMD Zen 4, Intel since Ice Lake), eager or compiled, on symmetric
-    codes: zoo's own
-    (:func:`zoo.kernels.int8_attention.int8_attention`): ``q k^T`` and ``p v`` as exact int32 sums, the softmax in
-    float32, the probabilities rounded to their codes: the trained arithmetic but for exp's last bit.
+    codes: zoo's own (:func:`zoo.kernels.int8_attention.int8_attention`): ``q k^T`` and ``p v`` as exact int32
+    sums, the softmax in float32, the probabilities rounded to their codes: the trained arithmetic but for float32's
+    rounding in exp and the sum.
 
   Compiled on any other CPU at 8 bits it runs the same product on the codes with float GEMMs
   (:func:`codes_product`): ``q k^T`` of the integer codes in float32 (exact), the softmax in float32, the
@@ -212,7 +212,7 @@ class QuantizedScaledDotProduct(nn.Module):
     in the order of :data:`TENSORS`.
 
     ``exact``: where torchao's kernel does not run, run the fake-quantized model's arithmetic (its output to the
-    last bit) rather than zoo's VNNI kernel (a CPU with AVX-512 VNNI: exp's last bit may move a probability code),
+    last bit) rather than zoo's VNNI kernel (a CPU with AVX-512 VNNI: its exp may move a probability code by one),
     :func:`codes_product` (compiled on a CPU; ``p v`` rounded once in bfloat16 where the CPU has it) or float SDPA on
     the dequantized codes (eager, or a GPU, at 8 bits: the probabilities are not rounded to their codes, an error of
     at most 1/510 each, and no ``[B, H, T, T]`` tensor is written out). A runtime choice, not saved with the state
