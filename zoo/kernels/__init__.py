@@ -1,4 +1,6 @@
-"""Compute kernels of the zoo's layers: fused Triton kernels and the plain-PyTorch versions they are tested against.
+"""Compute kernels of the zoo's layers: fused Triton kernels and the plain-PyTorch versions they are tested against
+(``block_ffn``), and the int8 attention for AVX-512 VNNI CPUs, a C kernel compiled at first use
+(``zoo.kernels.int8_attention``, imported by its module path).
 
 Layers call the dispatchers here; nothing in this package knows about layers, tasks or Lightning.
 """
