@@ -6,7 +6,7 @@ training data and its sampling:
     (a) plain         the training split, shuffled
     (b) resample      the training split, class-aware sampler (w_y from --class-weights, f(x) = 1)
     (c) augment       training split + filtered augmented copies, shuffled
-    (d) DDAE          training split + filtered augmented copies, class-aware sampler, f(x) = BERTScore F1
+    (d) DDAE          training split + filtered augmented copies, class-aware sampler, f(x) = F1 ^ --quality-power
     (e) DDAE-nofilter training split + all augmented copies, class-aware sampler, f(x) = 1
 
 Reported on the test split: macro-F1, tail F1 (mean F1 of the rarest third of the classes by training count),
@@ -80,6 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--strength", type=float, default=0.3, help="augmentation_strength")
     p.add_argument("--max-copies", type=int, default=8)
     p.add_argument("--threshold", type=float, default=0.6, help="BERTScore F1 filter threshold")
+    p.add_argument("--quality-power", type=float, default=1.0,
+                   help="f(x) = F1^power for a kept copy in (d) (the datamodule's sample_quality_power)")  # fmt: skip
     p.add_argument("--class-weights", default="inverse", help="none, inverse, sqrt_inverse, effective_number")
     p.add_argument("--beta", type=float, default=0.999, help="beta of effective_number")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run")
@@ -398,7 +400,8 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
     if augment:
         kept = np.flatnonzero(aug.f1 >= args.threshold) if use_filter else np.arange(len(aug.texts))
         index = np.concatenate([index, len(train_y) + kept])
-        quality = np.concatenate([quality, aug.f1[kept].clip(0, 1) if use_filter else np.ones(len(kept))])
+        scores = aug.f1[kept].clip(0, 1) ** args.quality_power
+        quality = np.concatenate([quality, scores if use_filter else np.ones(len(kept))])
     pool_x = data["pool_x"]
     x = pool_x[torch.as_tensor(index)] if args.encoder == "minilm-frozen" else [pool_x[i] for i in index]
     y = data["pool_y"][index]

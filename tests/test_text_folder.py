@@ -118,6 +118,9 @@ def test_bad_ddae_arguments_raise_config_errors(tmp_path):
         TextFolderDataModule(train_file=train, rare_classes="ignore")
     with pytest.raises(ConfigError, match=r"augmentation_ops=\[\] names no operation"):  # was the defaults
         TextFolderDataModule(train_file=train, augmentation_ops=[])
+    for power in (-1.0, float("nan"), float("inf"), True, "10"):
+        with pytest.raises(ConfigError, match="sample_quality_power"):
+            TextFolderDataModule(train_file=train, sample_quality_power=power)
 
 
 def test_ddae_setup_adds_filtered_copies_for_the_rare_class_and_resamples(tmp_path):
@@ -149,6 +152,22 @@ def test_ddae_setup_adds_filtered_copies_for_the_rare_class_and_resamples(tmp_pa
     )
     again.setup("fit")
     assert again.ddae_stats["from_cache"] and again.train_dataset.texts == dm.train_dataset.texts
+    # f(x): 1 for the 21 originals, each kept copy's BERTScore F1 to the power sample_quality_power
+    kept = dm.augmentations.f1[dm.augmentations.f1 >= dm.filter_threshold]
+    np.testing.assert_allclose(sampler.quality, np.concatenate([np.ones(21), kept.clip(0, 1)]))
+    sharp = TextFolderDataModule(
+        train_file=train,
+        class_weights="inverse",
+        augmentation_strength=0.5,
+        max_copies=4,
+        cache_dir=str(tmp_path / "cache"),
+        sample_quality_power=10,
+    )
+    sharp.setup("fit")
+    np.testing.assert_allclose(
+        sharp.train_sampler().quality, np.concatenate([np.ones(21), kept.clip(0, 1) ** 10]), rtol=1e-5
+    )
+    assert (kept < 1).any()  # so the power changed some score
 
 
 def test_predict_file_needs_texts_alone_and_predict_writes_them(tmp_path, monkeypatch):
