@@ -83,7 +83,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         sample_quality: ``f(x)`` of the sampler: ``"bertscore"`` (1 for an original example, its BERTScore F1 raised
             to ``sample_quality_power`` for an augmented copy; the default) or ``"uniform"`` (1 for all).
         sample_quality_power: ``p`` in ``f(x) = F1^p`` for a copy: 1 (the default) barely separates the copies, whose
-            F1 mostly lies between 0.8 and 1; 10-20 draws a copy at 0.9 a third to a tenth as often as a perfect one
+            F1 mostly lies between 0.8 and 1; 10-20 draws a copy at 0.9 a third to an eighth as often as a perfect one
             (a soft filter: on the WordNet long tail it kept most of the tail's gain at a fraction of the head's
             loss; README, "DDAE"); 0 weighs copies like originals.
         augmentation_strength: in ``[0, 1]``; 0 turns augmentation off (see :mod:`datamodules.ddae.augment`).
