@@ -126,14 +126,18 @@ def test_bad_ddae_arguments_raise_config_errors(tmp_path):
 def test_ddae_setup_adds_filtered_copies_for_the_rare_class_and_resamples(tmp_path):
     rng = np.random.default_rng(1)
     train = _write_csv(tmp_path / "train.csv", _rows(rng))
-    dm = TextFolderDataModule(
-        train_file=train,
-        class_weights="inverse",
-        augmentation_strength=0.5,
-        max_copies=4,
-        cache_dir=str(tmp_path / "cache"),
-        batch_size=8,
-    )
+
+    def ddae(**extra) -> TextFolderDataModule:
+        return TextFolderDataModule(
+            train_file=train,
+            class_weights="inverse",
+            augmentation_strength=0.5,
+            max_copies=4,
+            cache_dir=str(tmp_path / "cache"),
+            **extra,
+        )
+
+    dm = ddae(batch_size=8)
     dm.setup("test")
     assert dm.augmentations is None and len(dm.train_dataset) == 21  # testing alone does not augment
     dm.setup("fit")
@@ -143,26 +147,13 @@ def test_ddae_setup_adds_filtered_copies_for_the_rare_class_and_resamples(tmp_pa
     assert np.bincount(labels)[2] > 3  # the tail class (weather) grew
     sampler = dm.train_sampler()
     assert len(sampler) == len(dm.train_dataset)
-    again = TextFolderDataModule(
-        train_file=train,
-        class_weights="inverse",
-        augmentation_strength=0.5,
-        max_copies=4,
-        cache_dir=str(tmp_path / "cache"),
-    )
+    again = ddae()
     again.setup("fit")
     assert again.ddae_stats["from_cache"] and again.train_dataset.texts == dm.train_dataset.texts
     # f(x): 1 for the 21 originals, each kept copy's BERTScore F1 to the power sample_quality_power
     kept = dm.augmentations.f1[dm.augmentations.f1 >= dm.filter_threshold]
     np.testing.assert_allclose(sampler.quality, np.concatenate([np.ones(21), kept.clip(0, 1)]))
-    sharp = TextFolderDataModule(
-        train_file=train,
-        class_weights="inverse",
-        augmentation_strength=0.5,
-        max_copies=4,
-        cache_dir=str(tmp_path / "cache"),
-        sample_quality_power=10,
-    )
+    sharp = ddae(sample_quality_power=10)
     sharp.setup("fit")
     np.testing.assert_allclose(
         sharp.train_sampler().quality, np.concatenate([np.ones(21), kept.clip(0, 1) ** 10]), rtol=1e-5
