@@ -57,7 +57,7 @@ from datamodules._common import SeededShuffleSampler  # noqa: E402
 from datamodules.ddae.augment import TextAugmenter, rarity  # noqa: E402
 from datamodules.ddae.datamodule import frequency_groups  # noqa: E402
 from datamodules.ddae.filter import BERTScoreFilter, score_augmentations  # noqa: E402
-from datamodules.ddae.sampler import ClassAwareSampler  # noqa: E402
+from datamodules.ddae.sampler import ClassAwareSampler, copy_quality  # noqa: E402
 from datamodules.wordnet_supersense import WordNetSupersenseDataModule  # noqa: E402
 
 VARIANTS = {
@@ -400,8 +400,8 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
     if augment:
         kept = np.flatnonzero(aug.f1 >= args.threshold) if use_filter else np.arange(len(aug.texts))
         index = np.concatenate([index, len(train_y) + kept])
-        scores = aug.f1[kept].clip(0, 1) ** args.quality_power
-        quality = np.concatenate([quality, scores if use_filter else np.ones(len(kept))])
+        scores = copy_quality(aug.f1[kept], args.quality_power) if use_filter else np.ones(len(kept))
+        quality = np.concatenate([quality, scores])
     pool_x = data["pool_x"]
     x = pool_x[torch.as_tensor(index)] if args.encoder == "minilm-frozen" else [pool_x[i] for i in index]
     y = data["pool_y"][index]

@@ -748,6 +748,8 @@ def attention_paths_mode(args) -> None:
     rows, predictions = [], {}
     for name, choice in ATTENTION_PATHS.items():
         variant = _attention_with(model, **choice)
+        # the split runs twice per path: this loop for the answers and its time, Trainer.test for the task's metrics
+        # by question type (it returns no predictions)
         start = time.perf_counter()
         with torch.inference_mode():
             predictions[name] = torch.cat([variant(batch).argmax(-1) for batch in data.test_dataloader()])

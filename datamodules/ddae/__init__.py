@@ -9,7 +9,7 @@
 from datamodules.ddae.augment import TextAugmenter, copies_per_class, wordnet_synonyms
 from datamodules.ddae.datamodule import GROUP_NAMES, LongTailTextDataModule, TextSplits, frequency_groups
 from datamodules.ddae.filter import BERTScoreFilter, score_augmentations
-from datamodules.ddae.sampler import ClassAwareSampler, class_weights
+from datamodules.ddae.sampler import ClassAwareSampler, class_weights, copy_quality
 
 __all__ = [
     "GROUP_NAMES",
@@ -20,6 +20,7 @@ __all__ = [
     "TextSplits",
     "class_weights",
     "copies_per_class",
+    "copy_quality",
     "frequency_groups",
     "score_augmentations",
     "wordnet_synonyms",

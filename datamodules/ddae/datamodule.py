@@ -31,7 +31,7 @@ from datamodules._common import (
 )
 from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, check_strength
 from datamodules.ddae.filter import DEFAULT_THRESHOLD, BERTScoreFilter, ScoredAugmentations, score_augmentations
-from datamodules.ddae.sampler import WEIGHT_SCHEMES, ClassAwareSampler
+from datamodules.ddae.sampler import WEIGHT_SCHEMES, ClassAwareSampler, copy_quality
 from zoo.contracts import IGNORE_INDEX
 from zoo.errors import ConfigError, DataError
 
@@ -226,7 +226,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         keep = np.ones(len(aug.texts), bool) if self.filter_threshold is None else aug.f1 >= self.filter_threshold
         train_texts = texts + [t for t, k in zip(aug.texts, keep, strict=True) if k]
         train_labels = labels + [labels[s] for s, k in zip(aug.source, keep, strict=True) if k]
-        quality = np.concatenate([np.ones(len(texts)), aug.f1[keep].clip(0.0, 1.0) ** self.sample_quality_power])
+        quality = np.concatenate([np.ones(len(texts)), copy_quality(aug.f1[keep], self.sample_quality_power)])
         self._train_quality = quality if self.sample_quality == "bertscore" else np.ones(len(train_texts))
         self.train_dataset = TextClassificationDataset(train_texts, train_labels, self.class_groups)
         self.ddae_stats = {

@@ -13,7 +13,9 @@
 
 ``f(x)`` is a per-example quality score, non-negative. The default is 1 for every example; the DDAE datamodule passes
 the BERTScore F1 of an augmented sentence against its original (1 for originals), so that within a class, real
-examples are drawn most and the augmentations in proportion to how faithful they are.
+examples are drawn most and the augmentations in proportion to how faithful they are. :func:`copy_quality` raises that
+score to a power ``p`` (the datamodule's ``sample_quality_power``): a soft filter that draws the copies which drift
+from their original far less often.
 
 A class's total probability is ``w_y * sum_{x in y} f(x)``: with ``f = 1`` and ``"inverse"`` every class is equally
 likely, whatever its size.
@@ -160,4 +162,9 @@ class ClassAwareSampler(RankShardedSampler):
         return np.minimum(draws, len(self.probabilities) - 1)
 
 
-__all__ = ["WEIGHT_SCHEMES", "ClassAwareSampler", "class_weights"]
+def copy_quality(f1: np.ndarray, power: float = 1.0) -> np.ndarray:
+    """``f(x)`` of augmented copies from their BERTScore F1 against their originals: ``clip(F1, 0, 1) ** power``."""
+    return np.asarray(f1).clip(0.0, 1.0) ** power
+
+
+__all__ = ["WEIGHT_SCHEMES", "ClassAwareSampler", "class_weights", "copy_quality"]

@@ -60,7 +60,8 @@ def _cache_dir() -> Path:
 def _library() -> ctypes.CDLL | None:
     if platform.machine() not in ("x86_64", "AMD64") or platform.system() != "Linux":
         return None
-    if "avx512_vnni" not in _cpu_flags().split():
+    cpu_flags = _cpu_flags()
+    if "avx512_vnni" not in cpu_flags.split():
         return None
     compiler = next(filter(None, map(shutil.which, [os.environ.get("CC", ""), "cc", "gcc", "clang"])), None)
     if compiler is None:
@@ -68,7 +69,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
     key = hashlib.sha256(
-        "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), _cpu_flags()]).encode()
+        "\0".join([SOURCE.read_text(), compiler, version, " ".join(FLAGS), cpu_flags]).encode()
     ).hexdigest()[:16]
     path = _cache_dir() / f"int8_attention_{key}.so"
     try:

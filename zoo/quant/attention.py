@@ -300,29 +300,37 @@ class QuantizedScaledDotProduct(nn.Module):
             and self._has_kernel
         )
 
-    def _runs_vnni(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+    def _runs_on_codes(self, q: Tensor, dropout_p: float) -> bool:
+        """What the two CPU paths on the codes (zoo's VNNI kernel, :func:`codes_product`) share."""
         return (
             not (self.exact or self.float_sdpa)
+            # below 8 bits coarse probability codes tie, and float rounding breaks ties unlike the trained arithmetic
             and self.bits == 8
-            and self.symmetric  # the kernel takes codes with zero point 0
             and dropout_p == 0.0
-            and not (torch.is_grad_enabled() and q.requires_grad)  # its roundings pass no gradient
+            and not (torch.is_grad_enabled() and q.requires_grad)  # their roundings pass no gradient
             and q.device.type == "cpu"
+        )
+
+    def _runs_vnni(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> bool:
+        return (
+            self._runs_on_codes(q, dropout_p)
+            and self.symmetric  # the kernel takes int8 codes with zero point 0
             and q.shape[-1] % 4 == 0
             and k.shape == q.shape == v.shape  # self-attention: the kernel takes one sequence length
             and self._has_vnni
         )
 
     def _runs_codes(self, q: Tensor, dropout_p: float) -> bool:
-        return (
-            not (self.exact or self.float_sdpa)
-            # below 8 bits coarse probability codes tie, and float rounding breaks ties unlike the trained arithmetic
-            and self.bits == 8
-            and dropout_p == 0.0
-            and not (torch.is_grad_enabled() and q.requires_grad)  # its roundings pass no gradient
-            and q.device.type == "cpu"
-            and torch.compiler.is_compiling()  # eager, its [B, H, T, T] passes are slower than SDPA
-        )
+        # eager, its [B, H, T, T] passes are slower than SDPA
+        return self._runs_on_codes(q, dropout_p) and torch.compiler.is_compiling()
+
+    def _signed_codes(self, q: Tensor, k: Tensor, v: Tensor) -> list[Tensor]:
+        """The query, key and value as whole numbers less their zero points (float32; symmetric codes have none)."""
+        qmin, qmax = quant_range(self.bits, self.symmetric)
+        codes = [
+            quantize_codes(x.float(), self.scale[i], self.zero_point[i], qmin, qmax) for i, x in enumerate((q, k, v))
+        ]
+        return codes if self.symmetric else [c - self.zero_point[i] for i, c in enumerate(codes)]
 
     def _integer(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
         qmin, qmax = quant_range(self.bits, self.symmetric)
@@ -334,22 +342,14 @@ class QuantizedScaledDotProduct(nn.Module):
         return self.integer_product(*codes, attn_mask)
 
     def _vnni(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
-        qmin, qmax = quant_range(self.bits, self.symmetric)
-        codes = [
-            quantize_codes(x.float(), self.scale[i], self.zero_point[i], qmin, qmax).to(torch.int8)
-            for i, x in enumerate((q, k, v))
-        ]
+        codes = [c.to(torch.int8) for c in self._signed_codes(q, k, v)]
         (sq, _), (sk, _), (sv, _), _ = self._qparams
         levels = 2**self.bits - 1
         out = int8_attention(*codes, attn_mask, sq * sk * q.shape[-1] ** -0.5, sv / levels, levels)
         return self._fake_quantize(TENSORS.index("out"), out).to(q.dtype)
 
     def _codes(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
-        qmin, qmax = quant_range(self.bits, self.symmetric)
-        codes = tuple(
-            quantize_codes(x.float(), self.scale[i], self.zero_point[i], qmin, qmax) - self.zero_point[i]
-            for i, x in enumerate((q, k, v))
-        )
+        codes = tuple(self._signed_codes(q, k, v))
         out = codes_product(codes, tuple(self.scale[:3]), attn_mask, prob_bits=self.bits, pv_dtype=self._pv_dtype)
         return self._fake_quantize(TENSORS.index("out"), out).to(q.dtype)
 
