@@ -14,10 +14,11 @@ head accuracy (accuracy on examples of the most frequent third), accuracy; and f
 augment and to score, and the fraction of copies the filter rejected. Mean and standard deviation over ``--seeds``.
 
 Encoders:
-* ``minilm-frozen`` (default, CPU): the packaged all-MiniLM-L6-v2, frozen, mean-pooled (``MiniLMTextEncoder`` +
-  ``Tokens.pooled_mean``, as ``lit_models.classification.TextClassifier`` uses it); its features are computed once
-  for every distinct text and cached, and the head (LayerNorm + an MLP of width ``--head-hidden``, 512 by default,
-  chosen on the validation split; ``0`` for LayerNorm + Linear) is trained.
+* ``minilm-frozen`` (default, CPU): the packaged all-MiniLM-L6-v2, frozen, pooled as ``--pool`` says (``mean``:
+  ``Tokens.pooled_mean``; ``attention``: ``zoo.layers.pooling.AttentionPool``, trained with the head; the two
+  ``pool`` settings of ``lit_models.classification.TextClassifier``); its features (mean-pooled, or every token's)
+  are computed once for every distinct text and cached, and the head (LayerNorm + an MLP of width
+  ``--head-hidden``, 512 by default, chosen on the validation split; ``0`` for LayerNorm + Linear) is trained.
 * ``transformer``: ``TransformerTextEncoder`` (``--width`` 256, ``--depth`` 4) trained from scratch with the head,
   end to end (``--device cuda``; on the CPU, a smaller ``--width`` and ``--depth``);
 * ``minilm-finetune`` (GPU): the packaged MiniLM unfrozen (``--encoder-lr``) with the head.
@@ -27,7 +28,8 @@ Encoders:
     python benchmarks/ddae.py --device cuda --encoder minilm-finetune --steps 2000 --batch-size 64
 
 Writes ``benchmarks/results/ddae_<device>_<date>.json`` (machine, versions, date, arguments, every number;
-``_<encoder>`` before ``.json`` for the end-to-end encoders; ``--out-dir`` for another folder, ``--out`` for any path).
+``_<encoder>`` before ``.json`` for the end-to-end encoders, ``_attention_pool`` for ``--pool attention``;
+``--out-dir`` for another folder, ``--out`` for any path).
 On the H200 machine: ``bash benchmarks/h200.sh ddae --encoder minilm-finetune ...`` (see that script).
 """
 
@@ -59,6 +61,8 @@ from datamodules.ddae.datamodule import frequency_groups  # noqa: E402
 from datamodules.ddae.filter import BERTScoreFilter, score_augmentations  # noqa: E402
 from datamodules.ddae.sampler import ClassAwareSampler, copy_quality  # noqa: E402
 from datamodules.wordnet_supersense import WordNetSupersenseDataModule  # noqa: E402
+from zoo.contracts import Tokens  # noqa: E402
+from zoo.layers.pooling import POOLS, build_pool  # noqa: E402
 
 VARIANTS = {
     "a": ("plain", False, False, True),  # name, resample, augment, filter
@@ -74,6 +78,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--encoder", default="minilm-frozen", choices=["minilm-frozen", "transformer", "minilm-finetune"])
     p.add_argument("--encoder-lr", type=float, default=5e-5, help="learning rate of the unfrozen MiniLM")
+    p.add_argument("--pool", default="mean", choices=POOLS, help="tokens -> one vector (TextClassifier's pool)")
+    p.add_argument("--pool-heads", type=int, default=8, help="heads of --pool attention")
     p.add_argument("--width", type=int, default=256, help="transformer encoder: token width")
     p.add_argument("--depth", type=int, default=4, help="transformer encoder: blocks")
     p.add_argument("--variants", default="abcde", help="which of a-e to run")
@@ -132,11 +138,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # -- features of the frozen encoder ---------------------------------------------------------------------------------
-def frozen_minilm_features(texts: list[str], *, device: str, cache_dir: Path, batch_size: int = 128) -> torch.Tensor:
-    """Mean-pooled frozen MiniLM features ``[N, 384]`` of ``texts``, cached per text (keyed by its SHA-1)."""
+def frozen_minilm_features(
+    texts: list[str], *, device: str, cache_dir: Path, tokens: bool = False, batch_size: int = 128
+) -> torch.Tensor | list[torch.Tensor]:
+    """Frozen MiniLM features of ``texts``, cached per text (keyed by its SHA-1): mean-pooled, ``[N, 384]``, or with
+    ``tokens`` every real token's, a list of ``N`` bf16 tensors ``[T_i, 384]`` (batched by :func:`token_batch`)."""
     from zoo.encoders import MiniLMTextEncoder
 
-    path = cache_dir / "minilm_mean_features.pt"
+    path = cache_dir / ("minilm_token_features.pt" if tokens else "minilm_mean_features.pt")
     cache: dict[str, torch.Tensor] = torch.load(path) if path.is_file() else {}
     keys = [hashlib.sha1(t.encode()).hexdigest() for t in texts]
     missing = {k: t for k, t in zip(keys, texts, strict=True) if k not in cache}
@@ -148,11 +157,25 @@ def frozen_minilm_features(texts: list[str], *, device: str, cache_dir: Path, ba
         with torch.inference_mode():
             for start in tqdm(range(0, len(missing), batch_size), desc="MiniLM features", unit="batch"):
                 chunk = missing[start : start + batch_size]
-                pooled = encoder([t for _, t in chunk]).pooled_mean().float().cpu()
-                cache.update({k: v.clone() for (k, _), v in zip(chunk, pooled, strict=True)})
+                out = encoder([t for _, t in chunk])
+                if tokens:
+                    embeddings, mask = out.embeddings.to(torch.bfloat16).cpu(), out.mask.cpu()
+                    cache.update({k: embeddings[i, mask[i]].clone() for i, (k, _) in enumerate(chunk)})
+                else:
+                    pooled = out.pooled_mean().float().cpu()
+                    cache.update({k: v.clone() for (k, _), v in zip(chunk, pooled, strict=True)})
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.save(cache, path)
-    return torch.stack([cache[k] for k in keys])
+    return [cache[k] for k in keys] if tokens else torch.stack([cache[k] for k in keys])
+
+
+def token_batch(features: list[torch.Tensor], index, device: torch.device) -> Tokens:
+    """The :class:`Tokens` ``[B, max T_i, 384]`` (float32, zero-padded) of ``features[i]`` for ``i`` in ``index``."""
+    rows = [features[i] for i in index]
+    lengths = torch.tensor([len(r) for r in rows])
+    embeddings = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True).to(device, torch.float32)
+    mask = torch.arange(embeddings.shape[1]) < lengths[:, None]
+    return Tokens(embeddings, mask.to(device))
 
 
 class Head(nn.Module):
@@ -171,11 +194,20 @@ class Head(nn.Module):
 
 
 class TextModel(nn.Module):
-    """A zoo text encoder + mean pooling + :class:`Head`, trained end to end: ``TransformerTextEncoder`` from
+    """A zoo text encoder + pooling (``pool``) + :class:`Head`, trained end to end: ``TransformerTextEncoder`` from
     scratch (``"transformer"``) or the packaged MiniLM, unfrozen (``"minilm-finetune"``)."""
 
     def __init__(
-        self, kind: str, num_classes: int, *, hidden: int, dropout: float, width: int = 256, depth: int = 4
+        self,
+        kind: str,
+        num_classes: int,
+        *,
+        hidden: int,
+        dropout: float,
+        pool: str = "mean",
+        pool_heads: int = 8,
+        width: int = 256,
+        depth: int = 4,
     ) -> None:
         super().__init__()
         from zoo.encoders import MiniLMTextEncoder, TransformerTextEncoder
@@ -184,10 +216,11 @@ class TextModel(nn.Module):
             self.encoder = TransformerTextEncoder(dim=width, depth=depth, num_heads=4, max_length=64, dropout=dropout)
         else:
             self.encoder = MiniLMTextEncoder(freeze=False, max_length=64)
+        self.pool = build_pool(pool, self.encoder.out_dim, num_heads=pool_heads, owner="--pool")
         self.head = Head(self.encoder.out_dim, num_classes, hidden=hidden, dropout=dropout)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        return self.head(self.encoder(texts).pooled_mean())
+        return self.head(self.pool(self.encoder(texts)))
 
 
 def _shuffled_order(n: int, total: int, seed: int) -> np.ndarray:
@@ -236,12 +269,23 @@ def train_and_test(
     else:
         order = _shuffled_order(len(train_y), total, seed)
     device = torch.device(args.device)
-    if args.encoder == "minilm-frozen":
+    if args.encoder == "minilm-frozen" and args.pool == "mean":
         model = Head(train_x.shape[1], num_classes, hidden=args.head_hidden, dropout=args.dropout).to(device)
         train_x = train_x.to(device)
+    elif args.encoder == "minilm-frozen":  # token features: the pool learns with the head
+        dim = train_x[0].shape[-1]
+        pool = build_pool(args.pool, dim, num_heads=args.pool_heads, owner="--pool")
+        model = nn.Sequential(pool, Head(dim, num_classes, hidden=args.head_hidden, dropout=args.dropout)).to(device)
     else:
         model = TextModel(
-            args.encoder, num_classes, hidden=args.head_hidden, dropout=args.dropout, width=args.width, depth=args.depth
+            args.encoder,
+            num_classes,
+            hidden=args.head_hidden,
+            dropout=args.dropout,
+            pool=args.pool,
+            pool_heads=args.pool_heads,
+            width=args.width,
+            depth=args.depth,
         ).to(device)
     labels = torch.as_tensor(train_y, device=device)
     if args.encoder == "minilm-finetune":
@@ -262,11 +306,7 @@ def train_and_test(
                 param.requires_grad_(True)
             model.eval()  # the frozen body's dropout off, as for the features of a trained model
         batch = order[step * args.batch_size : (step + 1) * args.batch_size]
-        inputs = (
-            train_x[torch.as_tensor(batch, device=device)]
-            if args.encoder == "minilm-frozen"
-            else [train_x[i] for i in batch]
-        )
+        inputs = _inputs(args, train_x, batch, device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(inputs)
         loss = F.cross_entropy(logits.float(), labels[torch.as_tensor(batch, device=device)])
@@ -283,12 +323,21 @@ def train_and_test(
         for split, x in eval_x.items():
             preds = []
             for start in range(0, len(x), 512):
-                inputs = x[start : start + 512]
-                inputs = inputs.to(device) if isinstance(inputs, torch.Tensor) else inputs
+                inputs = _inputs(args, x, range(start, min(start + 512, len(x))), device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     preds.append((model(inputs).float() - adjust).argmax(-1).cpu())
             out[split] = torch.cat(preds).numpy()
     return out
+
+
+def _inputs(args: argparse.Namespace, x, index, device: torch.device):
+    """The model's input for examples ``index`` of ``x``: mean features ``[B, 384]``, token features as
+    :class:`Tokens`, or texts."""
+    if args.encoder != "minilm-frozen":
+        return [x[i] for i in index]
+    if args.pool == "mean":
+        return x[torch.as_tensor(np.asarray(index), device=x.device)].to(device)
+    return token_batch(x, index, device)
 
 
 def metrics(preds: np.ndarray, labels: np.ndarray, class_groups: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -367,7 +416,9 @@ def prepare(args: argparse.Namespace) -> dict:
     start = time.perf_counter()
     if args.encoder == "minilm-frozen":
         every = texts + [t for split in evals.values() for t in split[0]]
-        all_x = frozen_minilm_features(every, device=args.device, cache_dir=cache_dir / "ddae")
+        all_x = frozen_minilm_features(
+            every, device=args.device, cache_dir=cache_dir / "ddae", tokens=args.pool != "mean"
+        )
         pool_x, offset, eval_x = all_x[: len(texts)], len(texts), {}
         for name, (split_texts, _) in evals.items():
             eval_x[name] = all_x[offset : offset + len(split_texts)]
@@ -403,11 +454,11 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
         scores = copy_quality(aug.f1[kept], args.quality_power) if use_filter else np.ones(len(kept))
         quality = np.concatenate([quality, scores])
     pool_x = data["pool_x"]
-    x = pool_x[torch.as_tensor(index)] if args.encoder == "minilm-frozen" else [pool_x[i] for i in index]
+    x = pool_x[torch.as_tensor(index)] if isinstance(pool_x, torch.Tensor) else [pool_x[i] for i in index]
     y = data["pool_y"][index]
     if args.feature_interpolation:
-        if args.encoder != "minilm-frozen":
-            raise SystemExit("--feature-interpolation needs --encoder minilm-frozen (features, not texts)")
+        if args.encoder != "minilm-frozen" or args.pool != "mean":
+            raise SystemExit("--feature-interpolation needs --encoder minilm-frozen --pool mean (features, not texts)")
         x, y = _interpolated(x, y, train_y, args.feature_interpolation, data["num_classes"])
         quality = np.concatenate([quality, np.ones(len(y) - len(quality))])
     per_seed = {"val": [], "test": []}
@@ -484,6 +535,7 @@ def main(argv: list[str] | None = None) -> dict:
     today = dt.date.today().isoformat()
     device_name = "cuda" if args.device.startswith("cuda") else "cpu"
     suffix = "" if args.encoder == "minilm-frozen" else f"_{args.encoder}"
+    suffix += "" if args.pool == "mean" else f"_{args.pool}_pool"
     out_dir = Path(args.out_dir) if args.out_dir else ROOT / "benchmarks" / "results"
     out = Path(args.out) if args.out else out_dir / f"ddae_{device_name}_{today}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)

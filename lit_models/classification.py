@@ -1,9 +1,9 @@
-"""Classification of one modality: any zoo encoder, mean-pooled, and a classifier head; long-tail metrics."""
+"""Classification of one modality: any zoo encoder, pooled, and a classifier head; long-tail metrics."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch.cli import OptimizerCallable
@@ -15,6 +15,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from lit_models._task import ZooTask
 from zoo.contracts import Encoder
 from zoo.errors import ConfigError
+from zoo.layers.pooling import build_pool
 from zoo.optim import ScheduleFactory, WarmupCosine
 
 
@@ -22,12 +23,12 @@ class Classifier(ZooTask):
     """Classifies one input of a batch: ``batch[modality]`` -> logits ``[B, num_classes]``.
 
     The encoder reads the batch field named ``modality`` (``"text"``: ``list[str]``; ``"audio"``: ``{"waveform":
-    [B, S], "lengths": [B]}``; ``"image"``: ``[B, 3, H, W]``; see ``docs/ARCHITECTURE.md``); its tokens are averaged
-    over the real tokens (``Tokens.pooled_mean``) and fed to the head. The batch also holds ``"label"`` ``[B]`` and
-    ``"group"`` ``[B]`` (an index into ``group_names``, e.g. the ``head``/``medium``/``tail`` frequency bin of the
-    class). Validation and test report, with torchmetrics: accuracy, macro-F1, accuracy per group, and F1 of every
-    class (``{stage}/f1/{class}``, logged at epoch end). The test also saves the confusion matrix as
-    ``confusion_matrix.png`` (rows: true class, normalized) in the logger's folder.
+    [B, S], "lengths": [B]}``; ``"image"``: ``[B, 3, H, W]``; see ``docs/ARCHITECTURE.md``); its tokens are pooled
+    into one vector per example (``pool``: their mean, or a learned query attending over them) and fed to the head.
+    The batch also holds ``"label"`` ``[B]`` and ``"group"`` ``[B]`` (an index into ``group_names``, e.g. the
+    ``head``/``medium``/``tail`` frequency bin of the class). Validation and test report, with torchmetrics: accuracy,
+    macro-F1, accuracy per group, and F1 of every class (``{stage}/f1/{class}``, logged at epoch end). The test also
+    saves the confusion matrix as ``confusion_matrix.png`` (rows: true class, normalized) in the logger's folder.
 
     ``TextClassifier`` is this class under its former name (``modality="text"`` is the default), so configs and
     checkpoints that name it keep working.
@@ -36,6 +37,10 @@ class Classifier(ZooTask):
         encoder: any :class:`~zoo.contracts.Encoder` of the ``modality`` (``batch[modality] -> Tokens``).
         modality: the batch field the encoder reads.
         num_classes: classes (linked from the datamodule by the CLI).
+        pool: ``"mean"`` (the mean of the real tokens, no parameters) or ``"attention"`` (one learned query attends
+            over the real tokens, :class:`~zoo.layers.pooling.AttentionPool`; it reads which tokens matter, which a
+            frozen encoder's mean cannot: README, "DDAE").
+        pool_heads: attention heads of ``pool="attention"``; must divide the encoder's ``out_dim``.
         group_names: evaluation groups (linked from the datamodule by the CLI).
         head_hidden: hidden width of an MLP head; ``0`` for a linear head (LayerNorm + Linear).
         dropout: dropout before the last layer of the head.
@@ -51,6 +56,8 @@ class Classifier(ZooTask):
         *,
         modality: str = "text",
         num_classes: int,
+        pool: Literal["mean", "attention"] = "mean",
+        pool_heads: int = 8,
         group_names: list[str] | None = None,
         head_hidden: int = 0,
         dropout: float = 0.0,
@@ -76,6 +83,7 @@ class Classifier(ZooTask):
         self.encoder = encoder
         self.modality = modality
         dim = encoder.out_dim
+        self.pool = build_pool(pool, dim, num_heads=pool_heads, owner=f"{name}: pool")
         if head_hidden:
             layers = [nn.Linear(dim, head_hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(head_hidden, num_classes)]
         else:
@@ -98,7 +106,7 @@ class Classifier(ZooTask):
                 f"{type(self).__name__}: modality={self.modality!r} is not a field of the batch, whose fields are "
                 f"{sorted(batch)}; set model.init_args.modality to the one the encoder reads"
             )
-        return self.head(self.encoder(batch[self.modality]).pooled_mean())
+        return self.head(self.pool(self.encoder(batch[self.modality])))
 
     def _evaluate(self, batch: dict[str, Any], stage: str) -> None:
         logits = self(batch)
