@@ -22,7 +22,7 @@ class AttentionPool(nn.Module):
     timm's ``AttentionPoolLatent`` (the multi-head attention pooling of SigLIP's and ViT's ``global_pool="map"``) with
     one latent query and no output MLP: ``softmax(q k^T / sqrt(dim / num_heads)) v`` per head, ``k`` and ``v``
     projections of the tokens, the heads concatenated. Padding positions are masked out; an example with no real
-    token pools to zeros (SDPA's result for a row that may attend nowhere).
+    token pools to zeros.
 
     Args:
         dim: token width (the encoder's ``out_dim``).
@@ -38,7 +38,11 @@ class AttentionPool(nn.Module):
         self.attention.fused_attn = True
 
     def forward(self, tokens: Tokens) -> Tensor:
-        return self.attention(tokens.embeddings, attn_mask=tokens.mask[:, None, None, :])
+        empty = ~tokens.mask.any(1, keepdim=True)  # [B, 1]
+        # SDPA's result for a row that may attend nowhere differs by backend (zeros on the CPU, not on an H200 under
+        # bf16 autocast): such an example attends over all its positions, and its output is set to zeros.
+        pooled = self.attention(tokens.embeddings, attn_mask=(tokens.mask | empty)[:, None, None, :])
+        return pooled.masked_fill(empty, 0.0)
 
 
 POOLS = ("mean", "attention")
