@@ -98,7 +98,8 @@ def table(rows: list[dict], columns: list[str]) -> str:
 def training_overrides(args, *extra: str) -> list[str]:
     """The zoo CLI flags of a GPU- or CPU-sized VQA training run, from a benchmark's parsed arguments
     (``epochs``, ``limit_train_batches``, ``precision``, ``batch_size``, ``num_workers``, ``lr``, and optionally
-    ``max_time`` and ``data_dir``). ``precision`` defaults to bf16-mixed on a GPU and 32-true on the CPU."""
+    ``max_time``, ``data_dir`` and ``seed``, the run's ``seed_everything``). ``precision`` defaults to bf16-mixed on
+    a GPU and 32-true on the CPU."""
     precision = args.precision or ("bf16-mixed" if torch.cuda.is_available() else "32-true")
     flags = [
         f"--trainer.max_epochs={args.epochs}",
@@ -115,6 +116,8 @@ def training_overrides(args, *extra: str) -> list[str]:
         flags.append(f"--data.init_args.data_dir={args.data_dir}")
     if getattr(args, "max_time", None):
         flags.append(f"--trainer.max_time={args.max_time}")
+    if getattr(args, "seed", None) is not None:
+        flags.append(f"--seed_everything={args.seed}")
     return flags
 
 

@@ -679,6 +679,7 @@ def main() -> None:
     parser.add_argument("--num-workers", type=int, default=2)
     parser.add_argument("--limit-train-batches", default="1.0")
     parser.add_argument("--max-time", default=None, help="trainer.max_time guard, e.g. 00:00:09:00")
+    parser.add_argument("--seed", type=int, default=None, help="model mode: every run's seed_everything")
     parser.add_argument("--data-args", default="", help="comma-separated datamodule overrides, key=value")
     parser.add_argument("--parallel", action="store_true", help="model mode: the runs at once")
     parser.add_argument("--runs", nargs="+", choices=["dense", "dsa_0.4", "dsa_0.25"],
