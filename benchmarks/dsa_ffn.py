@@ -529,6 +529,8 @@ def model_benchmark(args) -> dict:
         if not args.parallel:
             procs[name][0].wait()
     results = {name: result for name, result, _ in finished_runs(procs, work) if result is not None}
+    if not results:
+        raise SystemExit(f"no run of {sorted(runs)} finished: their logs are {work}/<run>.log")
     rows = []
     dense = results.get("dense", {}).get("eval", {}).get("dense")
     for name, result in results.items():
