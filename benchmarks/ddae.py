@@ -289,7 +289,8 @@ def train_and_test(
         ).to(device)
     labels = torch.as_tensor(train_y, device=device)
     if args.encoder == "minilm-finetune":
-        groups = [{"params": model.encoder.parameters(), "lr": args.encoder_lr}, {"params": model.head.parameters()}]
+        rest = [p for name, p in model.named_parameters() if not name.startswith("encoder.")]  # pool and head
+        groups = [{"params": model.encoder.parameters(), "lr": args.encoder_lr}, {"params": rest}]
         max_lr = [args.encoder_lr, args.lr]
     else:
         groups, max_lr = [{"params": model.parameters()}], args.lr
