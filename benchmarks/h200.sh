@@ -25,7 +25,10 @@ export ZOO_DATA_DIR=/tmp/zoo_data PYTHONUNBUFFERED=1 OMP_NUM_THREADS=2  # severa
 (
   flock 9
   if compgen -G ".whl/*.whl" >/dev/null && [ "$(cat /tmp/site/.done 2>/dev/null)" != "$(ls .whl)" ]; then
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    wheels=(.whl/*.whl)
+    # soundfile without cffi (no wheel of it for this machine's Python in .whl) makes transformers' import fail
+    python3 -c "import _cffi_backend" 2>/dev/null || mapfile -t wheels < <(ls .whl/*.whl | grep -v soundfile)
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${wheels[@]}"
     ls .whl >/tmp/site/.done
   fi
   if [ "${1:-}" != ddae ]; then
