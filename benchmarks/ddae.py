@@ -59,7 +59,7 @@ from datamodules._common import SeededShuffleSampler  # noqa: E402
 from datamodules.ddae.augment import TextAugmenter, rarity  # noqa: E402
 from datamodules.ddae.datamodule import frequency_groups  # noqa: E402
 from datamodules.ddae.filter import BERTScoreFilter, score_augmentations  # noqa: E402
-from datamodules.ddae.sampler import ClassAwareSampler, copy_quality  # noqa: E402
+from datamodules.ddae.sampler import ClassAwareSampler, class_weights, copy_quality  # noqa: E402
 from datamodules.wordnet_supersense import WordNetSupersenseDataModule  # noqa: E402
 from zoo.contracts import Tokens  # noqa: E402
 from zoo.layers.pooling import POOLS, build_pool  # noqa: E402
@@ -89,6 +89,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quality-power", type=float, default=1.0,
                    help="f(x) = F1^power for a kept copy in (d) (the datamodule's sample_quality_power)")  # fmt: skip
     p.add_argument("--class-weights", default="inverse", help="none, inverse, sqrt_inverse, effective_number")
+    p.add_argument(
+        "--quality-control",
+        default="none",
+        choices=["none", "within-class", "masses-only"],
+        help="a control of what f(x) does in (d), whose class shares w_y * sum f(x) it also moves (copies: f < 1):\n"
+        "within-class: class shares as with f = 1, f(x) only orders the draws inside a class;\n"
+        "masses-only: the class shares of (d), every example of a class drawn alike",
+    )
     p.add_argument("--beta", type=float, default=0.999, help="beta of effective_number")
     p.add_argument("--steps", type=int, default=1500, help="optimizer steps per run")
     p.add_argument(
@@ -462,11 +470,14 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
             raise SystemExit("--feature-interpolation needs --encoder minilm-frozen --pool mean (features, not texts)")
         x, y = _interpolated(x, y, train_y, args.feature_interpolation, data["num_classes"])
         quality = np.concatenate([quality, np.ones(len(y) - len(quality))])
+    run_args = args
+    if resample and args.quality_control != "none":
+        run_args, quality = _quality_control(args, y, quality, data["num_classes"])
     per_seed = {"val": [], "test": []}
     start = time.perf_counter()
     for seed in range(args.seeds):
         preds = train_and_test(
-            args,
+            run_args,
             train_x=x,
             train_y=y,
             quality=quality,
@@ -488,6 +499,24 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
     run["augment_seconds"] = (aug.augment_seconds + aug.score_seconds) if augment else 0.0
     run["rejected_fraction"] = float(1 - (aug.f1 >= args.threshold).mean()) if augment and use_filter else 0.0
     return run
+
+
+def _quality_control(
+    args: argparse.Namespace, y: np.ndarray, quality: np.ndarray, num_classes: int
+) -> tuple[argparse.Namespace, np.ndarray]:
+    """``--quality-control``: the arguments (given class weights) and ``f(x)`` of the control. The sampler draws class
+    ``y`` with share ``w_y * sum_{x in y} f(x)``; ``within-class`` gives it ``w_y * n_y`` (the share with ``f = 1``)
+    and keeps ``f``, ``masses-only`` keeps the share and sets ``f = 1``."""
+    counts = np.bincount(y, minlength=num_classes).astype(np.float64)
+    weights = class_weights(counts, args.class_weights, beta=args.beta)
+    totals = np.bincount(y, weights=quality, minlength=num_classes)
+    safe = np.where(totals > 0, totals, 1.0)
+    if args.quality_control == "within-class":
+        given = np.where(totals > 0, weights * counts / safe, 0.0)
+    else:
+        given = np.where(counts > 0, weights * totals / np.maximum(counts, 1.0), 0.0)
+        quality = np.ones_like(quality)
+    return argparse.Namespace(**{**vars(args), "class_weights": given.tolist()}), quality
 
 
 def _interpolated(
