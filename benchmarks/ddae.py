@@ -57,7 +57,7 @@ from _common import machine  # noqa: E402
 
 from datamodules._common import SeededShuffleSampler  # noqa: E402
 from datamodules.ddae.augment import TextAugmenter, rarity  # noqa: E402
-from datamodules.ddae.datamodule import frequency_groups  # noqa: E402
+from datamodules.ddae.datamodule import GROUP_NAMES, frequency_groups  # noqa: E402
 from datamodules.ddae.filter import BERTScoreFilter, score_augmentations  # noqa: E402
 from datamodules.ddae.sampler import ClassAwareSampler, class_weights, copy_quality  # noqa: E402
 from datamodules.wordnet_supersense import WordNetSupersenseDataModule  # noqa: E402
@@ -498,7 +498,25 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
         run[prefix + "std"] = {m: float(np.std([r[m] for r in results])) for m in results[0]}
     run["augment_seconds"] = (aug.augment_seconds + aug.score_seconds) if augment else 0.0
     run["rejected_fraction"] = float(1 - (aug.f1 >= args.threshold).mean()) if augment and use_filter else 0.0
+    run["class_share_by_group"] = _class_shares(run_args, y, quality, resample, data["class_groups"])
     return run
+
+
+def _class_shares(
+    args: argparse.Namespace, y: np.ndarray, quality: np.ndarray, resample: bool, class_groups: np.ndarray
+) -> dict[str, float]:
+    """How often the training draws (of the re-balanced phase, with ``--resample-from``) take each class, as a
+    multiple of an equal split, averaged over the classes of each frequency group: 1.0 each for class-balanced
+    draws; the training set's own proportions for a plain shuffle."""
+    num_classes = len(class_groups)
+    if resample:
+        sampler = ClassAwareSampler(
+            y, class_weights=args.class_weights, quality=quality, num_classes=num_classes, beta=args.beta
+        )
+        share = np.bincount(y, weights=sampler.probabilities, minlength=num_classes)
+    else:
+        share = np.bincount(y, minlength=num_classes) / len(y)
+    return {name: float(num_classes * share[class_groups == g].mean()) for g, name in enumerate(GROUP_NAMES)}
 
 
 def _quality_control(

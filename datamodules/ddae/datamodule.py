@@ -85,7 +85,8 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         sample_quality_power: ``p`` in ``f(x) = F1^p`` for a copy: 1 (the default) barely separates the copies, whose
             F1 mostly lies between 0.8 and 1; 10-20 draws a copy at 0.9 a third to an eighth as often as a perfect one
             (a soft filter: on the WordNet long tail it kept most of the tail's gain at a fraction of the head's
-            loss; README, "DDAE"); 0 weighs copies like originals.
+            loss; README, "DDAE"); 0 weighs copies like originals. A class is drawn with share ``w_y * sum f(x)``, so
+            a power above 1 also lowers the share of the classes that own the most copies, the rarest.
         augmentation_strength: in ``[0, 1]``; 0 turns augmentation off (see :mod:`datamodules.ddae.augment`).
         max_copies: augmented copies per example of the rarest class at strength 1.
         augmentation_ops: nlpaug operations to draw from (names in ``datamodules.ddae.augment.OPERATIONS``).
