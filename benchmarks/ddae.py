@@ -58,7 +58,7 @@ from _common import machine  # noqa: E402
 from datamodules._common import SeededShuffleSampler  # noqa: E402
 from datamodules.ddae.augment import TextAugmenter, rarity  # noqa: E402
 from datamodules.ddae.datamodule import GROUP_NAMES, frequency_groups  # noqa: E402
-from datamodules.ddae.filter import BERTScoreFilter, score_augmentations  # noqa: E402
+from datamodules.ddae.filter import BERTScoreFilter, ScoredAugmentations, score_augmentations  # noqa: E402
 from datamodules.ddae.sampler import ClassAwareSampler, class_weights, copy_quality  # noqa: E402
 from datamodules.wordnet_supersense import WordNetSupersenseDataModule  # noqa: E402
 from zoo.contracts import Tokens  # noqa: E402
@@ -131,6 +131,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="frozen encoder: add M * rarity_y points per training example of class y, each between the features of\n"
         "two random examples of y (SMOTE, Chawla et al. 2002); not DDAE: a control for what new in-class points\n"
         "give a head on frozen features, with no text to make (0: off)",
+    )
+    p.add_argument(
+        "--real-copies",
+        action="store_true",
+        help="replace the augmented copies by real glosses of the same classes that the split leaves unused, as many\n"
+        "per class as the filter keeps (where WordNet has them), each with f(x) = 1; not DDAE: what a perfect\n"
+        "augmenter could give, at most, with this encoder, head, sampling and budget",
     )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=3e-3)
@@ -420,6 +427,8 @@ def prepare(args: argparse.Namespace) -> dict:
             f"(this call {wall:.1f}s, from cache: {aug.from_cache}; a second call reads the cache in {reload:.2f}s); "
             f"filter rejects {1 - (aug.f1 >= args.threshold).mean():.1%}"
         )
+    if aug is not None and args.real_copies:
+        aug = _real_copies(aug, train_texts, train_labels, args.threshold, num_classes, cache_dir)
     texts = list(train_texts) + (aug.texts if aug else [])
     evals = {"val": splits.val, "test": splits.test}
     start = time.perf_counter()
@@ -449,6 +458,45 @@ def prepare(args: argparse.Namespace) -> dict:
         "eval_y": {name: np.asarray(split[1]) for name, split in evals.items()},
         "sizes": {"train": len(train_texts), **{name: len(split[0]) for name, split in evals.items()}},
     }
+
+
+def _real_copies(
+    aug: ScoredAugmentations,
+    train_texts: list[str],
+    train_labels: list[int],
+    threshold: float,
+    num_classes: int,
+    cache_dir: Path,
+) -> ScoredAugmentations:
+    """``--real-copies``: for each class, as many real training-pool glosses as ``aug`` has copies kept by
+    ``threshold``, taken in the split's order after the ones the long-tailed training split keeps (at most what
+    WordNet has: the smallest classes have 5 to 25 more), each with F1 1; ``source`` is an original of its class."""
+    natural = WordNetSupersenseDataModule(
+        data_dir=str(cache_dir / "wordnet_supersense"), imbalance_ratio=None, max_train_per_class=None
+    ).load_splits()
+    labels = np.asarray(train_labels)
+    kept = np.bincount(labels[np.asarray(aug.source)[aug.f1 >= threshold]], minlength=num_classes)
+    counts = np.bincount(labels, minlength=num_classes)
+    pool_texts, pool_labels = natural.train
+    texts, source = [], []
+    for c in range(num_classes):
+        members = [t for t, y in zip(pool_texts, pool_labels, strict=True) if y == c]
+        originals = np.flatnonzero(labels == c)
+        # the long-tailed split keeps a prefix of each class's pool (datamodules/wordnet_supersense.py, step 3)
+        if members[: counts[c]] != [train_texts[i] for i in originals]:
+            raise SystemExit(f"--real-copies: class {c}'s training split is not a prefix of its natural pool")
+        extra = members[counts[c] : counts[c] + kept[c]]
+        texts += extra
+        source += [int(originals[i % len(originals)]) for i in range(len(extra))]
+    print(f"--real-copies: {len(texts)} unused real glosses for {int(kept.sum())} kept copies")
+    return ScoredAugmentations(
+        texts=texts,
+        source=source,
+        operation=["real"] * len(texts),
+        f1=np.ones(len(texts)),
+        augment_seconds=0.0,
+        score_seconds=0.0,
+    )
 
 
 def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
