@@ -427,6 +427,8 @@ def prepare(args: argparse.Namespace) -> dict:
             f"(this call {wall:.1f}s, from cache: {aug.from_cache}; a second call reads the cache in {reload:.2f}s); "
             f"filter rejects {1 - (aug.f1 >= args.threshold).mean():.1%}"
         )
+    if args.real_copies and aug is None:
+        raise SystemExit("--real-copies replaces the copies of (c), (d) or (e): add one of them to --variants")
     if aug is not None and args.real_copies:
         aug = _real_copies(aug, train_texts, train_labels, args.threshold, num_classes, cache_dir)
     texts = list(train_texts) + (aug.texts if aug else [])
