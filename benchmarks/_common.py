@@ -75,13 +75,17 @@ def machine() -> dict:
     return info
 
 
+def device_tag(info: dict) -> str:
+    """``h200``, ``gpu`` or ``cpu``: the device part of a result's file name, from a :func:`machine` description."""
+    return "h200" if info.get("gpu") and "H200" in info["gpu"] else ("gpu" if info.get("gpu") else "cpu")
+
+
 def write_result(name: str, payload: dict, out_dir: Path | None = None) -> Path:
     """Write ``payload`` with the machine description to ``<out_dir>/<name>_<device>_<date>.json``."""
     out_dir = Path(out_dir or RESULTS)
     out_dir.mkdir(parents=True, exist_ok=True)
     info = machine()
-    device = "h200" if info["gpu"] and "H200" in info["gpu"] else ("gpu" if info["gpu"] else "cpu")
-    path = out_dir / f"{name}_{device}_{info['date'][:10]}.json"
+    path = out_dir / f"{name}_{device_tag(info)}_{info['date'][:10]}.json"
     path.write_text(json.dumps({"machine": info, **payload}, indent=2, default=str))
     return path
 

@@ -22,7 +22,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 
-from _common import table  # noqa: E402
+from _common import device_tag, table  # noqa: E402
 
 SHOWN = ("test/macro_f1", "f1_tail", "test/acc_head", "test/acc", "seconds", "steps")
 
@@ -89,8 +89,8 @@ def main(argv: list[str] | None = None) -> dict:
     text = table(rows, ["run", *[k for k in SHOWN if k in rows[0]]])
     print(text)
     first = next(iter(runs.values()))[0]["machine"]
-    device = "h200" if first.get("gpu") and "H200" in first["gpu"] else ("gpu" if first.get("gpu") else "cpu")
-    out = Path(args.out or ROOT / "benchmarks" / "results" / f"config_seeds_{device}_{first['date'][:10]}.json")
+    name = f"config_seeds_{device_tag(first)}_{first['date'][:10]}.json"
+    out = Path(args.out or ROOT / "benchmarks" / "results" / name)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"machine": first, "groups": summary, "table": text}, indent=2) + "\n")
     print(f"wrote {out}")
