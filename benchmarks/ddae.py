@@ -11,7 +11,8 @@ training data and its sampling:
 
 Reported on the test split: macro-F1, tail F1 (mean F1 of the rarest third of the classes by training count),
 head accuracy (accuracy on examples of the most frequent third), accuracy; and for the augmentation: the time to
-augment and to score, and the fraction of copies the filter rejected. Mean and standard deviation over ``--seeds``.
+augment and to score, and the fraction of copies the filter rejected. Mean and standard deviation over ``--seeds``
+(from ``--first-seed``).
 
 Encoders:
 * ``minilm-frozen`` (default, CPU): the packaged all-MiniLM-L6-v2, frozen, pooled as ``--pool`` says (``mean``:
@@ -144,12 +145,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--head-hidden", type=int, default=512, help="0: linear head; else MLP width")
     p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--seeds", type=int, default=3, help="runs per variant (seeds 0..n-1)")
+    p.add_argument("--seeds", type=int, default=3, help="runs per variant (seeds first-seed .. first-seed + n - 1)")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="first run's seed: fresh seeds confirm a setting chosen on others"
+    )
     p.add_argument("--cache-dir", default=str(Path(os.environ.get("ZOO_DATA_DIR") or "~/.cache/zoo").expanduser()))
     p.add_argument("--out", default=None, help="JSON path; out-dir/ddae_<device>_<date>[_<encoder>].json by default")
     p.add_argument("--out-dir", default=None, help="folder of the default-named JSON (default benchmarks/results)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads while training (1 for a CPU head)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.steps < 40:  # OneCycleLR's warm-up (5% of the steps) must be at least one step long
+        p.error(f"--steps {args.steps}: at least 40")
+    if args.seeds < 1 or args.first_seed < 0:
+        p.error(f"--seeds {args.seeds} --first-seed {args.first_seed}: at least one run, from a seed >= 0")
+    return args
 
 
 # -- features of the frozen encoder ---------------------------------------------------------------------------------
@@ -525,7 +534,7 @@ def run_variant(args: argparse.Namespace, data: dict, key: str) -> dict:
         run_args, quality = _quality_control(args, y, quality, data["num_classes"])
     per_seed = {"val": [], "test": []}
     start = time.perf_counter()
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         preds = train_and_test(
             run_args,
             train_x=x,
