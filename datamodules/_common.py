@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import warnings
 from collections.abc import Iterator, Mapping, Sized
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
@@ -409,8 +411,25 @@ class ResumableTrainingOrder(L.LightningDataModule):
         return {"sampler": sampler.state_dict(consumed_examples(trainer, sampler, self.batch_size))}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Keep the checkpoint's training order for the next training sampler (``fit`` only). A mid-epoch position
+        replaces Lightning's warning that the resumed epoch's loader "is not resumable" (it looks for a stateful
+        DataLoader; here the datamodule is the stateful part), for the rest of the process, by a log line that says
+        where the epoch goes on."""
         if "sampler" in state_dict and fitting(getattr(self, "trainer", None)):
             self._pending_sampler_state = dict(state_dict["sampler"])
+            if self._pending_sampler_state.get("position", 0):
+                warnings.filterwarnings(
+                    "ignore",
+                    message="You're resuming from a checkpoint that ended before the epoch ended",
+                    category=PossibleUserWarning,
+                )
+                state = self._pending_sampler_state
+                log.info(
+                    "%s: epoch %d resumes after the %d training examples per rank it had used",
+                    type(self).__name__,
+                    state["epoch"],
+                    state["position"],
+                )
             if self._train_sampler is not None:
                 drop_built_train_loader(getattr(self, "trainer", None))
 
