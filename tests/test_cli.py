@@ -86,16 +86,20 @@ def test_unknown_yaml_key_names_the_key(elsewhere, cli_error):
 @pytest.mark.parametrize(
     ("text", "named"),
     [
-        ("modle: {}\n", "'modle'"),
-        ("trainer:\n  callbackz: {}\n", "'trainer.callbackz'"),
-        ("modle: {a: {}}\n", "'modle'"),
+        ("modle: {}\n", "'modle' in bad.yaml is not accepted; did you mean 'model'?"),
+        (
+            "trainer:\n  callbackz: {}\n",
+            "'trainer.callbackz' in bad.yaml is not accepted; did you mean 'trainer.callbacks'?",
+        ),
+        ("modle: {a: {}}\n", "'modle' in bad.yaml is not accepted; did you mean 'model'?"),
+        ("zzz: {}\n", "'zzz' in bad.yaml is not accepted"),  # nothing spelt like it: no hint
     ],
 )
 def test_unknown_yaml_key_holding_an_empty_mapping_names_the_key_and_the_file(elsewhere, text, named, cli_error):
     """jsonargparse merges a config value by value, so a key whose mapping holds no value vanished unrefused."""
     (elsewhere / "bad.yaml").write_text(text)
     err = cli_error(["fit", "--config", "vqa.yaml", "--config", "bad.yaml", "--trainer.fast_dev_run=true", *SMALL])
-    assert err.startswith(f"zoo: error: Option {named} in bad.yaml is not accepted\n"), err
+    assert err.startswith(f"zoo: error: Option {named}\n"), err
     assert len(err.splitlines()) == 2 and "python -m zoo fit --help" in err
 
 
@@ -104,7 +108,9 @@ def test_unknown_key_holding_an_empty_mapping_in_a_group_file_names_the_key_and_
     """A group's own config file (``--trainer tr.yaml``) is loaded and merged apart from ``--config``."""
     (elsewhere / "tr.yaml").write_text(text)
     err = cli_error(["fit", "--config", "vqa.yaml", "--trainer", "tr.yaml", "--trainer.fast_dev_run=true", *SMALL])
-    assert err.startswith("zoo: error: Option 'trainer.callbackz' in tr.yaml is not accepted\n"), err
+    assert err.startswith(
+        "zoo: error: Option 'trainer.callbackz' in tr.yaml is not accepted; did you mean 'trainer.callbacks'?\n"
+    ), err
     assert len(err.splitlines()) == 2
 
 
@@ -131,7 +137,51 @@ def test_unknown_key_in_a_group_file_named_by_a_root_level_config_names_the_key_
     (elsewhere / "tr.yaml").write_text("callbackz: {}\n")
     (elsewhere / "all.yaml").write_text("fit: {trainer: tr.yaml}\n")
     err = cli_error(["--config", "all.yaml", "fit", "--config", "vqa.yaml", "--trainer.fast_dev_run=true", *SMALL])
-    assert err.startswith("zoo: error: Option 'trainer.callbackz' in tr.yaml is not accepted\n"), err
+    assert err.startswith(
+        "zoo: error: Option 'trainer.callbackz' in tr.yaml is not accepted; did you mean 'trainer.callbacks'?\n"
+    ), err
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        (
+            "--data.init_args.batch_sise=4",
+            "data (datamodules.sort_of_clevr.SortOfCLEVRDataModule): Option 'batch_sise' is not accepted; "
+            "did you mean 'batch_size'?",
+        ),
+        (
+            "--trainer.max_epochz=1",
+            "unrecognized arguments: --trainer.max_epochz=1; did you mean --trainer.max_epochs?",
+        ),
+        (  # no option of the encoder is spelt like it: no hint
+            "--model.init_args.encoders.image.init_args.patch_sise=4",
+            "model (lit_models.VQA) > encoders (zoo.encoders.ConvImageEncoder): Option 'patch_sise' is not accepted",
+        ),
+        (
+            "--model.init_args.encoders.image.init_args.dim=abc",
+            "model (lit_models.VQA) > encoders (zoo.encoders.ConvImageEncoder) > dim: Expected a <class 'int'>. "
+            "Got value: abc",
+        ),
+    ],
+)
+def test_a_bad_argument_of_a_class_is_one_line_through_the_classes(flag, message, cli_error):
+    """jsonargparse reports each subtype of ``Optional[X]`` it tried and the given value again, over a dozen lines;
+    the zoo says the path of keys and classes and what was wrong, with the option spelt most like a misspelt key."""
+    err = cli_error(["fit", "--config", "vqa.yaml", flag, "--trainer.fast_dev_run=true", *SMALL])
+    assert err == f"zoo: error: {message}\n(python -m zoo fit --help lists the options)\n", err
+
+
+def test_a_misspelt_trainer_key_in_yaml_gets_a_hint(elsewhere, cli_error):
+    (elsewhere / "t.yaml").write_text("trainer:\n  max_epochz: 3\n")
+    err = cli_error(["fit", "--config", "vqa.yaml", "--config", "t.yaml", *SMALL])
+    hint = "does not accept option 'trainer.max_epochz'; did you mean 'trainer.max_epochs'?"
+    assert err.startswith(f"zoo: error: Subcommand 'fit' {hint}\n"), err
+
+
+def test_a_report_of_several_candidates_is_kept_whole(cli_error):
+    err = cli_error(["fit", "--config", "vqa.yaml", "--model=lit_models.Nope", *SMALL])
+    assert "Expected a path but lit_models.Nope" in err and "has no attribute 'Nope'" in err
 
 
 def test_unknown_class_argument_holding_an_empty_mapping_names_the_key(elsewhere, cli_error):
@@ -169,7 +219,8 @@ def test_nan_stays_a_word_for_a_text_option(elsewhere, capsys):
 
 def test_a_value_of_the_wrong_type_names_the_key_without_the_usage_screen(elsewhere, cli_error):
     err = cli_error(["fit", "--config", "vqa.yaml", "--data.init_args.num_images=many"])
-    assert err.startswith("zoo: error: ") and 'Parser key "num_images"' in err and "Got value: many" in err
+    named = "data (datamodules.sort_of_clevr.SortOfCLEVRDataModule) > num_images: Expected a <class 'int'>"
+    assert err.startswith(f"zoo: error: {named}") and "Got value: many" in err
     assert "usage:" not in err and "Traceback" not in err
     assert "python -m zoo fit --help" in err
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 import re
 import sys
@@ -31,7 +32,8 @@ except ImportError:
 
 
 class ZooArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser that refuses an unknown key whose value is a mapping without a value in it.
+    """LightningCLI's parser that refuses an unknown key whose value is a mapping without a value in it, and that adds
+    to the message refusing a key or a flag the option spelt most like it ("did you mean 'max_epochs'?").
 
     jsonargparse merges a config into the parsed one value by value (``Namespace.update`` copies the leaves), so such
     a key (``modle: {}``, ``trainer: {callbackz: {}}``, or ``callbackz: {}`` in a group's own file given as
@@ -45,7 +47,7 @@ class ZooArgumentParser(LightningArgumentParser):
             tree = None
         key = _dropped_key(self, tree) if isinstance(tree, dict) else None
         if key is not None:
-            self.error(f"Option '{key}' in {path or 'the --config string'} is not accepted")
+            self.error(_hinted(self, f"Option '{key}' in {path or 'the --config string'} is not accepted"))
         return super().parse_string(content, path, *args, **kwargs)
 
     def _apply_actions(self, cfg, parent_key: str = "", *args, **kwargs) -> Namespace:
@@ -60,15 +62,35 @@ class ZooArgumentParser(LightningArgumentParser):
         if key is not None:
             loading = config_load_stack.get() if config_load_stack is not None else ()  # (real path, path as given)
             where = loading[-1][1] if loading else f"the --{parent_key} config"
-            self.error(f"Option '{key}' in {where} is not accepted")
+            self.error(_hinted(owner, f"Option '{key}' in {where} is not accepted"))
         return super()._apply_actions(cfg, parent_key, *args, **kwargs)
+
+    def validate(self, namespace: Namespace, *args, **kwargs) -> None:
+        try:
+            super().validate(namespace, *args, **kwargs)
+        except KeyError as err:  # jsonargparse's "Option 'lerning_rate' is not accepted" and the like
+            hinted = _hinted(self, str(err))
+            if hinted != str(err):
+                err.args = (hinted, *err.args[1:])
+            raise
+
+    def error(self, message: str, ex: Exception | None = None):
+        # a misspelt flag: argparse names it, without a hint (a subcommand's parser and then its parent report it)
+        if message.startswith("unrecognized arguments: ") and "; did you mean" not in message:
+            given = message.removeprefix("unrecognized arguments: ").split()
+            flags = [a.split("=", 1)[0] for a in given if a.startswith("--")]
+            known = [o for a in self._actions for o in a.option_strings if o.startswith("--")]
+            hints = [close[0] for f in flags if (close := difflib.get_close_matches(f, known, n=1, cutoff=0.6))]
+            if hints:
+                message += f"; did you mean {', '.join(hints)}?"
+        return super().error(message, ex)
 
     def parse_object(self, obj, *args, **kwargs) -> Namespace:
         # the arguments of a class given by class_path and init_args (its parser is of this class too)
         tree = obj.as_dict() if isinstance(obj, Namespace) else obj
         key = _dropped_key(self, tree) if isinstance(tree, dict) else None
         if key is not None:
-            self.error(f"Option '{key}' is not accepted")
+            self.error(_hinted(self, f"Option '{key}' is not accepted"))
         return super().parse_object(obj, *args, **kwargs)
 
 
@@ -94,6 +116,34 @@ def _dropped_key(parser: argparse.ArgumentParser, tree: dict, branch: str = "") 
         if found is not None:
             return found
     return None
+
+
+_REFUSED_KEY = re.compile(r"(?:Subcommand '([\w-]+)' does not accept option|Option) '([\w.-]+)'")
+
+
+def _hinted(parser: argparse.ArgumentParser, message: str) -> str:
+    """``message``, which refuses a key, with the option of ``parser`` spelt most like it, if one is close: a hint
+    for a misspelt key, never applied."""
+    hint = _closest_option(parser, message)
+    return f"{message}; did you mean '{hint}'?" if hint else message
+
+
+def _closest_option(parser: argparse.ArgumentParser, message: str) -> str | None:
+    """The option of ``parser`` (or of the subcommand the message names) spelt most like the key a jsonargparse
+    message refuses, or ``None``."""
+    found = _REFUSED_KEY.search(message)
+    if found is None:
+        return None
+    subcommand, key = found.groups()
+    if subcommand:
+        choices = (a.choices for a in parser._actions if isinstance(a, ActionSubCommands))
+        parser = next((c[subcommand] for c in choices if subcommand in c), parser)
+    options = {a.dest.removeprefix("init_args.") for a in parser._actions if a.dest and a.dest != argparse.SUPPRESS}
+    options = {o for o in options if o not in ("help", "config") and not o.endswith(".help")}
+    group = key.rpartition(".")[0]
+    siblings = [o for o in options if o.rpartition(".")[0] == group] or list(options)
+    close = difflib.get_close_matches(key, siblings, n=1, cutoff=0.6)
+    return close[0] if close else None
 
 
 def _has_group(parser: argparse.ArgumentParser, name: str) -> bool:
@@ -415,6 +465,37 @@ def _resolve(value: str) -> str:
     return str(shipped) if shipped is not None else value
 
 
+_STRUCTURE = ("Does not validate against any of the Union subtypes", "Subtypes:", "Errors:", "Given value")
+_NOT_GIVEN = "- Expected a <class 'NoneType'>"
+
+
+def _through_classes(message: str) -> str:
+    """jsonargparse's report of a bad argument of a class given by ``class_path`` (every subtype of ``Optional[X]``
+    tried, the given value repeated), as one line: the path of config keys and classes, then what was wrong::
+
+        model (lit_models.VQA) > encoders (zoo.encoders.ConvImageEncoder): Option 'patch_sise' is not accepted
+
+    Any other message, one where more than one subtype was a candidate among them, is returned as it is."""
+    if _STRUCTURE[0] not in message:
+        return message
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    chain, inner = [], []
+    for line in lines:
+        key = re.fullmatch(r'Parser key "([^"]+)":', line)
+        given = re.fullmatch(r"(?:- )?Problem with given class_path '([^']+)':", line)
+        if key:
+            chain.append(key.group(1))
+        elif given and chain:
+            chain[-1] += f" ({given.group(1)})"
+        elif line.startswith("- ") and not line.startswith(_NOT_GIVEN):
+            return message  # another candidate's own error: the full report says which is which
+        elif not line.startswith((*_STRUCTURE, _NOT_GIVEN)):
+            inner.append(line)
+    if not chain or not inner:
+        return message
+    return f"{' > '.join(chain)}: {' '.join(inner)}"
+
+
 def _one_line(err: BaseException) -> str:
     # Errors raised in DataLoader workers come back with the worker's traceback in their message: keep the last line,
     # less the "zoo.errors.DataError: " the traceback puts before the worker's message. Another message over several
@@ -488,7 +569,8 @@ def main(argv: list[str] | None = None) -> None:
             ZooCLI(args=resolve_config_args(argv))
     except argparse.ArgumentError as err:  # jsonargparse's message names the key and the expected type, over lines
         command = next((f" {a}" for a in argv[:1] if not a.startswith("-")), "")
-        print(f"zoo: error: {err}\n(python -m zoo{command} --help lists the options)", file=sys.stderr)
+        message = _through_classes(str(err))
+        print(f"zoo: error: {message}\n(python -m zoo{command} --help lists the options)", file=sys.stderr)
         raise SystemExit(2) from None
     except Exception as err:
         user_error = _user_error(err)
