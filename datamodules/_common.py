@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
@@ -424,11 +425,9 @@ class ResumableTrainingOrder(L.LightningDataModule):
                     category=PossibleUserWarning,
                 )
                 state = self._pending_sampler_state
-                log.info(
-                    "%s: epoch %d resumes after the %d training examples per rank it had used",
-                    type(self).__name__,
-                    state["epoch"],
-                    state["position"],
+                rank_zero_info(
+                    f"{type(self).__name__}: epoch {state['epoch']} resumes after the {state['position']} training "
+                    "examples per rank it had used"
                 )
             if self._train_sampler is not None:
                 drop_built_train_loader(getattr(self, "trainer", None))

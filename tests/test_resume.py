@@ -129,7 +129,7 @@ class StopMidEpoch(Callback):
 
 @pytest.mark.parametrize("accelerator", ACCELERATORS)
 def test_run_resumed_mid_epoch_matches_uninterrupted_run(
-    tmp_path, data_dir, deterministic_cublas, accelerator, recwarn
+    tmp_path, data_dir, deterministic_cublas, accelerator, recwarn, caplog
 ):
     straight = _cli(tmp_path / "straight", "--trainer.limit_val_batches=0", *accelerator)
     straight.trainer.fit(straight.model, datamodule=straight.datamodule)
@@ -142,10 +142,12 @@ def test_run_resumed_mid_epoch_matches_uninterrupted_run(
 
     second = _cli(tmp_path / "resumed", "--trainer.limit_val_batches=0", *accelerator)
     recwarn.clear()
-    second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=checkpoint)
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        second.trainer.fit(second.model, datamodule=second.datamodule, ckpt_path=checkpoint)
     assert second.trainer.global_step == straight.trainer.global_step == 8
-    # the datamodule resumes the order, so Lightning's "your dataloader is not resumable" would mislead
+    # the datamodule resumes the order, so Lightning's "your dataloader is not resumable" would mislead; it says where
     assert not [w for w in recwarn if "not resumable" in str(w.message)]
+    assert "SortOfCLEVRDataModule: epoch 1 resumes after the 16 training examples per rank" in caplog.text
     expected, weights = straight.model.state_dict(), second.model.state_dict()
     for key, value in expected.items():
         assert torch.equal(weights[key], value), key
