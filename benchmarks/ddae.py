@@ -65,6 +65,9 @@ from datamodules.wordnet_supersense import WordNetSupersenseDataModule  # noqa: 
 from zoo.contracts import Tokens  # noqa: E402
 from zoo.layers.pooling import POOLS, build_pool  # noqa: E402
 
+#: the issue's targets: the least difference of DDAE (d) from the plain run (a), per metric (in points)
+TARGETS = {"macro_f1": 3.0, "tail_f1": 5.0, "head_acc": -1.0}
+
 VARIANTS = {
     "a": ("plain", False, False, True),  # name, resample, augment, filter
     "b": ("resample", True, False, True),
@@ -698,24 +701,16 @@ def format_table(rows: list[tuple[str, dict]]) -> str:
 
 
 def targets(runs: dict) -> dict:
-    """The issue's targets: (d) over (a): tail F1 +5, macro-F1 +3, head accuracy -1 at worst; (d) over (e)."""
-    out = {"lines": []}
+    """The issue's :data:`TARGETS` for (d) over (a) (``d_vs_a``: the differences of the means, ``met``: which reach
+    their target), and (d) over (e), the filter's worth."""
+    out = {"lines": [], "targets": TARGETS}
     if "a" in runs and "d" in runs:
         a, d = runs["a"]["mean"], runs["d"]["mean"]
-        checks = {
-            "tail_f1_gain>=5": d["tail_f1"] - a["tail_f1"],
-            "macro_f1_gain>=3": d["macro_f1"] - a["macro_f1"],
-            "head_acc_drop<=1": a["head_acc"] - d["head_acc"],
-        }
-        out["d_vs_a"] = checks
-        out["met"] = {
-            "tail_f1_gain>=5": checks["tail_f1_gain>=5"] >= 5,
-            "macro_f1_gain>=3": checks["macro_f1_gain>=3"] >= 3,
-            "head_acc_drop<=1": checks["head_acc_drop<=1"] <= 1,
-        }
+        out["d_vs_a"] = {m: d[m] - a[m] for m in TARGETS}
+        out["met"] = {m: out["d_vs_a"][m] >= least for m, least in TARGETS.items()}
         out["lines"].append(
-            f"(d) vs (a): tail F1 {checks['tail_f1_gain>=5']:+.2f} (target >= +5), macro-F1 "
-            f"{checks['macro_f1_gain>=3']:+.2f} (>= +3), head acc {-checks['head_acc_drop<=1']:+.2f} (>= -1)"
+            "(d) vs (a): "
+            + ", ".join(f"{m} {out['d_vs_a'][m]:+.2f} (target >= {least:+g})" for m, least in TARGETS.items())
         )
     if "d" in runs and "e" in runs:
         d, e = runs["d"]["mean"], runs["e"]["mean"]
