@@ -57,7 +57,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from _common import machine  # noqa: E402
 
 from datamodules._common import SeededShuffleSampler  # noqa: E402
-from datamodules.ddae.augment import TextAugmenter, rarity  # noqa: E402
+from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, rarity  # noqa: E402
 from datamodules.ddae.datamodule import GROUP_NAMES, frequency_groups  # noqa: E402
 from datamodules.ddae.filter import BERTScoreFilter, ScoredAugmentations, score_augmentations  # noqa: E402
 from datamodules.ddae.sampler import ClassAwareSampler, class_weights, copy_quality  # noqa: E402
@@ -89,6 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--variants", default="abcde", help="which of a-e to run")
     p.add_argument("--strength", type=float, default=0.3, help="augmentation_strength")
     p.add_argument("--max-copies", type=int, default=8)
+    p.add_argument(
+        "--operations",
+        default=",".join(DEFAULT_OPERATIONS),
+        help=f"comma-separated augmentation operations, of {','.join(OPERATIONS)}",
+    )
     p.add_argument("--threshold", type=float, default=0.6, help="BERTScore F1 filter threshold")
     p.add_argument("--quality-power", type=float, default=1.0,
                    help="f(x) = F1^power for a kept copy in (d) (the datamodule's sample_quality_power)")  # fmt: skip
@@ -159,6 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.steps < 40:  # OneCycleLR's warm-up (5% of the steps) must be at least one step long
         p.error(f"--steps {args.steps}: at least 40")
+    args.operations = [op.strip() for op in args.operations.split(",") if op.strip()]
+    if not args.operations or set(args.operations) - set(OPERATIONS):
+        p.error(f"--operations {','.join(args.operations)}: choose among {','.join(OPERATIONS)}")
     if args.seeds < 1 or args.first_seed < 0:
         p.error(f"--seeds {args.seeds} --first-seed {args.first_seed}: at least one run, from a seed >= 0")
     return args
@@ -421,7 +429,9 @@ def prepare(args: argparse.Namespace) -> dict:
             return score_augmentations(
                 train_texts,
                 train_labels,
-                augmenter=TextAugmenter(strength=args.strength, max_copies=args.max_copies, seed=0),
+                augmenter=TextAugmenter(
+                    strength=args.strength, max_copies=args.max_copies, operations=args.operations, seed=0
+                ),
                 scorer=BERTScoreFilter(threshold=args.threshold, device=args.device),
                 num_classes=num_classes,
                 cache_dir=cache_dir / "ddae",

@@ -12,6 +12,7 @@ from datamodules.ddae.augment import (
     copies_per_class,
     rarity,
     wordnet_synonyms,
+    wordnet_words,
 )
 from zoo.errors import ConfigError
 
@@ -63,6 +64,30 @@ def test_wordnet_synonyms_come_from_the_packaged_wordnet_without_nltk():
     aug = WordNetSynonymAug(synonyms, aug_p=1.0)
     out = aug.augment("quickly")
     assert (out[0] if isinstance(out, list) else out) in synonyms["quickly"]
+
+
+def test_wordnet_relations_give_more_general_more_specific_and_sibling_words():
+    assert wordnet_words("hypernym")["building"] == ("structure", "construction")
+    assert {"slaughterhouse", "apartment building"} <= set(wordnet_words("hyponym")["building"])
+    siblings = set(wordnet_words("sibling")["building"])  # other hyponyms of "structure"
+    assert {"hangar", "arcade"} <= siblings and "building" not in siblings and "edifice" not in siblings
+    assert "quickly" not in wordnet_words("hypernym")  # an adverb has no hypernym: left out
+    aug = WordNetSynonymAug(relation="hypernym", aug_p=1.0)
+    out = aug.augment("building")
+    assert (out[0] if isinstance(out, list) else out) in ("structure", "construction")
+    with pytest.raises(ConfigError, match="relation"):
+        WordNetSynonymAug(relation="antonym")
+    with pytest.raises(ConfigError, match="relation"):
+        wordnet_words("antonym")
+
+
+def test_relation_operations_make_copies():
+    labels = [0, 0, 0, 0, 1, 2]
+    made = TextAugmenter(strength=0.6, max_copies=4, operations=["hypernym", "hyponym", "sibling"], seed=0)(
+        TEXTS, labels
+    )
+    assert made.texts and set(made.operation) <= {"hypernym", "hyponym", "sibling"}
+    assert all(t.lower() != TEXTS[s].lower() for t, s in zip(made.texts, made.source, strict=True))
 
 
 def test_coordination_swap_swaps_the_words_around_and_or():

@@ -56,9 +56,19 @@ def test_targets_are_judged_on_the_means_of_d_against_a():
 
 @pytest.mark.parametrize(
     ("argv", "flag"),
-    [(["--steps", "20"], "--steps 20"), (["--seeds", "0"], "--seeds 0"), (["--first-seed", "-1"], "--first-seed -1")],
+    [
+        (["--steps", "20"], "--steps 20"),
+        (["--seeds", "0"], "--seeds 0"),
+        (["--first-seed", "-1"], "--first-seed -1"),
+        (["--operations", "synonym,backtranslate"], "--operations synonym,backtranslate"),
+    ],
 )
 def test_bad_arguments_are_refused_by_name(argv, flag, capsys):
     with pytest.raises(SystemExit):
         ddae.parse_args(argv)
     assert flag in capsys.readouterr().err
+
+
+def test_operations_are_parsed_into_the_augmenters_list():
+    assert ddae.parse_args([]).operations == list(ddae.DEFAULT_OPERATIONS)
+    assert ddae.parse_args(["--operations", "synonym, hypernym"]).operations == ["synonym", "hypernym"]

