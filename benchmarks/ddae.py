@@ -678,6 +678,7 @@ def main(argv: list[str] | None = None) -> dict:
             "augment_seconds": aug.augment_seconds,
             "score_seconds": aug.score_seconds,
             "from_cache": aug.from_cache,
+            "per_operation": per_operation(aug, args.threshold),
         },
         "augment_call_seconds": data["augment_call_seconds"],
         "cached_reload_seconds": data["cached_reload_seconds"],
@@ -690,6 +691,20 @@ def main(argv: list[str] | None = None) -> dict:
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {out}")
     return report
+
+
+def per_operation(aug: ScoredAugmentations, threshold: float) -> dict[str, dict[str, float]]:
+    """For each augmentation operation: its copies, their median BERTScore F1 and the fraction the filter rejects."""
+    operation = np.asarray(aug.operation)
+    out = {}
+    for name in dict.fromkeys(aug.operation):
+        f1 = aug.f1[operation == name]
+        out[name] = {
+            "copies": int(len(f1)),
+            "median_f1": float(np.median(f1)),
+            "rejected_fraction": float((f1 < threshold).mean()),
+        }
+    return out
 
 
 def format_table(rows: list[tuple[str, dict]]) -> str:

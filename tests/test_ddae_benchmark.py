@@ -72,3 +72,18 @@ def test_bad_arguments_are_refused_by_name(argv, flag, capsys):
 def test_operations_are_parsed_into_the_augmenters_list():
     assert ddae.parse_args([]).operations == list(ddae.DEFAULT_OPERATIONS)
     assert ddae.parse_args(["--operations", "synonym, hypernym"]).operations == ["synonym", "hypernym"]
+
+
+def test_per_operation_counts_copies_median_f1_and_rejections():
+    aug = ddae.ScoredAugmentations(
+        texts=["a", "b", "c", "d"],
+        source=[0, 0, 1, 1],
+        operation=["synonym", "hypernym", "hypernym", "synonym"],
+        f1=np.array([0.9, 0.5, 0.7, 0.8]),
+        augment_seconds=0.0,
+        score_seconds=0.0,
+    )
+    stats = ddae.per_operation(aug, threshold=0.6)
+    assert list(stats) == ["synonym", "hypernym"]
+    assert stats["synonym"] == pytest.approx({"copies": 2, "median_f1": 0.85, "rejected_fraction": 0.0})
+    assert stats["hypernym"] == pytest.approx({"copies": 2, "median_f1": 0.6, "rejected_fraction": 0.5})
