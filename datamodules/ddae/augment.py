@@ -12,7 +12,7 @@ Operations (EDA, Wei & Zou 2019, plus a light syntactic one), each an nlpaug aug
 * ``keyboard``: keyboard typos (nlpaug's ``KeyboardAug``; not in the default set);
 * ``hypernym``, ``hyponym``, ``sibling``: replace words by WordNet words of a more general sense, a more specific one,
   or another hyponym of the same hypernym (:class:`WordNetSynonymAug` with ``relation``; not in the default set).
-  They change the meaning more than a synonym does (median BERTScore F1 0.57-0.68 against 0.74 for ``synonym`` on
+  They change the meaning more than a synonym does (median BERTScore F1 0.57-0.67 against 0.74 for ``synonym`` on
   the WordNet glosses), so they lean on the filter.
 
 nlpaug's own ``SynonymAug`` needs NLTK's WordNet download and its POS tagger; :class:`WordNetSynonymAug` reads the
