@@ -430,7 +430,12 @@ def prepare(args: argparse.Namespace) -> dict:
                 train_texts,
                 train_labels,
                 augmenter=TextAugmenter(
-                    strength=args.strength, max_copies=args.max_copies, operations=args.operations, seed=0
+                    strength=args.strength,
+                    max_copies=args.max_copies,
+                    operations=args.operations,
+                    seed=0,
+                    cache_dir=cache_dir / "ddae",
+                    device=args.device,
                 ),
                 scorer=BERTScoreFilter(threshold=args.threshold, device=args.device),
                 num_classes=num_classes,

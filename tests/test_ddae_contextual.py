@@ -11,6 +11,7 @@ import torch
 from datamodules.ddae import augment, contextual
 from datamodules.ddae.augment import STOPWORDS, TextAugmenter
 from datamodules.ddae.contextual import ContextualSubstituteAug, fit_masked_lm
+from datamodules.text_folder import TextFolderDataModule
 from zoo.errors import ConfigError
 
 TEXTS = [
@@ -58,12 +59,38 @@ def test_text_augmenter_fits_the_head_to_the_texts_it_augments(model, monkeypatc
     seen = []
 
     def fitted(texts, **kwargs):
-        seen.append(list(texts))
+        seen.append((list(texts), kwargs))
         return model
 
     monkeypatch.setattr(contextual, "fit_masked_lm", fitted)
-    monkeypatch.setenv("ZOO_DATA_DIR", str(tmp_path))
-    made = TextAugmenter(strength=1.0, max_copies=2, operations=["contextual"], seed=0)(TEXTS, [0, 0, 0, 1])
-    assert seen == [TEXTS]
+    augmenter = TextAugmenter(
+        strength=1.0, max_copies=2, operations=["contextual"], seed=0, cache_dir=tmp_path, device="cpu"
+    )
+    made = augmenter(TEXTS, [0, 0, 0, 1])
+    assert seen == [(TEXTS, {"cache_dir": tmp_path, "device": "cpu"})]
     assert made.texts and set(made.operation) == {"contextual"}
     assert "contextual" in augment.OPERATIONS
+
+
+def test_the_datamodule_fits_the_head_in_its_cache_on_the_filter_device(model, monkeypatch, tmp_path):
+    seen = []
+
+    def fitted(texts, **kwargs):
+        seen.append(kwargs)
+        return model
+
+    monkeypatch.setattr(contextual, "fit_masked_lm", fitted)
+    train = tmp_path / "train.csv"
+    rows = [(t, "common") for t in TEXTS * 3] + [("a heavy rain storm from dark clouds", "rare")] * 2
+    train.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows), encoding="utf8")
+    dm = TextFolderDataModule(
+        train_file=str(train),
+        augmentation_strength=0.5,
+        max_copies=4,
+        augmentation_ops=["contextual"],
+        cache_dir=str(tmp_path / "cache"),
+        filter_device="cpu",
+    )
+    dm.setup("fit")
+    assert seen == [{"cache_dir": tmp_path / "cache", "device": "cpu"}]
+    assert dm.ddae_stats["augmented"] > 0 and set(dm.augmentations.operation) == {"contextual"}

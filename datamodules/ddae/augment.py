@@ -325,6 +325,9 @@ class TextAugmenter:
         max_copies: copies per example of the rarest class at ``strength=1``.
         operations: names from :data:`OPERATIONS`.
         seed: every copy is a pure function of ``(seed, example index, copy index)``.
+        cache_dir: where the ``contextual`` operation caches the masked-LM head it fits (default: the DDAE cache,
+            ``$ZOO_DATA_DIR/ddae`` or ``~/.cache/zoo/ddae``).
+        device: where that head is fitted and run (default: ``cuda`` when there is one).
     """
 
     def __init__(
@@ -334,11 +337,14 @@ class TextAugmenter:
         max_copies: int = 8,
         operations: Sequence[str] = DEFAULT_OPERATIONS,
         seed: int = 0,
+        cache_dir: str | Path | None = None,
+        device: str | None = None,
     ) -> None:
         check_strength(strength)
         if max_copies < 0:
             raise ConfigError(f"max_copies={max_copies} must be >= 0")
         self.strength, self.max_copies, self.operations, self.seed = strength, max_copies, tuple(operations), seed
+        self.cache_dir, self.device = cache_dir, device
         self._augmenters = build_operations(strength, self.operations) if strength > 0 else {}
 
     def load(self) -> None:
@@ -368,7 +374,7 @@ class TextAugmenter:
         contextual = self._augmenters.get("contextual")
         if contextual is not None and contextual.model is None:
             # fitted to the texts it augments, cached beside the DDAE cache
-            contextual.fit(list(texts), cache_dir=default_data_dir("ddae"))
+            contextual.fit(list(texts), cache_dir=self.cache_dir or default_data_dir("ddae"), device=self.device)
         labels = np.asarray(labels, dtype=np.int64)
         counts = np.bincount(labels, minlength=num_classes or 0)
         expected = copies_per_class(counts, strength=self.strength, max_copies=self.max_copies)

@@ -92,7 +92,8 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         augmentation_ops: nlpaug operations to draw from (names in ``datamodules.ddae.augment.OPERATIONS``).
         filter_threshold: keep an augmented copy when its BERTScore F1 against its original is at least this;
             ``None`` keeps every copy (no filter; scores are still computed for ``sample_quality``).
-        filter_device: where BERTScore's MiniLM runs (``"cpu"``, ``"cuda"``).
+        filter_device: where BERTScore's MiniLM runs (``"cpu"``, ``"cuda"``), and the MiniLM of the ``contextual``
+            augmentation (fitted there: a GPU takes a minute or two, a 2-core CPU far longer).
         filter_batch_size: sentences per BERTScore forward pass.
         cache_dir: folder of the DDAE cache; default ``$ZOO_DATA_DIR/ddae`` or ``~/.cache/zoo/ddae``.
 
@@ -219,6 +220,8 @@ class LongTailTextDataModule(ResumableTrainingOrder):
                 max_copies=self.max_copies,
                 operations=self.augmentation_ops,
                 seed=self.seed,
+                cache_dir=self.cache_dir,
+                device=self.filter_device,
             ),
             scorer=BERTScoreFilter(device=self.filter_device, batch_size=self.filter_batch_size),
             num_classes=self.num_classes,
