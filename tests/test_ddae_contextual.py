@@ -35,6 +35,8 @@ def test_the_fitted_head_is_cached_and_read_back(tmp_path):
         torch.testing.assert_close(a.to(torch.bfloat16).float(), b, msg=name)  # stored in bf16
     with pytest.raises(ConfigError, match="no texts"):
         fit_masked_lm([], steps=2)
+    with pytest.raises(ConfigError, match="steps=0"):
+        fit_masked_lm(TEXTS, steps=0)
 
 
 def test_substitution_changes_content_words_only_and_is_reproducible(model):

@@ -81,13 +81,20 @@ def fit_masked_lm(
     autocast on a GPU), read from ``cache_dir`` when it holds one fitted to the same texts and settings."""
     if not texts:
         raise ConfigError("fit_masked_lm: no texts to fit the masked-LM head to")
+    if steps < 1 or batch_size < 1:
+        raise ConfigError(f"fit_masked_lm: steps={steps} and batch_size={batch_size} must be at least 1")
+    from zoo.encoders.text import minilm_path
+
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    weights = sorted((p.name, p.stat().st_size) for p in minilm_path().glob("*.safetensors"))  # which MiniLM copy
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    key = hashlib.sha256(f"{MLM_VERSION} {digest} {steps} {batch_size} {lr} {seed}".encode()).hexdigest()[:24]
+    settings = f"{MLM_VERSION} {weights} {digest} {steps} {batch_size} {lr} {seed}"
+    key = hashlib.sha256(settings.encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"mlm_{key}.pt" if cache_dir is not None else None
     model = MaskedWordModel()
     if path is not None and path.is_file():
-        model.load_state_dict({k: v.float() for k, v in torch.load(path, map_location="cpu").items()})
+        state = torch.load(path, map_location="cpu")
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         return model.eval().to(device)
     model.to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
@@ -112,7 +119,8 @@ def fit_masked_lm(
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_suffix(".part")
-        torch.save({k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}, part)
+        state = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+        torch.save(state, part)  # bf16: half the size of the fp32 weights
         part.replace(path)
     return model
 
