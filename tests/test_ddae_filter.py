@@ -74,3 +74,19 @@ def test_a_cache_file_edited_by_hand_is_named(tmp_path, scorer, edit, reason):
     path.write_text(json.dumps(cached))
     with pytest.raises(DataError, match=rf"{path.name}: unreadable DDAE cache \(.*{reason}"):
         score_augmentations(texts, labels, augmenter=augmenter, scorer=scorer, cache_dir=tmp_path)
+
+
+def test_the_scorer_fingerprint_tells_two_copies_of_a_model_apart(tmp_path):
+    from zoo.encoders.text import model_fingerprint
+
+    def copy(name: str, weights: bytes):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text('{"hidden_size": 384}')
+        (folder / "model.safetensors").write_bytes(weights)
+        return folder
+
+    fp32, again, bf16 = copy("fp32", b"\0" * 8), copy("again", b"\1" * 8), copy("bf16", b"\0" * 4)
+    assert model_fingerprint(fp32) == model_fingerprint(again)  # the same files, other bytes: names and sizes alike
+    assert model_fingerprint(fp32) != model_fingerprint(bf16)
+    assert BERTScoreFilter(model_path=str(fp32)).fingerprint != BERTScoreFilter(model_path=str(bf16)).fingerprint

