@@ -60,8 +60,8 @@ def test_without_a_model_the_augmenter_says_so():
 def test_text_augmenter_fits_the_head_to_the_texts_it_augments(model, monkeypatch, tmp_path):
     seen = []
 
-    def fitted(texts, **kwargs):
-        seen.append((list(texts), kwargs))
+    def fitted(texts, labels=None, **kwargs):
+        seen.append((list(texts), labels, kwargs))
         return model
 
     monkeypatch.setattr(contextual, "fit_masked_lm", fitted)
@@ -69,7 +69,7 @@ def test_text_augmenter_fits_the_head_to_the_texts_it_augments(model, monkeypatc
         strength=1.0, max_copies=2, operations=["contextual"], seed=0, cache_dir=tmp_path, device="cpu"
     )
     made = augmenter(TEXTS, [0, 0, 0, 1])
-    assert seen == [(TEXTS, {"cache_dir": tmp_path, "device": "cpu"})]
+    assert seen == [(TEXTS, None, {"cache_dir": tmp_path, "device": "cpu"})]
     assert made.texts and set(made.operation) == {"contextual"}
     assert "contextual" in augment.OPERATIONS
 
@@ -77,7 +77,7 @@ def test_text_augmenter_fits_the_head_to_the_texts_it_augments(model, monkeypatc
 def test_the_datamodule_fits_the_head_in_its_cache_on_the_filter_device(model, monkeypatch, tmp_path):
     seen = []
 
-    def fitted(texts, **kwargs):
+    def fitted(texts, labels=None, **kwargs):
         seen.append(kwargs)
         return model
 
@@ -96,3 +96,54 @@ def test_the_datamodule_fits_the_head_in_its_cache_on_the_filter_device(model, m
     dm.setup("fit")
     assert seen == [{"cache_dir": tmp_path / "cache", "device": "cpu"}]
     assert dm.ddae_stats["augmented"] > 0 and set(dm.augmentations.operation) == {"contextual"}
+
+
+def test_the_label_conditional_model_fills_in_words_of_the_class(tmp_path):
+    # the masked colour can be told only from the label: an unconditional model cannot, a conditional one must
+    texts, labels = ["the colour of the flag is red", "the colour of the flag is blue"] * 8, [0, 1] * 8
+    fitted = fit_masked_lm(texts, labels, steps=80, batch_size=16, lr=1e-3, device="cpu", cache_dir=tmp_path)
+    plain = fit_masked_lm(texts, steps=2, batch_size=16, device="cpu", cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("mlm_*.pt"))) == 2  # the labels are part of the cache key
+    tokenizer = fitted.tokenizer
+    batch = tokenizer(["the colour of the flag is [MASK]"] * 2, return_tensors="pt")
+    where = batch["input_ids"] == tokenizer.mask_token_id
+    with torch.no_grad():
+        logits = fitted(batch["input_ids"], batch["attention_mask"], where, torch.tensor([0, 1]))
+    red, blue = tokenizer.convert_tokens_to_ids(["red", "blue"])
+    assert logits[0, red] > logits[0, blue] and logits[1, blue] > logits[1, red]
+    with pytest.raises(ConfigError, match="without labels"):
+        fitted(batch["input_ids"], batch["attention_mask"], where)
+    with pytest.raises(ConfigError, match="with labels"):
+        plain(batch["input_ids"], batch["attention_mask"], where, torch.tensor([0, 1]))
+
+    aug = ContextualSubstituteAug(fitted, conditional=True, aug_p=0.5)
+    with pytest.raises(ConfigError, match="label"):
+        aug.substitute("the colour of the flag is red")
+    aug.label = 1
+    random.seed(0)
+    assert aug.substitute("the colour of the flag is red") != "the colour of the flag is red"
+    with pytest.raises(ConfigError, match="labels"):
+        fit_masked_lm(texts, labels[:3], steps=2, device="cpu")
+    with pytest.raises(ConfigError, match="labels"):
+        ContextualSubstituteAug(conditional=True).fit(texts)
+
+
+def test_text_augmenter_passes_labels_to_the_conditional_operation(model, monkeypatch, tmp_path):
+    seen, conditioned = [], []
+
+    def fitted(texts, labels=None, **kwargs):
+        seen.append(labels)
+        return model
+
+    def substitute(self, data):
+        conditioned.append((data, self.label))
+        return data + " again"
+
+    monkeypatch.setattr(contextual, "fit_masked_lm", fitted)
+    monkeypatch.setattr(ContextualSubstituteAug, "substitute", substitute)
+    augmenter = TextAugmenter(strength=1.0, max_copies=2, operations=["contextual_label"], cache_dir=tmp_path)
+    made = augmenter(TEXTS, [0, 0, 1, 2])
+    assert seen == [[0, 0, 1, 2]]
+    assert set(made.operation) == {"contextual_label"} and set(made.source) == {2, 3}  # class 0 is the largest
+    assert {label for _, label in conditioned} == {1, 2}
+    assert all(label == [0, 0, 1, 2][TEXTS.index(text)] for text, label in conditioned)

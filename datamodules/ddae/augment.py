@@ -13,6 +13,8 @@ Operations (EDA, Wei & Zou 2019, plus a light syntactic one), each an nlpaug aug
 * ``contextual``: replace words by words the packaged MiniLM predicts in their place, once a masked-LM head is
   fitted to the texts being augmented (:mod:`datamodules.ddae.contextual`; not in the default set; a GPU fits it in
   about a minute, a 2-core CPU takes far longer);
+* ``contextual_label``: ``contextual`` with the masked-LM conditioned on the example's class (Wu et al. 2019), so the
+  words put in fit the class as well as the context (not in the default set);
 * ``hypernym``, ``hyponym``, ``sibling``: replace words by WordNet words of a more general sense, a more specific one,
   or another hyponym of the same hypernym (:class:`WordNetSynonymAug` with ``relation``; not in the default set).
   They change the meaning more than a synonym does (median BERTScore F1 0.57-0.67 against 0.74 for ``synonym`` on
@@ -65,6 +67,7 @@ OPERATIONS = (
     "hyponym",
     "sibling",
     "contextual",
+    "contextual_label",
 )
 DEFAULT_OPERATIONS = ("synonym", "insert", "swap", "delete", "coordination")
 #: bumped whenever the augmenters' output changes, so that caches of older outputs are not reused.
@@ -265,6 +268,7 @@ def build_operations(strength: float, operations: Sequence[str] = DEFAULT_OPERAT
             for relation in ("hypernym", "hyponym", "sibling")
         },
         "contextual": functools.partial(_contextual, aug_p=p),
+        "contextual_label": functools.partial(_contextual, aug_p=p, conditional=True),
         "keyboard": lambda: KeyboardAug(aug_word_p=p, aug_char_max=2, aug_word_max=None, include_numeric=False),
     }
     return {name: makers[name]() for name in operations}
@@ -349,13 +353,17 @@ class TextAugmenter:
             if isinstance(aug, WordNetSynonymAug):
                 aug.synonyms  # noqa: B018 (reads WordNet)
 
-    def augment_text(self, text: str, *, operation: str, key: Sequence[int]) -> str:
-        """One copy of ``text`` by ``operation``; ``key`` seeds nlpaug's random draws. ``strength=0``: ``text``."""
+    def augment_text(self, text: str, *, operation: str, key: Sequence[int], label: int | None = None) -> str:
+        """One copy of ``text`` (of class ``label``, which a label-conditional operation needs) by ``operation``;
+        ``key`` seeds nlpaug's random draws. ``strength=0``: ``text``."""
         if self.strength == 0:
             return text
+        augmenter = self._augmenters[operation]
+        if getattr(augmenter, "conditional", False):
+            augmenter.label = label
         random.seed(hash(tuple(key)))
         np.random.seed(np.random.SeedSequence(list(key)).generate_state(1)[0])
-        result = self._augmenters[operation].augment(text)
+        result = augmenter.augment(text)
         result = result[0] if isinstance(result, list) else result
         if not isinstance(result, str) or not result.strip():
             return text
@@ -366,11 +374,13 @@ class TextAugmenter:
         out = Augmentations([], [], [])
         if self.strength == 0 or self.max_copies == 0 or len(texts) == 0:
             return out
-        contextual = self._augmenters.get("contextual")
-        if contextual is not None and contextual.model is None:
-            # fitted to the texts it augments, cached beside the DDAE cache
-            contextual.fit(list(texts), cache_dir=self.cache_dir or default_data_dir("ddae"), device=self.device)
         labels = np.asarray(labels, dtype=np.int64)
+        for name in ("contextual", "contextual_label"):
+            contextual = self._augmenters.get(name)
+            if contextual is not None and contextual.model is None:
+                # fitted to the texts it augments, cached beside the DDAE cache
+                cache_dir = self.cache_dir or default_data_dir("ddae")
+                contextual.fit(list(texts), labels.tolist(), cache_dir=cache_dir, device=self.device)
         counts = np.bincount(labels, minlength=num_classes or 0)
         expected = copies_per_class(counts, strength=self.strength, max_copies=self.max_copies)
         draws = np.random.default_rng([self.seed, 0]).random((len(texts), 2))
@@ -384,7 +394,8 @@ class TextAugmenter:
                     # gives way to the next one; a copy no operation changes is not made
                     for attempt in range(len(self.operations)):
                         operation = self.operations[(first + j + attempt) % len(self.operations)]
-                        augmented = self.augment_text(text, operation=operation, key=(self.seed, i, j, attempt))
+                        key = (self.seed, i, j, attempt)
+                        augmented = self.augment_text(text, operation=operation, key=key, label=label)
                         if augmented.lower() != text.lower():
                             out.texts.append(augmented)
                             out.source.append(i)

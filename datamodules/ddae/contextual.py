@@ -7,6 +7,11 @@ training texts by masked-word prediction (15% of the words; BERT's 80/10/10 repl
 and the settings. :class:`ContextualSubstituteAug` then masks words of a sentence and puts in their place one of the
 model's most likely words, so the substitute fits the context rather than a dictionary sense.
 
+Given the labels, the model is label-conditional (Wu et al. 2019, "Conditional BERT Contextual Augmentation"): a
+learned embedding of the example's class is added to every input token's embedding, as BERT's segment embedding is,
+so that the words it predicts fit the class as well as the context (a gloss of ``noun.animal`` is not filled in as
+one of ``noun.artifact``).
+
 Fitting takes a minute or two on an H200 (2,000 steps of 128 glosses) and far longer on a 2-core CPU; the cache makes
 it once per training set.
 """
@@ -28,14 +33,16 @@ from zoo.encoders.text import minilm_path, model_fingerprint
 from zoo.errors import ConfigError
 
 #: bumped whenever the fitting changes, so that older cached models are not reused.
-MLM_VERSION = 1
+LABEL_LR_SCALE = 50.0
+MLM_VERSION = 1  # a label-conditional model's key names its labels, so unconditional caches stay valid
 
 
 class MaskedWordModel(nn.Module):
     """MiniLM plus a masked-LM head: ``input_ids`` ``[B, T]`` -> logits over the vocabulary at the ``where`` positions
-    ``[N, V]``."""
+    ``[N, V]``; with ``num_labels``, conditioned on ``labels`` ``[B]`` by a class embedding added at every token
+    (zero at the start, so the model begins as the unconditional one)."""
 
-    def __init__(self, model_path: str | None = None) -> None:
+    def __init__(self, model_path: str | None = None, num_labels: int = 0) -> None:
         super().__init__()
         from transformers import AutoModel, AutoTokenizer
 
@@ -45,9 +52,29 @@ class MaskedWordModel(nn.Module):
         dim = self.encoder.config.hidden_size
         self.transform = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.LayerNorm(dim))
         self.bias = nn.Parameter(torch.zeros(self.encoder.config.vocab_size))
+        self.num_labels = num_labels
+        self.label_embedding = nn.Embedding(num_labels, dim) if num_labels else None
+        if self.label_embedding is not None:
+            nn.init.zeros_(self.label_embedding.weight)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state[where]
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        where: torch.Tensor,
+        labels: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if (labels is None) != (self.label_embedding is None):
+            raise ConfigError(
+                f"MaskedWordModel with num_labels={self.num_labels} called {'without' if labels is None else 'with'}"
+                " labels"
+            )
+        if labels is None:
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            embeds = self.encoder.embeddings.word_embeddings(input_ids) + self.label_embedding(labels)[:, None]
+            hidden = self.encoder(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        hidden = hidden[where]
         return self.transform(hidden) @ self.encoder.embeddings.word_embeddings.weight.T + self.bias
 
 
@@ -67,6 +94,7 @@ def _mask_batch(tokenizer, texts: list[str], generator: torch.Generator) -> tupl
 
 def fit_masked_lm(
     texts: list[str],
+    labels: list[int] | None = None,
     *,
     steps: int = 2000,
     batch_size: int = 128,
@@ -76,24 +104,41 @@ def fit_masked_lm(
     cache_dir: str | Path | None = None,
 ) -> MaskedWordModel:
     """:class:`MaskedWordModel` fitted to ``texts`` (the whole encoder and the head, AdamW, one-cycle schedule, bf16
-    autocast on a GPU), read from ``cache_dir`` when it holds one fitted to the same texts and settings."""
+    autocast on a GPU), conditioned on ``labels`` (class indices, one per text) when given; read from ``cache_dir``
+    when it holds one fitted to the same texts, labels and settings."""
     if not texts:
         raise ConfigError("fit_masked_lm: no texts to fit the masked-LM head to")
+    if labels is not None:
+        labels = [int(label) for label in labels]
+        if len(labels) != len(texts) or min(labels) < 0:
+            raise ConfigError(
+                f"fit_masked_lm: {len(labels)} labels for {len(texts)} texts; one class index (>= 0) per text"
+            )
     if steps < 1 or batch_size < 1:
         raise ConfigError(f"fit_masked_lm: steps={steps} and batch_size={batch_size} must be at least 1")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()
     settings = f"{MLM_VERSION} {model_fingerprint(minilm_path())} {digest} {steps} {batch_size} {lr} {seed}"
+    if labels is not None:
+        settings += " labels " + hashlib.sha256(" ".join(map(str, labels)).encode()).hexdigest()
     key = hashlib.sha256(settings.encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"mlm_{key}.pt" if cache_dir is not None else None
-    model = MaskedWordModel()
+    model = MaskedWordModel(num_labels=max(labels) + 1 if labels is not None else 0)
+    label_tensor = torch.tensor(labels) if labels is not None else None
     if path is not None and path.is_file():
         state = torch.load(path, map_location="cpu")
         model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in state.items()})
         return model.eval().to(device)
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.05)
+    # the class embedding starts at zero among pretrained weights: at the encoder's learning rate it would stay too
+    # small to steer the predictions within the fit, so it learns LABEL_LR_SCALE times faster, without decay
+    label_params = list(model.label_embedding.parameters()) if model.label_embedding is not None else []
+    groups = [{"params": [p for p in model.parameters() if all(p is not q for q in label_params)]}]
+    if label_params:
+        groups.append({"params": label_params, "lr": lr * LABEL_LR_SCALE, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=0.01)
+    max_lr = [group["lr"] for group in optimizer.param_groups]
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=max_lr, total_steps=steps, pct_start=0.05)
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     from tqdm.auto import tqdm
 
@@ -103,8 +148,9 @@ def fit_masked_lm(
         where = labels != -100
         if not where.any():
             continue
+        condition = label_tensor[index].to(device) if label_tensor is not None else None
         with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
-            logits = model(ids, mask, where)
+            logits = model(ids, mask, where, condition)
         loss = nn.functional.cross_entropy(logits.float(), labels[where])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,8 +172,12 @@ class ContextualSubstituteAug(WordAugmenter):
     :class:`MaskedWordModel` predicts there (the original word and stopwords excluded), in proportion to their
     probabilities. Draws come from Python's ``random``, as nlpaug's own augmenters'.
 
+    A ``conditional`` augmenter's model is fitted with the labels, and :attr:`label` (the class of the sentence about
+    to be augmented) must be set before each call; :class:`~datamodules.ddae.augment.TextAugmenter` sets it.
+
     Args:
         model: a fitted :class:`MaskedWordModel`; or call :meth:`fit` before augmenting.
+        conditional: fit and run the model conditioned on the label (Wu et al. 2019).
         stopwords: lower-case words neither masked nor put in (the other operations' by default).
         top_k: how many of the likeliest whole words a replacement is drawn from.
         aug_p, aug_min, aug_max: the share of words replaced, and the fewest and most (nlpaug's).
@@ -137,6 +187,7 @@ class ContextualSubstituteAug(WordAugmenter):
         self,
         model: MaskedWordModel | None = None,
         *,
+        conditional: bool = False,
         stopwords: frozenset[str] = STOPWORDS,
         top_k: int = 10,
         aug_p: float = 0.3,
@@ -147,15 +198,21 @@ class ContextualSubstituteAug(WordAugmenter):
             action=Action.SUBSTITUTE, name="ContextualSubstitute_Aug", aug_p=aug_p, aug_min=aug_min, aug_max=aug_max
         )
         self.model, self.stopwords, self.top_k = model, stopwords, top_k
+        self.conditional, self.label = conditional, None
 
-    def fit(self, texts: list[str], **kwargs) -> None:
-        """Fit the masked-LM head to ``texts`` (:func:`fit_masked_lm`; cached)."""
-        self.model = fit_masked_lm(list(texts), **kwargs)
+    def fit(self, texts: list[str], labels: list[int] | None = None, **kwargs) -> None:
+        """Fit the masked-LM head to ``texts`` (:func:`fit_masked_lm`; cached), with their ``labels`` if
+        ``conditional`` (needed then)."""
+        if self.conditional and labels is None:
+            raise ConfigError("ContextualSubstituteAug(conditional=True).fit needs the labels of the texts")
+        self.model = fit_masked_lm(list(texts), list(labels) if self.conditional else None, **kwargs)
 
     @torch.no_grad()
     def substitute(self, data: str) -> str:
         if self.model is None:
             raise ConfigError("ContextualSubstituteAug: no masked-LM model; call fit(texts) first")
+        if self.conditional and self.label is None:
+            raise ConfigError("ContextualSubstituteAug(conditional=True): set .label to the sentence's class first")
         tokens = self.tokenizer(data)
         candidates = [i for i, t in enumerate(tokens) if _WORD.match(t) and t.lower() not in self.stopwords]
         count = min(len(candidates), self.generate_aug_cnt(len(tokens)))
@@ -170,7 +227,8 @@ class ContextualSubstituteAug(WordAugmenter):
         where = ids == tokenizer.mask_token_id
         if int(where.sum()) != len(chosen):  # a mask cut off by truncation
             return data
-        probs = self.model(ids, mask, where).float().softmax(-1)
+        condition = torch.tensor([self.label], device=device) if self.conditional else None
+        probs = self.model(ids, mask, where, condition).float().softmax(-1)
         top = probs.topk(4 * self.top_k, dim=-1)
         for row, i in enumerate(chosen):
             words, weights = [], []
