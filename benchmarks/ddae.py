@@ -94,6 +94,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(DEFAULT_OPERATIONS),
         help=f"comma-separated augmentation operations, of {','.join(OPERATIONS)}",
     )
+    p.add_argument(
+        "--contextual-steps", type=int, default=2000, help="steps of the masked-LM fit of the contextual operations"
+    )
     p.add_argument("--threshold", type=float, default=0.6, help="BERTScore F1 filter threshold")
     p.add_argument("--quality-power", type=float, default=1.0,
                    help="f(x) = F1^power for a kept copy in (d) (the datamodule's sample_quality_power)")  # fmt: skip
@@ -436,6 +439,7 @@ def prepare(args: argparse.Namespace) -> dict:
                     seed=0,
                     cache_dir=cache_dir / "ddae",
                     device=args.device,
+                    contextual_steps=args.contextual_steps,
                 ),
                 scorer=BERTScoreFilter(threshold=args.threshold, device=args.device),
                 num_classes=num_classes,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datamodules.ddae.augment import TextAugmenter
+from datamodules.ddae.augment import Augmentations, TextAugmenter
 from datamodules.ddae.filter import BERTScoreFilter, score_augmentations
 from zoo.errors import DataError
 
@@ -51,6 +51,23 @@ def test_second_run_reads_the_cache_instead_of_recomputing(tmp_path, scorer, mon
     other = TextAugmenter(strength=0.5, max_copies=2, seed=1)
     score_augmentations(texts, labels, augmenter=other, scorer=scorer, cache_dir=tmp_path)
     assert len(list(tmp_path.glob("ddae_*.json"))) == 2
+
+
+def test_the_masked_lm_fit_length_keys_contextual_copies_only(tmp_path, scorer, monkeypatch):
+    texts, labels = ["move quickly on foot", "a large building where people worship"], [0, 1]
+    made = []
+
+    def augment(self, texts, labels, num_classes=None):
+        made.append(self.contextual_steps)
+        return Augmentations(["move fast on foot"], [0], [self.operations[0]])
+
+    monkeypatch.setattr(TextAugmenter, "__call__", augment)
+    for ops in (["contextual_label"], ["synonym"]):
+        for steps in (2000, 100, 2000):
+            augmenter = TextAugmenter(strength=0.5, max_copies=2, operations=ops, contextual_steps=steps)
+            score_augmentations(texts, labels, augmenter=augmenter, scorer=scorer, cache_dir=tmp_path)
+    # contextual: a fit of 100 steps is another entry, 2000 again is read back; synonym: one entry for all three
+    assert made == [2000, 100, 2000] and len(list(tmp_path.glob("ddae_*.json"))) == 3
 
 
 @pytest.mark.parametrize(

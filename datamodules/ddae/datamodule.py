@@ -94,6 +94,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
             ``None`` keeps every copy (no filter; scores are still computed for ``sample_quality``).
         filter_device: where BERTScore's MiniLM runs (``"cpu"``, ``"cuda"``), and the MiniLM of the ``contextual``
             augmentation (fitted there: a GPU takes a minute or two, a 2-core CPU far longer).
+        contextual_steps: optimizer steps of that masked-LM fit (128 texts each).
         filter_batch_size: sentences per BERTScore forward pass.
         cache_dir: folder of the DDAE cache; default ``$ZOO_DATA_DIR/ddae`` or ``~/.cache/zoo/ddae``.
 
@@ -126,6 +127,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         filter_device: str = "cpu",
         filter_batch_size: int = 64,
         cache_dir: str | None = None,
+        contextual_steps: int = 2000,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -164,6 +166,8 @@ class LongTailTextDataModule(ResumableTrainingOrder):
             )
         if not set(ops) <= set(OPERATIONS):
             raise ConfigError(f"{name}: augmentation_ops={ops} must be taken from {list(OPERATIONS)}")
+        if not isinstance(contextual_steps, int) or contextual_steps < 1:
+            raise ConfigError(f"{name}: contextual_steps={contextual_steps!r} must be an integer >= 1")
         if filter_threshold is not None and not 0 <= filter_threshold <= 1:
             raise ConfigError(f"{name}: filter_threshold={filter_threshold} must be in [0, 1] or null")
         self.class_names = list(class_names)
@@ -179,6 +183,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
             filter_device,
             filter_batch_size,
         )
+        self.contextual_steps = contextual_steps
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_data_dir("ddae")
         self.class_groups: np.ndarray | None = None
         self.augmentations: ScoredAugmentations | None = None
@@ -222,6 +227,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
                 seed=self.seed,
                 cache_dir=self.cache_dir,
                 device=self.filter_device,
+                contextual_steps=self.contextual_steps,
             ),
             scorer=BERTScoreFilter(device=self.filter_device, batch_size=self.filter_batch_size),
             num_classes=self.num_classes,
