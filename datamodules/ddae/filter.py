@@ -160,8 +160,9 @@ def score_augmentations(
     """Augment ``texts`` with ``augmenter`` and score every copy with ``scorer``; cached in ``cache_dir``.
 
     The cache file is named by the SHA-256 of: the texts and labels, the augmenter's strength, copies, operations and
-    seed (and the masked-LM's fitting steps, for a contextual operation), :data:`~datamodules.ddae.augment.AUGMENT_VERSION`, the versions of nlpaug and bert-score, and the scorer's
-    model and layer. ``cache_dir=None`` disables the cache.
+    seed (and the masked-LM's fitting steps, for a contextual operation),
+    :data:`~datamodules.ddae.augment.AUGMENT_VERSION`, the versions of nlpaug and bert-score, and the scorer's model
+    and layer. ``cache_dir=None`` disables the cache.
     """
     import bert_score
     import nlpaug
