@@ -87,3 +87,12 @@ def test_per_operation_counts_copies_median_f1_and_rejections():
     assert list(stats) == ["synonym", "hypernym"]
     assert stats["synonym"] == pytest.approx({"copies": 2, "median_f1": 0.85, "rejected_fraction": 0.0})
     assert stats["hypernym"] == pytest.approx({"copies": 2, "median_f1": 0.6, "rejected_fraction": 0.5})
+
+
+def test_contextual_fit_refuses_steps_that_time_nothing(monkeypatch, capsys):
+    import contextual_fit
+
+    monkeypatch.setattr(sys, "argv", ["contextual_fit.py", "--steps", "25", "5"])
+    with pytest.raises(SystemExit):
+        contextual_fit.main()
+    assert "--steps 25 5" in capsys.readouterr().err

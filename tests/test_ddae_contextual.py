@@ -101,8 +101,9 @@ def test_the_datamodule_fits_the_head_in_its_cache_on_the_filter_device(model, m
 
 def test_the_label_conditional_model_fills_in_words_of_the_class(tmp_path):
     # the masked colour can be told only from the label: an unconditional model cannot, a conditional one must
-    texts, labels = ["the colour of the flag is red", "the colour of the flag is blue"] * 8, [0, 1] * 8
-    fitted = fit_masked_lm(texts, labels, steps=80, batch_size=16, lr=1e-3, device="cpu", cache_dir=tmp_path)
+    texts, labels = ["the colour of the flag is red", "the colour of the flag is blue"] * 32, [0, 1] * 32
+    torch.manual_seed(1)  # the caller's generators do not matter: the fit seeds its own dropout
+    fitted = fit_masked_lm(texts, labels, steps=40, batch_size=64, lr=5e-4, device="cpu", cache_dir=tmp_path)
     plain = fit_masked_lm(texts, steps=2, batch_size=16, device="cpu", cache_dir=tmp_path)
     assert len(list(tmp_path.glob("mlm_*.pt"))) == 2  # the labels are part of the cache key
     tokenizer = fitted.tokenizer
@@ -111,7 +112,7 @@ def test_the_label_conditional_model_fills_in_words_of_the_class(tmp_path):
     with torch.no_grad():
         logits = fitted(batch["input_ids"], batch["attention_mask"], where, torch.tensor([0, 1]))
     red, blue = tokenizer.convert_tokens_to_ids(["red", "blue"])
-    assert logits[0, red] > logits[0, blue] and logits[1, blue] > logits[1, red]
+    assert logits[0, red] > logits[0, blue] + 2 and logits[1, blue] > logits[1, red] + 2  # seeds 0-2: 3.2 to 7.3
     with pytest.raises(ConfigError, match="without labels"):
         fitted(batch["input_ids"], batch["attention_mask"], where)
     with pytest.raises(ConfigError, match="with labels"):
@@ -148,3 +149,17 @@ def test_text_augmenter_passes_labels_to_the_conditional_operation(model, monkey
     assert set(made.operation) == {"contextual_label"} and set(made.source) == {2, 3}  # class 0 is the largest
     assert {label for _, label in conditioned} == {1, 2}
     assert all(label == [0, 0, 1, 2][TEXTS.index(text)] for text, label in conditioned)
+
+
+def test_a_fit_is_a_function_of_its_seed_and_leaves_the_callers_draws_alone():
+    first, second = [], []
+    for out in (first, second):
+        torch.manual_seed(len(out) + len(first))  # another global state each time
+        model = fit_masked_lm(TEXTS, [0, 1, 0, 1], steps=2, batch_size=4, device="cpu", seed=3)
+        out.append(model.label_embedding.weight.detach().clone())
+    torch.testing.assert_close(first[0], second[0])
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    fit_masked_lm(TEXTS, steps=1, batch_size=4, device="cpu")
+    torch.testing.assert_close(torch.rand(3), expected)

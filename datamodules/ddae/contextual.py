@@ -18,6 +18,7 @@ it once per training set.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 from pathlib import Path
@@ -32,9 +33,11 @@ from datamodules.ddae.augment import _WORD, STOPWORDS
 from zoo.encoders.text import minilm_path, model_fingerprint
 from zoo.errors import ConfigError
 
-#: bumped whenever the fitting changes, so that older cached models are not reused.
+#: bumped whenever the fitting changes, so that older cached models are not reused (a label-conditional model's key
+#: names its labels, so the unconditional models cached before it stay valid).
+MLM_VERSION = 2  # 2: dropout seeded by the fit's seed
+#: how much faster than the encoder the class embedding learns (see :func:`fit_masked_lm`).
 LABEL_LR_SCALE = 50.0
-MLM_VERSION = 1  # a label-conditional model's key names its labels, so unconditional caches stay valid
 
 
 class MaskedWordModel(nn.Module):
@@ -92,6 +95,16 @@ def _mask_batch(tokenizer, texts: list[str], generator: torch.Generator) -> tupl
     return ids, batch["attention_mask"], labels
 
 
+@contextlib.contextmanager
+def _seeded(seed: int, device: torch.device):
+    """torch's global generators seeded with ``seed`` inside, restored after: what a fit draws from them (the head's
+    initial weights, dropout) is then a function of its seed (on the CPU; CUDA kernels may still differ from run to
+    run), and the caller's draws are left as they were."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
 def fit_masked_lm(
     texts: list[str],
     labels: list[int] | None = None,
@@ -123,7 +136,9 @@ def fit_masked_lm(
         settings += " labels " + hashlib.sha256(" ".join(map(str, labels)).encode()).hexdigest()
     key = hashlib.sha256(settings.encode()).hexdigest()[:24]
     path = Path(cache_dir) / f"mlm_{key}.pt" if cache_dir is not None else None
-    model = MaskedWordModel(num_labels=max(labels) + 1 if labels is not None else 0)
+    place = torch.device(device)
+    with _seeded(seed, place):  # the fresh head's initial weights
+        model = MaskedWordModel(num_labels=max(labels) + 1 if labels is not None else 0)
     label_tensor = torch.tensor(labels) if labels is not None else None
     if path is not None and path.is_file():
         state = torch.load(path, map_location="cpu")
@@ -142,20 +157,22 @@ def fit_masked_lm(
     generator, rng = torch.Generator().manual_seed(seed), np.random.default_rng(seed)
     from tqdm.auto import tqdm
 
-    for _ in tqdm(range(steps), desc="masked-LM head", unit="step"):
-        index = rng.choice(len(texts), min(batch_size, len(texts)), replace=False)
-        ids, mask, labels = (t.to(device) for t in _mask_batch(model.tokenizer, [texts[i] for i in index], generator))
-        where = labels != -100
-        if not where.any():
-            continue
-        condition = label_tensor[index].to(device) if label_tensor is not None else None
-        with torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16, enabled=device != "cpu"):
-            logits = model(ids, mask, where, condition)
-        loss = nn.functional.cross_entropy(logits.float(), labels[where])
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
+    with _seeded(seed, place):  # dropout
+        for _ in tqdm(range(steps), desc="masked-LM head", unit="step"):
+            index = rng.choice(len(texts), min(batch_size, len(texts)), replace=False)
+            batch = _mask_batch(model.tokenizer, [texts[i] for i in index], generator)
+            ids, mask, labels = (t.to(device) for t in batch)
+            where = labels != -100
+            if not where.any():
+                continue
+            condition = label_tensor[index].to(device) if label_tensor is not None else None
+            with torch.autocast(device_type=place.type, dtype=torch.bfloat16, enabled=place.type != "cpu"):
+                logits = model(ids, mask, where, condition)
+            loss = nn.functional.cross_entropy(logits.float(), labels[where])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
     model.eval()
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

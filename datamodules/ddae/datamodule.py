@@ -92,8 +92,8 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         augmentation_ops: nlpaug operations to draw from (names in ``datamodules.ddae.augment.OPERATIONS``).
         filter_threshold: keep an augmented copy when its BERTScore F1 against its original is at least this;
             ``None`` keeps every copy (no filter; scores are still computed for ``sample_quality``).
-        filter_device: where BERTScore's MiniLM runs (``"cpu"``, ``"cuda"``), and the MiniLM of the ``contextual``
-            augmentation (fitted there: a GPU takes a minute or two, a 2-core CPU far longer).
+        filter_device: where BERTScore's MiniLM runs (``"cpu"``, ``"cuda"``), and the MiniLM of the ``contextual`` and
+            ``contextual_label`` augmentation (fitted there: a GPU takes a minute or two, a 2-core CPU far longer).
         contextual_steps: optimizer steps of that masked-LM fit (128 texts each).
         filter_batch_size: sentences per BERTScore forward pass.
         cache_dir: folder of the DDAE cache; default ``$ZOO_DATA_DIR/ddae`` or ``~/.cache/zoo/ddae``.

@@ -160,7 +160,7 @@ def score_augmentations(
     """Augment ``texts`` with ``augmenter`` and score every copy with ``scorer``; cached in ``cache_dir``.
 
     The cache file is named by the SHA-256 of: the texts and labels, the augmenter's strength, copies, operations and
-    seed (and the masked-LM's fitting steps, for a contextual operation),
+    seed (and the masked-LM's fitting steps and version, for a contextual operation),
     :data:`~datamodules.ddae.augment.AUGMENT_VERSION`, the versions of nlpaug and bert-score, and the scorer's model
     and layer. ``cache_dir=None`` disables the cache.
     """
@@ -180,7 +180,9 @@ def score_augmentations(
         "scorer": scorer.fingerprint,
     }
     if any(op.startswith("contextual") for op in augmenter.operations):
-        config["contextual_steps"] = augmenter.contextual_steps
+        from datamodules.ddae.contextual import MLM_VERSION
+
+        config["contextual_steps"], config["mlm_version"] = augmenter.contextual_steps, MLM_VERSION
     path = Path(cache_dir).expanduser() / f"ddae_{cache_key(config)}.json" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
