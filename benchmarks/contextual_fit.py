@@ -64,7 +64,8 @@ def main() -> None:
     start = time.perf_counter()
     made = []
     for i in sample:
-        aug.label, _ = labels[i], random.seed(i)
+        aug.label = labels[i]
+        random.seed(i)
         made.append(aug.substitute(texts[i]))
     per_copy = (time.perf_counter() - start) / len(sample)
     scorer = BERTScoreFilter(device=args.device, progress=False)

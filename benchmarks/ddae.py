@@ -170,6 +170,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.operations = [op.strip() for op in args.operations.split(",") if op.strip()]
     if not args.operations or set(args.operations) - set(OPERATIONS):
         p.error(f"--operations {','.join(args.operations)}: choose among {','.join(OPERATIONS)}")
+    if args.contextual_steps < 1:
+        p.error(f"--contextual-steps {args.contextual_steps}: at least 1")
     if args.seeds < 1 or args.first_seed < 0:
         p.error(f"--seeds {args.seeds} --first-seed {args.first_seed}: at least one run, from a seed >= 0")
     return args

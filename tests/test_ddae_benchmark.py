@@ -61,6 +61,7 @@ def test_targets_are_judged_on_the_means_of_d_against_a():
         (["--seeds", "0"], "--seeds 0"),
         (["--first-seed", "-1"], "--first-seed -1"),
         (["--operations", "synonym,backtranslate"], "--operations synonym,backtranslate"),
+        (["--contextual-steps", "0"], "--contextual-steps 0"),
     ],
 )
 def test_bad_arguments_are_refused_by_name(argv, flag, capsys):

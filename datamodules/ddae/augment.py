@@ -70,6 +70,8 @@ OPERATIONS = (
     "contextual_label",
 )
 DEFAULT_OPERATIONS = ("synonym", "insert", "swap", "delete", "coordination")
+#: the operations whose masked-LM is fitted to the texts they augment (:mod:`datamodules.ddae.contextual`).
+CONTEXTUAL_OPERATIONS = ("contextual", "contextual_label")
 #: bumped whenever the augmenters' output changes, so that caches of older outputs are not reused.
 AUGMENT_VERSION = 1
 
@@ -381,7 +383,7 @@ class TextAugmenter:
         if self.strength == 0 or self.max_copies == 0 or len(texts) == 0:
             return out
         labels = np.asarray(labels, dtype=np.int64)
-        for name in ("contextual", "contextual_label"):
+        for name in CONTEXTUAL_OPERATIONS:
             contextual = self._augmenters.get(name)
             if contextual is not None and contextual.model is None:
                 # fitted to the texts it augments, cached beside the DDAE cache
@@ -417,6 +419,7 @@ class TextAugmenter:
 
 __all__ = [
     "AUGMENT_VERSION",
+    "CONTEXTUAL_OPERATIONS",
     "DEFAULT_OPERATIONS",
     "OPERATIONS",
     "RELATIONS",

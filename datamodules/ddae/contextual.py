@@ -161,14 +161,14 @@ def fit_masked_lm(
         for _ in tqdm(range(steps), desc="masked-LM head", unit="step"):
             index = rng.choice(len(texts), min(batch_size, len(texts)), replace=False)
             batch = _mask_batch(model.tokenizer, [texts[i] for i in index], generator)
-            ids, mask, labels = (t.to(device) for t in batch)
-            where = labels != -100
+            ids, mask, targets = (t.to(device) for t in batch)  # targets: the masked words' ids, -100 elsewhere
+            where = targets != -100
             if not where.any():
                 continue
             condition = label_tensor[index].to(device) if label_tensor is not None else None
             with torch.autocast(device_type=place.type, dtype=torch.bfloat16, enabled=place.type != "cpu"):
                 logits = model(ids, mask, where, condition)
-            loss = nn.functional.cross_entropy(logits.float(), labels[where])
+            loss = nn.functional.cross_entropy(logits.float(), targets[where])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from datamodules.ddae.augment import AUGMENT_VERSION, Augmentations, TextAugmenter
+from datamodules.ddae.augment import AUGMENT_VERSION, CONTEXTUAL_OPERATIONS, Augmentations, TextAugmenter
 from zoo.errors import ConfigError, DataError
 
 DEFAULT_THRESHOLD = 0.6
@@ -179,7 +179,7 @@ def score_augmentations(
         "bert_score": bert_score.__version__,
         "scorer": scorer.fingerprint,
     }
-    if any(op.startswith("contextual") for op in augmenter.operations):
+    if set(augmenter.operations) & set(CONTEXTUAL_OPERATIONS):
         from datamodules.ddae.contextual import MLM_VERSION
 
         config["contextual_steps"], config["mlm_version"] = augmenter.contextual_steps, MLM_VERSION
