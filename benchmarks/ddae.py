@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--contextual-steps", type=int, default=2000, help="steps of the masked-LM fit of the contextual operations"
     )
+    p.add_argument(
+        "--contextual-layers", type=int, default=None, help="MiniLM layers of that masked-LM (default: all 6)"
+    )
     p.add_argument("--threshold", type=float, default=0.6, help="BERTScore F1 filter threshold")
     p.add_argument("--quality-power", type=float, default=1.0,
                    help="f(x) = F1^power for a kept copy in (d) (the datamodule's sample_quality_power)")  # fmt: skip
@@ -172,6 +175,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--operations {','.join(args.operations)}: choose among {','.join(OPERATIONS)}")
     if args.contextual_steps < 1:
         p.error(f"--contextual-steps {args.contextual_steps}: at least 1")
+    if args.contextual_layers is not None and not 1 <= args.contextual_layers <= 6:
+        p.error(f"--contextual-layers {args.contextual_layers}: MiniLM has layers 1 to 6")
     if args.seeds < 1 or args.first_seed < 0:
         p.error(f"--seeds {args.seeds} --first-seed {args.first_seed}: at least one run, from a seed >= 0")
     return args
@@ -442,6 +447,7 @@ def prepare(args: argparse.Namespace) -> dict:
                     cache_dir=cache_dir / "ddae",
                     device=args.device,
                     contextual_steps=args.contextual_steps,
+                    contextual_layers=args.contextual_layers,
                 ),
                 scorer=BERTScoreFilter(threshold=args.threshold, device=args.device),
                 num_classes=num_classes,

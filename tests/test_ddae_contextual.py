@@ -69,7 +69,7 @@ def test_text_augmenter_fits_the_head_to_the_texts_it_augments(model, monkeypatc
         strength=1.0, max_copies=2, operations=["contextual"], seed=0, cache_dir=tmp_path, device="cpu"
     )
     made = augmenter(TEXTS, [0, 0, 0, 1])
-    assert seen == [(TEXTS, None, {"steps": 2000, "cache_dir": tmp_path, "device": "cpu"})]
+    assert seen == [(TEXTS, None, {"steps": 2000, "layers": None, "cache_dir": tmp_path, "device": "cpu"})]
     assert made.texts and set(made.operation) == {"contextual"}
     assert "contextual" in augment.OPERATIONS
 
@@ -95,7 +95,7 @@ def test_the_datamodule_fits_the_head_in_its_cache_on_the_filter_device(model, m
         contextual_steps=7,
     )
     dm.setup("fit")
-    assert seen == [{"steps": 7, "cache_dir": tmp_path / "cache", "device": "cpu"}]
+    assert seen == [{"steps": 7, "layers": None, "cache_dir": tmp_path / "cache", "device": "cpu"}]
     assert dm.ddae_stats["augmented"] > 0 and set(dm.augmentations.operation) == {"contextual"}
 
 

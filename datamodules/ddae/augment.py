@@ -343,13 +343,16 @@ class TextAugmenter:
         cache_dir: str | Path | None = None,
         device: str | None = None,
         contextual_steps: int = 2000,
+        contextual_layers: int | None = None,
     ) -> None:
         check_strength(strength)
         if max_copies < 0:
             raise ConfigError(f"max_copies={max_copies} must be >= 0")
         if contextual_steps < 1:
             raise ConfigError(f"contextual_steps={contextual_steps} must be at least 1")
-        self.contextual_steps = contextual_steps
+        if contextual_layers is not None and contextual_layers < 1:
+            raise ConfigError(f"contextual_layers={contextual_layers} must be at least 1 (or None: all)")
+        self.contextual_steps, self.contextual_layers = contextual_steps, contextual_layers
         self.strength, self.max_copies, self.operations, self.seed = strength, max_copies, tuple(operations), seed
         self.cache_dir, self.device = cache_dir, device
         self._augmenters = build_operations(strength, self.operations) if strength > 0 else {}
@@ -389,7 +392,12 @@ class TextAugmenter:
                 # fitted to the texts it augments, cached beside the DDAE cache
                 cache_dir = self.cache_dir or default_data_dir("ddae")
                 contextual.fit(
-                    list(texts), labels.tolist(), steps=self.contextual_steps, cache_dir=cache_dir, device=self.device
+                    list(texts),
+                    labels.tolist(),
+                    steps=self.contextual_steps,
+                    layers=self.contextual_layers,
+                    cache_dir=cache_dir,
+                    device=self.device,
                 )
         counts = np.bincount(labels, minlength=num_classes or 0)
         expected = copies_per_class(counts, strength=self.strength, max_copies=self.max_copies)

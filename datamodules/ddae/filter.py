@@ -160,7 +160,7 @@ def score_augmentations(
     """Augment ``texts`` with ``augmenter`` and score every copy with ``scorer``; cached in ``cache_dir``.
 
     The cache file is named by the SHA-256 of: the texts and labels, the augmenter's strength, copies, operations and
-    seed (and the masked-LM's fitting steps and version, for a contextual operation),
+    seed (and the masked-LM's fitting steps, layers and version, for a contextual operation),
     :data:`~datamodules.ddae.augment.AUGMENT_VERSION`, the versions of nlpaug and bert-score, and the scorer's model
     and layer. ``cache_dir=None`` disables the cache.
     """
@@ -183,6 +183,8 @@ def score_augmentations(
         from datamodules.ddae.contextual import MLM_VERSION
 
         config["contextual_steps"], config["mlm_version"] = augmenter.contextual_steps, MLM_VERSION
+        if augmenter.contextual_layers is not None:  # the keys of fits of the whole MiniLM stay as they were
+            config["contextual_layers"] = augmenter.contextual_layers
     path = Path(cache_dir).expanduser() / f"ddae_{cache_key(config)}.json" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
