@@ -90,10 +90,34 @@ def test_per_operation_counts_copies_median_f1_and_rejections():
     assert stats["hypernym"] == pytest.approx({"copies": 2, "median_f1": 0.6, "rejected_fraction": 0.5})
 
 
-def test_contextual_fit_refuses_steps_that_time_nothing(monkeypatch, capsys):
-    import contextual_fit
+@pytest.mark.parametrize(
+    ("argv", "flag"),
+    [
+        (["--contextual-layers", "7"], "--contextual-layers 7"),
+        (["--contextual-steps", "0"], "--contextual-steps 0"),
+        (["--operations", "synonym,paraphrase"], "--operations synonym,paraphrase"),
+    ],
+)
+def test_augment_time_refuses_bad_arguments_when_parsed(argv, flag, capsys):
+    import ddae_augment_time
 
-    monkeypatch.setattr(sys, "argv", ["contextual_fit.py", "--steps", "25", "5"])
     with pytest.raises(SystemExit):
-        contextual_fit.main()
-    assert "--steps 25 5" in capsys.readouterr().err
+        ddae_augment_time.main(argv)
+    assert flag in capsys.readouterr().err
+
+
+def test_augment_time_times_a_first_run_and_reads_it_back(tmp_path):
+    import ddae_augment_time
+
+    texts = ["a large building where people worship together", "move quickly on foot over a long distance"] * 3
+    texts += ["a heavy rain storm from dark clouds", "the act of giving money to a charity"]
+    labels = [0, 1] * 3 + [2, 2]
+    result = ddae_augment_time.time_augmentation(
+        texts, labels, 3, operations=["contextual_label"], strength=1.0, max_copies=2, contextual_steps=2,
+        contextual_layers=1, device="cpu", work_dir=tmp_path,
+    )  # fmt: skip
+    assert result["copies"] > 0 and (result["contextual_steps"], result["contextual_layers"]) == (2, 1)
+    assert 0 < result["fit_seconds"] < result["total_seconds"]
+    assert result["total_seconds"] >= result["fit_seconds"] + result["copies_seconds"] + result["score_seconds"]
+    assert len(list(tmp_path.glob("mlm_*.pt"))) == 1  # fitted once: the augmenter read the timed fit
+    assert len(list(tmp_path.glob("ddae_*.json"))) == 1 and result["second_run_seconds"] < result["total_seconds"]

@@ -121,6 +121,12 @@ def test_bad_ddae_arguments_raise_config_errors(tmp_path):
     for power in (-1.0, float("nan"), float("inf"), True, "10"):
         with pytest.raises(ConfigError, match="sample_quality_power"):
             TextFolderDataModule(train_file=train, sample_quality_power=power)
+    for steps in (0, 2.5):
+        with pytest.raises(ConfigError, match=f"contextual_steps={steps}"):
+            TextFolderDataModule(train_file=train, contextual_steps=steps)
+    for layers in (0, 7, True):
+        with pytest.raises(ConfigError, match=f"contextual_layers={layers}"):
+            TextFolderDataModule(train_file=train, contextual_layers=layers)
 
 
 def test_ddae_setup_adds_filtered_copies_for_the_rare_class_and_resamples(tmp_path):

@@ -128,6 +128,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         filter_batch_size: int = 64,
         cache_dir: str | None = None,
         contextual_steps: int = 2000,
+        contextual_layers: int | None = None,
     ) -> None:
         super().__init__()
         name = type(self).__name__
@@ -168,6 +169,9 @@ class LongTailTextDataModule(ResumableTrainingOrder):
             raise ConfigError(f"{name}: augmentation_ops={ops} must be taken from {list(OPERATIONS)}")
         if not isinstance(contextual_steps, int) or contextual_steps < 1:
             raise ConfigError(f"{name}: contextual_steps={contextual_steps!r} must be an integer >= 1")
+        layers = contextual_layers
+        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= 6):
+            raise ConfigError(f"{name}: contextual_layers={layers!r} must be an integer in [1, 6] or null")
         if filter_threshold is not None and not 0 <= filter_threshold <= 1:
             raise ConfigError(f"{name}: filter_threshold={filter_threshold} must be in [0, 1] or null")
         self.class_names = list(class_names)
@@ -183,7 +187,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
             filter_device,
             filter_batch_size,
         )
-        self.contextual_steps = contextual_steps
+        self.contextual_steps, self.contextual_layers = contextual_steps, contextual_layers
         self.cache_dir = Path(cache_dir).expanduser() if cache_dir is not None else default_data_dir("ddae")
         self.class_groups: np.ndarray | None = None
         self.augmentations: ScoredAugmentations | None = None
@@ -228,6 +232,7 @@ class LongTailTextDataModule(ResumableTrainingOrder):
                 cache_dir=self.cache_dir,
                 device=self.filter_device,
                 contextual_steps=self.contextual_steps,
+                contextual_layers=self.contextual_layers,
             ),
             scorer=BERTScoreFilter(device=self.filter_device, batch_size=self.filter_batch_size),
             num_classes=self.num_classes,
