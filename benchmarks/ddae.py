@@ -57,7 +57,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from _common import machine  # noqa: E402
 
 from datamodules._common import SeededShuffleSampler  # noqa: E402
-from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, rarity  # noqa: E402
+from datamodules.ddae.augment import (  # noqa: E402
+    CONTEXTUAL_LAYERS,
+    CONTEXTUAL_STEPS,
+    DEFAULT_OPERATIONS,
+    OPERATIONS,
+    TextAugmenter,
+    rarity,
+)
 from datamodules.ddae.datamodule import GROUP_NAMES, frequency_groups  # noqa: E402
 from datamodules.ddae.filter import BERTScoreFilter, ScoredAugmentations, score_augmentations  # noqa: E402
 from datamodules.ddae.sampler import ClassAwareSampler, class_weights, copy_quality  # noqa: E402
@@ -94,12 +101,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=",".join(DEFAULT_OPERATIONS),
         help=f"comma-separated augmentation operations, of {','.join(OPERATIONS)}",
     )
-    p.add_argument(
-        "--contextual-steps", type=int, default=2000, help="steps of the masked-LM fit of the contextual operations"
-    )
-    p.add_argument(
-        "--contextual-layers", type=int, default=None, help="MiniLM layers of that masked-LM (default: all 6)"
-    )
+    p.add_argument("--contextual-steps", type=int, default=CONTEXTUAL_STEPS,
+                   help="steps of the masked-LM fit of the contextual operations")  # fmt: skip
+    p.add_argument("--contextual-layers", type=int, default=CONTEXTUAL_LAYERS,
+                   help="MiniLM's first layers that the masked-LM keeps (1 to 6)")  # fmt: skip
     p.add_argument("--threshold", type=float, default=0.6, help="BERTScore F1 filter threshold")
     p.add_argument("--quality-power", type=float, default=1.0,
                    help="f(x) = F1^power for a kept copy in (d) (the datamodule's sample_quality_power)")  # fmt: skip
@@ -175,7 +180,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--operations {','.join(args.operations)}: choose among {','.join(OPERATIONS)}")
     if args.contextual_steps < 1:
         p.error(f"--contextual-steps {args.contextual_steps}: at least 1")
-    if args.contextual_layers is not None and not 1 <= args.contextual_layers <= 6:
+    if not 1 <= args.contextual_layers <= 6:
         p.error(f"--contextual-layers {args.contextual_layers}: MiniLM has layers 1 to 6")
     if args.seeds < 1 or args.first_seed < 0:
         p.error(f"--seeds {args.seeds} --first-seed {args.first_seed}: at least one run, from a seed >= 0")

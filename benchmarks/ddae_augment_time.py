@@ -21,7 +21,6 @@ Each ``--operations`` set runs from an empty cache folder, as a first run of the
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import shutil
 import sys
@@ -35,12 +34,18 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 import numpy as np  # noqa: E402
 from _common import table, write_result  # noqa: E402
 
-from datamodules.ddae.augment import CONTEXTUAL_OPERATIONS, DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter  # noqa: E402
+from datamodules.ddae.augment import (  # noqa: E402
+    CONTEXTUAL_LAYERS,
+    CONTEXTUAL_OPERATIONS,
+    CONTEXTUAL_STEPS,
+    DEFAULT_OPERATIONS,
+    OPERATIONS,
+    TextAugmenter,
+)
 from datamodules.ddae.contextual import fit_masked_lm  # noqa: E402
 from datamodules.ddae.filter import BERTScoreFilter, score_augmentations  # noqa: E402
 from datamodules.wordnet_supersense import WordNetSupersenseDataModule  # noqa: E402
 
-DEFAULTS = inspect.signature(TextAugmenter).parameters
 COLUMNS = ["operations", "copies", "fit (s)", "copies (s)", "BERTScore (s)", "in all (s)", "second run (s)"]
 
 
@@ -127,8 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--strength", type=float, default=0.6, help="augmentation_strength")
     parser.add_argument("--max-copies", type=int, default=8)
-    parser.add_argument("--contextual-steps", type=int, default=DEFAULTS["contextual_steps"].default)
-    parser.add_argument("--contextual-layers", type=int, default=DEFAULTS["contextual_layers"].default)
+    parser.add_argument("--contextual-steps", type=int, default=CONTEXTUAL_STEPS)
+    parser.add_argument("--contextual-layers", type=int, default=CONTEXTUAL_LAYERS)
     parser.add_argument("--cache-dir", default=str(Path(os.environ.get("ZOO_DATA_DIR") or "~/.cache/zoo").expanduser()),
                         help="where the WordNet split is (its wordnet_supersense folder)")  # fmt: skip
     parser.add_argument("--keep-dir", default=None, help="copy the DDAE cache files made here")
@@ -141,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(f"--operations {','.join(ops)}: choose among {','.join(OPERATIONS)}")
     if args.contextual_steps < 1:
         parser.error(f"--contextual-steps {args.contextual_steps}: at least 1")
-    if args.contextual_layers is not None and not 1 <= args.contextual_layers <= 6:
+    if not 1 <= args.contextual_layers <= 6:
         parser.error(f"--contextual-layers {args.contextual_layers}: MiniLM has layers 1 to 6")
 
     dm = WordNetSupersenseDataModule(data_dir=str(Path(args.cache_dir).expanduser() / "wordnet_supersense"))

@@ -29,7 +29,14 @@ from datamodules._common import (
     default_data_dir,
     frequency_groups,
 )
-from datamodules.ddae.augment import DEFAULT_OPERATIONS, OPERATIONS, TextAugmenter, check_strength
+from datamodules.ddae.augment import (
+    CONTEXTUAL_LAYERS,
+    CONTEXTUAL_STEPS,
+    DEFAULT_OPERATIONS,
+    OPERATIONS,
+    TextAugmenter,
+    check_strength,
+)
 from datamodules.ddae.filter import DEFAULT_THRESHOLD, BERTScoreFilter, ScoredAugmentations, score_augmentations
 from datamodules.ddae.sampler import WEIGHT_SCHEMES, ClassAwareSampler, copy_quality
 from zoo.contracts import IGNORE_INDEX
@@ -93,8 +100,10 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         filter_threshold: keep an augmented copy when its BERTScore F1 against its original is at least this;
             ``None`` keeps every copy (no filter; scores are still computed for ``sample_quality``).
         filter_device: where BERTScore's MiniLM runs (``"cpu"``, ``"cuda"``), and the MiniLM of the ``contextual`` and
-            ``contextual_label`` augmentation (fitted there: a GPU takes a minute or two, a 2-core CPU far longer).
+            ``contextual_label`` augmentation (fitted there: about 6 minutes on a 2-core CPU with the defaults).
         contextual_steps: optimizer steps of that masked-LM fit (128 texts each).
+        contextual_layers: MiniLM's first layers that the fit keeps (1 to 6; ``null``: all), as
+            :class:`~datamodules.ddae.augment.TextAugmenter`'s.
         filter_batch_size: sentences per BERTScore forward pass.
         cache_dir: folder of the DDAE cache; default ``$ZOO_DATA_DIR/ddae`` or ``~/.cache/zoo/ddae``.
 
@@ -127,8 +136,8 @@ class LongTailTextDataModule(ResumableTrainingOrder):
         filter_device: str = "cpu",
         filter_batch_size: int = 64,
         cache_dir: str | None = None,
-        contextual_steps: int = 2000,
-        contextual_layers: int | None = None,
+        contextual_steps: int = CONTEXTUAL_STEPS,
+        contextual_layers: int | None = CONTEXTUAL_LAYERS,
     ) -> None:
         super().__init__()
         name = type(self).__name__

@@ -183,8 +183,7 @@ def score_augmentations(
         from datamodules.ddae.contextual import MLM_VERSION
 
         config["contextual_steps"], config["mlm_version"] = augmenter.contextual_steps, MLM_VERSION
-        if augmenter.contextual_layers is not None:  # the keys of fits of the whole MiniLM stay as they were
-            config["contextual_layers"] = augmenter.contextual_layers
+        config["contextual_layers"] = augmenter.contextual_layers
     path = Path(cache_dir).expanduser() / f"ddae_{cache_key(config)}.json" if cache_dir is not None else None
     if path is not None and path.is_file():
         try:
