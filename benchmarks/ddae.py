@@ -63,6 +63,7 @@ from datamodules.ddae.augment import (  # noqa: E402
     DEFAULT_OPERATIONS,
     OPERATIONS,
     TextAugmenter,
+    check_contextual_fit,
     rarity,
 )
 from datamodules.ddae.datamodule import GROUP_NAMES, frequency_groups  # noqa: E402
@@ -70,6 +71,7 @@ from datamodules.ddae.filter import BERTScoreFilter, ScoredAugmentations, score_
 from datamodules.ddae.sampler import ClassAwareSampler, class_weights, copy_quality  # noqa: E402
 from datamodules.wordnet_supersense import WordNetSupersenseDataModule  # noqa: E402
 from zoo.contracts import Tokens  # noqa: E402
+from zoo.errors import ConfigError  # noqa: E402
 from zoo.layers.pooling import POOLS, build_pool  # noqa: E402
 
 #: the issue's targets: the least difference of DDAE (d) from the plain run (a), per metric (in points)
@@ -178,10 +180,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.operations = [op.strip() for op in args.operations.split(",") if op.strip()]
     if not args.operations or set(args.operations) - set(OPERATIONS):
         p.error(f"--operations {','.join(args.operations)}: choose among {','.join(OPERATIONS)}")
-    if args.contextual_steps < 1:
-        p.error(f"--contextual-steps {args.contextual_steps}: at least 1")
-    if not 1 <= args.contextual_layers <= 6:
-        p.error(f"--contextual-layers {args.contextual_layers}: MiniLM has layers 1 to 6")
+    try:
+        check_contextual_fit(args.contextual_steps, args.contextual_layers)
+    except ConfigError as err:
+        p.error(f"--contextual-steps {args.contextual_steps} --contextual-layers {args.contextual_layers}: {err}")
     if args.seeds < 1 or args.first_seed < 0:
         p.error(f"--seeds {args.seeds} --first-seed {args.first_seed}: at least one run, from a seed >= 0")
     return args

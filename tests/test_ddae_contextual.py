@@ -178,6 +178,8 @@ def test_a_fit_keeps_minilm_s_first_layers_and_names_them_in_its_cache_key(tmp_p
     for layers in (0, 7, True):
         with pytest.raises(ConfigError, match=f"layers={layers}"):
             MaskedWordModel(layers=layers)
+        with pytest.raises(ConfigError, match=f"contextual_layers={layers}"):  # refused before any fit
+            TextAugmenter(strength=0.5, operations=["contextual_label"], contextual_layers=layers)
 
 
 def test_fit_batches_group_texts_of_similar_length_and_cover_every_text_once_a_pass():

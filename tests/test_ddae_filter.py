@@ -68,6 +68,10 @@ def test_the_masked_lm_fit_length_keys_contextual_copies_only(tmp_path, scorer, 
             score_augmentations(texts, labels, augmenter=augmenter, scorer=scorer, cache_dir=tmp_path)
     # contextual: a fit of 100 steps is another entry, 2000 again is read back; synonym: one entry for all three
     assert made == [2000, 100, 2000] and len(list(tmp_path.glob("ddae_*.json"))) == 3
+    # so does the fit's depth
+    augmenter = TextAugmenter(strength=0.5, max_copies=2, operations=["contextual_label"], contextual_layers=1)
+    score_augmentations(texts, labels, augmenter=augmenter, scorer=scorer, cache_dir=tmp_path)
+    assert len(made) == 4 and len(list(tmp_path.glob("ddae_*.json"))) == 4
 
 
 @pytest.mark.parametrize(

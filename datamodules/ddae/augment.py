@@ -76,6 +76,7 @@ CONTEXTUAL_OPERATIONS = ("contextual", "contextual_label")
 #: the WordNet split in under 10 minutes and the copies met the DDAE targets; a fit of all 6 layers and 2,000 steps
 #: gained about one macro-F1 point more, far beyond 10 minutes on such a CPU (README, "DDAE").
 CONTEXTUAL_STEPS, CONTEXTUAL_LAYERS = 800, 2
+MINILM_LAYERS = 6  # the packaged all-MiniLM-L6-v2's transformer layers
 #: bumped whenever the augmenters' output changes, so that caches of older outputs are not reused.
 AUGMENT_VERSION = 1
 
@@ -286,6 +287,17 @@ def _contextual(**kwargs) -> WordAugmenter:
     return ContextualSubstituteAug(**kwargs)
 
 
+def check_contextual_fit(steps: int, layers: int | None) -> None:
+    """Refuse a masked-LM fit of ``steps`` (an integer >= 1) over MiniLM's first ``layers`` (an integer in ``[1,
+    6]``, or ``None``: all) that could not run, naming the setting."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"contextual_steps={steps!r} must be an integer >= 1")
+    if layers is not None and (
+        isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= MINILM_LAYERS
+    ):
+        raise ConfigError(f"contextual_layers={layers!r} must be an integer in [1, {MINILM_LAYERS}] or null")
+
+
 def check_strength(strength: float) -> None:
     if not 0.0 <= strength <= 1.0:
         raise ConfigError(f"augmentation_strength={strength} must be in [0, 1]")
@@ -353,10 +365,7 @@ class TextAugmenter:
         check_strength(strength)
         if max_copies < 0:
             raise ConfigError(f"max_copies={max_copies} must be >= 0")
-        if contextual_steps < 1:
-            raise ConfigError(f"contextual_steps={contextual_steps} must be at least 1")
-        if contextual_layers is not None and contextual_layers < 1:
-            raise ConfigError(f"contextual_layers={contextual_layers} must be at least 1 (or None: all)")
+        check_contextual_fit(contextual_steps, contextual_layers)
         self.contextual_steps, self.contextual_layers = contextual_steps, contextual_layers
         self.strength, self.max_copies, self.operations, self.seed = strength, max_copies, tuple(operations), seed
         self.cache_dir, self.device = cache_dir, device
@@ -385,25 +394,29 @@ class TextAugmenter:
             return text
         return _BRACKETS.sub(lambda m: m.group(1) or m.group(2), result).strip()
 
+    def fit(self, texts: Sequence[str], labels: Sequence[int]) -> None:
+        """Fit the masked-LM of each contextual operation not fitted yet to ``texts`` (and their ``labels``, for a
+        label-conditional one), cached beside the DDAE cache; :meth:`__call__` does it first. Nothing for the other
+        operations."""
+        for name in CONTEXTUAL_OPERATIONS:
+            contextual = self._augmenters.get(name)
+            if contextual is not None and contextual.model is None:
+                contextual.fit(
+                    list(texts),
+                    list(labels),
+                    steps=self.contextual_steps,
+                    layers=self.contextual_layers,
+                    cache_dir=self.cache_dir or default_data_dir("ddae"),
+                    device=self.device,
+                )
+
     def __call__(self, texts: Sequence[str], labels: Sequence[int], *, num_classes: int | None = None) -> Augmentations:
         """Augmented copies of ``texts`` (the originals are not included); empty when ``strength=0``."""
         out = Augmentations([], [], [])
         if self.strength == 0 or self.max_copies == 0 or len(texts) == 0:
             return out
         labels = np.asarray(labels, dtype=np.int64)
-        for name in CONTEXTUAL_OPERATIONS:
-            contextual = self._augmenters.get(name)
-            if contextual is not None and contextual.model is None:
-                # fitted to the texts it augments, cached beside the DDAE cache
-                cache_dir = self.cache_dir or default_data_dir("ddae")
-                contextual.fit(
-                    list(texts),
-                    labels.tolist(),
-                    steps=self.contextual_steps,
-                    layers=self.contextual_layers,
-                    cache_dir=cache_dir,
-                    device=self.device,
-                )
+        self.fit(texts, labels.tolist())
         counts = np.bincount(labels, minlength=num_classes or 0)
         expected = copies_per_class(counts, strength=self.strength, max_copies=self.max_copies)
         draws = np.random.default_rng([self.seed, 0]).random((len(texts), 2))
@@ -436,6 +449,7 @@ __all__ = [
     "CONTEXTUAL_OPERATIONS",
     "CONTEXTUAL_STEPS",
     "DEFAULT_OPERATIONS",
+    "MINILM_LAYERS",
     "OPERATIONS",
     "RELATIONS",
     "Augmentations",
@@ -443,6 +457,7 @@ __all__ = [
     "TextAugmenter",
     "WordNetSynonymAug",
     "build_operations",
+    "check_contextual_fit",
     "copies_per_class",
     "rarity",
     "wordnet_synonyms",

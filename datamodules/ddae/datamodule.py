@@ -35,6 +35,7 @@ from datamodules.ddae.augment import (
     DEFAULT_OPERATIONS,
     OPERATIONS,
     TextAugmenter,
+    check_contextual_fit,
     check_strength,
 )
 from datamodules.ddae.filter import DEFAULT_THRESHOLD, BERTScoreFilter, ScoredAugmentations, score_augmentations
@@ -176,11 +177,10 @@ class LongTailTextDataModule(ResumableTrainingOrder):
             )
         if not set(ops) <= set(OPERATIONS):
             raise ConfigError(f"{name}: augmentation_ops={ops} must be taken from {list(OPERATIONS)}")
-        if not isinstance(contextual_steps, int) or contextual_steps < 1:
-            raise ConfigError(f"{name}: contextual_steps={contextual_steps!r} must be an integer >= 1")
-        layers = contextual_layers
-        if layers is not None and (isinstance(layers, bool) or not isinstance(layers, int) or not 1 <= layers <= 6):
-            raise ConfigError(f"{name}: contextual_layers={layers!r} must be an integer in [1, 6] or null")
+        try:
+            check_contextual_fit(contextual_steps, contextual_layers)
+        except ConfigError as err:
+            raise ConfigError(f"{name}: {err}") from None
         if filter_threshold is not None and not 0 <= filter_threshold <= 1:
             raise ConfigError(f"{name}: filter_threshold={filter_threshold} must be in [0, 1] or null")
         self.class_names = list(class_names)
